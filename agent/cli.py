@@ -1,0 +1,289 @@
+"""The `skyferry` command: thin, calls the modules that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.errors import SkyferryError, StoreLockedError
+
+DEFAULT_CONFIG = Path("/etc/skyferry/skyferry.toml")
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path,
+                   default=Path(os.environ.get("SKYFERRY_CONFIG", DEFAULT_CONFIG)),
+                   help="config file (default: $SKYFERRY_CONFIG or %(default)s)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="skyferry", description=(
+        "Store-and-forward sync for edge sites behind an intermittent satellite link."))
+    ap.add_argument("--version", action="version", version=f"skyferry {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
+    _config_arg(p)
+
+    p = sub.add_parser("check-config", help="validate a config file; exit 2 on any error")
+    p.add_argument("file", type=Path)
+
+    p = sub.add_parser("keygen", help="create the recipient, site signing and dedup keys")
+    p.add_argument("--out", type=Path, required=True, help="folder to create the keys in")
+    p.add_argument("--site", required=True, help="site id (as in [site] id)")
+
+    p = sub.add_parser("put", help="queue files now (through the daemon, or directly)")
+    _config_arg(p)
+    p.add_argument("files", type=Path, nargs="+")
+    p.add_argument("--priority", help="priority class (default: [put] priority)")
+    p.add_argument("--name", help="name to restore the file as (only with one file)")
+
+    p = sub.add_parser("status", help="queue by class and state, and the gate")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, helptext in (("restore", "rebuild files from the cloud into a folder"),
+                           ("verify", "check every object in the cloud, write nothing")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--backend", required=True, help="e.g. file:///srv/cloud")
+        p.add_argument("--key", type=Path, required=True,
+                       help="recipient private key (cloud/recipient.key from keygen); site "
+                            "public keys are read from sites/<site>.pub beside it")
+        p.add_argument("--site", action="append", help="only this site (repeatable)")
+        p.add_argument("--since", type=_parse_since, help="only objects created since "
+                       "this UTC time (ISO-8601, e.g. 2026-11-25 or 2026-11-25T10:00)")
+        p.add_argument("--parallel", type=int, default=8, help="concurrent downloads")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress line (default: when stderr is a terminal)")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+        if name == "restore":
+            p.add_argument("--to", type=Path, required=True, help="target folder")
+    return ap
+
+
+def _parse_since(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 time such as 2026-11-25T10:00") from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        handler = _COMMANDS[args.command]
+        return handler(args)
+    except SkyferryError as e:
+        print(f"skyferry {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from agent.config import load_settings
+
+    return load_settings(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import run_daemon
+    from agent.telemetry.logs import setup_logging
+
+    settings = _load(args)
+    setup_logging(settings.telemetry.log_level, settings.telemetry.log_format)
+    asyncio.run(run_daemon(settings))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config import check_config_main
+
+    return check_config_main(args.file)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from agent.crypto import generate_keys
+
+    keys = generate_keys(args.out, args.site)
+    print(f"edge keys  (copy to the site, keep private): {keys.edge_dir}")
+    print(f"cloud keys (keep where restore runs, never on the site): {keys.cloud_dir}")
+    for f in keys.files:
+        print(f"  {f}")
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    from agent.sources.put import PUT_SOURCE, request_put
+
+    settings = _load(args)
+    priority = args.priority or settings.put.priority
+    if priority not in [c.name for c in settings.classes]:
+        print(f"skyferry put: error: unknown class {priority!r}; use one of: "
+              f"{', '.join(c.name for c in settings.classes)}", file=sys.stderr)
+        return 2
+    if args.name and len(args.files) != 1:
+        print("skyferry put: error: --name needs exactly one file", file=sys.stderr)
+        return 2
+    failed = 0
+    direct = None
+    for f in args.files:
+        path = f.resolve()
+        name = args.name or path.name
+        if not path.is_file():
+            print(f"skyferry put: {f}: not a regular file", file=sys.stderr)
+            failed += 1
+            continue
+        reply = request_put(settings.put.socket, path, name, priority)
+        if reply is None:
+            direct = direct or _DirectIngest(settings)
+            reply = direct.put(path, name, priority, PUT_SOURCE)
+        if reply.get("ok"):
+            note = " (already queued)" if reply.get("duplicate") else ""
+            print(f"{f}: accepted as object {reply['object']}{note}")
+        else:
+            print(f"skyferry put: {f}: {reply.get('error')}", file=sys.stderr)
+            failed += 1
+    if direct:
+        direct.close()
+    return 1 if failed else 0
+
+
+class _DirectIngest:
+    """No daemon runs: write into the store ourselves; the daemon uploads it when it starts."""
+
+    def __init__(self, settings: Any) -> None:
+        from agent.crypto import load_edge_keys
+        from agent.pipeline import Pipeline
+        from agent.store import Store
+
+        try:
+            self.store = Store(settings.site.state_dir, settings.classes,
+                               settings.store.quota_bytes)
+        except StoreLockedError:
+            raise StoreLockedError(
+                f"the daemon holds {settings.site.state_dir} but does not answer on "
+                f"{settings.put.socket}; check `[put] socket` and the daemon's log") from None
+        keys = load_edge_keys(settings.keys.recipient_public, settings.keys.signing_key,
+                              settings.keys.dedup_key)
+        self.pipeline = Pipeline(settings.site.id, keys, self.store, settings.chunking,
+                                 settings.compression)
+
+    def put(self, path: Path, name: str, priority: str, source: str) -> dict[str, Any]:
+        from agent.pipeline import IngestRequest
+
+        try:
+            r = self.pipeline.ingest_file(IngestRequest(path, source, name, priority))
+        except SkyferryError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "object": r.object_id, "duplicate": r.duplicate_of is not None}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def status_data(settings: Any, now: float) -> dict[str, Any]:
+    """Queue by class and state and the gate, from the store and the configured windows."""
+    from agent.store import Store
+    from agent.windows.schedule import Schedule
+
+    store = Store(settings.site.state_dir, settings.classes, read_only=True)
+    try:
+        summary = store.summary(now)
+        chunks = store.chunk_counts()
+    finally:
+        store.close()
+    schedule = Schedule(settings.windows, anchor=now)
+    window = schedule.window_at(now)
+    nxt = schedule.next_change(now)
+    classes = {
+        name: {"items": s.items, "bytes": s.bytes, "oldest_queued_age_s": s.oldest_queued_age_s}
+        for name, s in summary.items()
+    }
+    return {
+        "site": settings.site.id,
+        "time": datetime.fromtimestamp(now, UTC).isoformat(),
+        "classes": classes,
+        "chunks": {state: {"items": n, "bytes": b} for state, (n, b) in chunks.items()},
+        "queued_objects": sum(s.items.get("queued", 0) for s in summary.values()),
+        "queued_bytes": sum(s.bytes.get("queued", 0) for s in summary.values()),
+        "gate": {
+            "mode": settings.windows.mode,
+            "window_open": window is not None,
+            "window_end": None if window is None or window.end == float("inf") else
+            datetime.fromtimestamp(window.end, UTC).isoformat(),
+            "next_change": None if nxt is None else datetime.fromtimestamp(nxt, UTC).isoformat(),
+        },
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.units import format_duration, format_size
+
+    settings = _load(args)
+    data = status_data(settings, time.time())
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"site {data['site']}   {data['queued_objects']} objects queued "
+          f"({format_size(data['queued_bytes'])})")
+    print(f"{'class':<10} {'state':<10} {'items':>8} {'bytes':>12}  oldest queued")
+    for name, c in data["classes"].items():
+        age = c["oldest_queued_age_s"]
+        states = c["items"] or {"queued": 0}
+        for i, (state, n) in enumerate(sorted(states.items())):
+            shown_age = format_duration(age) if (i == 0 and age is not None) else ""
+            print(f"{name if i == 0 else '':<10} {state:<10} {n:>8} "
+                  f"{format_size(c['bytes'].get(state, 0)):>12}  {shown_age}")
+    g = data["gate"]
+    state = "open" if g["window_open"] else "closed"
+    nxt = g["next_change"] or "never"
+    print(f"gate: window {state} (mode {g['mode']}), next change {nxt}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from agent.backends import open_backend
+    from agent.crypto import load_recipient_private
+    from agent.restore import Restorer, site_key_loader
+
+    backend = open_backend(args.backend)
+    recipient = load_recipient_private(args.key)
+    restorer = Restorer(backend, recipient, site_key_loader(args.key.parent), args.parallel)
+    target = args.to if args.command == "restore" else None
+    report = asyncio.run(restorer.run(target, args.site, args.since, args.progress))
+    verb = "restored" if target else "verified"
+    if args.json:
+        print(json.dumps({
+            "ok": report.ok, "manifests": report.manifests, "objects_ok": report.objects_ok,
+            "bytes_ok": report.bytes_ok, "superseded": report.superseded,
+            "problems": [{"what": p.what, "reason": p.reason} for p in report.problems],
+        }, indent=2))
+    else:
+        for p in report.problems:
+            print(f"PROBLEM {p.what}: {p.reason}", file=sys.stderr)
+        print(f"{verb} {report.objects_ok} objects ({report.bytes_ok} bytes) from "
+              f"{report.manifests} manifests; {report.superseded} older versions skipped; "
+              f"{len(report.problems)} problems")
+    return 0 if report.ok else 1
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "keygen": cmd_keygen,
+    "put": cmd_put,
+    "status": cmd_status,
+    "restore": cmd_restore,
+    "verify": cmd_restore,
+}

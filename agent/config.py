@@ -1,0 +1,754 @@
+"""Load and validate the TOML config into frozen `Settings`, reporting every problem at once.
+
+Each problem reads `<key.path>: <what is wrong> (got <value>); <how to fix>` so an operator can
+fix the whole file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+from agent import units
+from agent.errors import ConfigError
+from agent.settings import (
+    AfterIngest,
+    BackendSettings,
+    ChunkingSettings,
+    ClassSettings,
+    CompressionSettings,
+    CycleWindow,
+    DailyWindow,
+    Interval,
+    KeySettings,
+    PutSettings,
+    QuotaPolicy,
+    Settings,
+    SiteSettings,
+    SpoolSettings,
+    StoreSettings,
+    TelemetrySettings,
+    UplinkSettings,
+    WindowMode,
+    WindowSettings,
+)
+
+T = TypeVar("T")
+U = TypeVar("U")
+LogFormat = Literal["auto", "json", "text"]
+
+EXAMPLE = "config/skyferry.toml"
+SITE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+RESERVED_SOURCE = "put"  # the source name `skyferry put` uses
+DEFAULT_CLASSES: tuple[ClassSettings, ...] = (
+    ClassSettings("critical", 0, "refuse"),
+    ClassSettings("high", 1, "refuse"),
+    ClassSettings("normal", 2, "evict-oldest"),
+    ClassSettings("bulk", 3, "evict-oldest"),
+)
+UNSUPPORTED_SCHEMES = ("s3", "s3a", "az", "azure", "abfs", "abfss", "gs", "gcs")
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+# pyfastcdc's bounds. The pipeline gives it avg_size - min_size as its average (its output
+# averages min + avg), so that difference is what its avg limits apply to.
+CDC_MIN_FLOOR = 64 << 10
+CDC_MIN_CEILING = 1 << 20
+CDC_AVG_SPAN_CEILING = 4 << 20
+CDC_MAX_CEILING = 16 << 20
+
+TOP_LEVEL_KEYS = (
+    "site", "keys", "store", "classes", "chunking", "compression", "spool",
+    "put", "backend", "uplink", "windows", "telemetry",
+)  # fmt: skip
+
+_MISSING = object()
+
+
+def _short(value: object) -> str:
+    """repr() cut to a length that keeps a problem on one readable line."""
+    # TOML date-times read better the way they were written than as datetime.datetime(...).
+    text = value.isoformat() if isinstance(value, date | time) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Table:
+    """One TOML table being read: its key path, its values and the shared problem list."""
+
+    def __init__(self, data: Mapping[str, object], where: str, problems: list[str]) -> None:
+        self.data = data
+        self.where = where
+        self.problems = problems
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str) -> object:
+        return self.data.get(name, _MISSING)
+
+    def report(self, name: str, what: str, fix: str) -> None:
+        """Record a problem with the value at `name`."""
+        self.problems.append(f"{self.key(name)}: {what} (got {_short(self.raw(name))}); {fix}")
+
+    def ensure(self, name: str, ok: bool, what: str, fix: str) -> None:
+        if not ok:
+            self.report(name, what, fix)
+
+    def require(self, name: str, example: str) -> bool:
+        """Record a problem if `name` is absent; `example` is a line the operator could add."""
+        if name in self.data:
+            return True
+        section = f" under [{self.where}]" if self.where else ""
+        self.problems.append(f"{self.key(name)}: required key is missing; add {example}{section}")
+        return False
+
+    def reject_unknown(self, allowed: Iterable[str]) -> None:
+        allowed = tuple(allowed)
+        for name in self.data:
+            if name in allowed:
+                continue
+            close = difflib.get_close_matches(name, allowed, n=1)
+            fix = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else f"remove it; valid keys here are {', '.join(allowed)}"
+            )
+            self.report(name, "unknown key", fix)
+
+    def table(self, name: str, allowed: Iterable[str] | None = None) -> _Table:
+        """The sub-table `name` (empty when absent), with unknown keys reported."""
+        value = self.raw(name)
+        if value is _MISSING:
+            value = {}
+        elif not isinstance(value, dict):
+            self.report(name, "must be a table", f"write it as a [{self.key(name)}] section")
+            value = {}
+        child = _Table(value, self.key(name), self.problems)
+        if allowed is not None:
+            child.reject_unknown(allowed)
+        return child
+
+    def tables(self, name: str, allowed: Iterable[str], how: str) -> list[_Table]:
+        """An array of tables such as [[spool]]; `how` tells how to write one entry."""
+        value = self.raw(name)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.report(name, "must be an array of tables", how)
+            return []
+        items = [_Table(v, f"{self.key(name)}[{i}]", self.problems) for i, v in enumerate(value)]
+        for item in items:
+            item.reject_unknown(allowed)
+        return items
+
+    def string(self, name: str, default: T) -> str | T:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self.report(name, "must be a string", f'put the value in quotes, e.g. {name} = "..."')
+            return default
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.string(name, None)
+        if value is None:
+            return default
+        if value not in options:
+            quoted = ", ".join(f'"{o}"' for o in options)
+            self.report(name, "is not one of the accepted values", f"use one of {quoted}")
+            return default
+        return value
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.report(
+                name,
+                "must be an integer",
+                f"write a whole number without quotes, e.g. {name} = {default}",
+            )
+            return default
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.report(
+                name, "must be a number", f"write a number without quotes, e.g. {name} = {default}"
+            )
+            return default
+        return float(value)
+
+    def path(self, name: str, base: Path, default: T) -> Path | T:
+        """A path; relative ones are taken from the config file's directory."""
+        text = self.string(name, None)
+        if text is None:
+            return default
+        if not text:
+            self.report(name, "must not be empty", "give a path, absolute or relative to this file")
+            return default
+        return base / Path(text).expanduser()
+
+    def _unit(self, name: str, parse: Callable[[str | float], T], forms: str, default: U) -> T | U:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.report(name, "has the wrong type", forms)
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problems.append(f"{self.key(name)}: {exc}")
+            return default
+
+    def size(self, name: str, default: U) -> int | U:
+        return self._unit(name, units.parse_size, units.SIZE_FORMS, default)
+
+    def duration(self, name: str, default: U) -> float | U:
+        return self._unit(name, units.parse_duration, units.DURATION_FORMS, default)
+
+    def rate(self, name: str, default: U) -> float | U:
+        return self._unit(name, units.parse_rate, units.RATE_FORMS, default)
+
+    def positive(self, name: str, value: float | None, fix: str) -> None:
+        """Report a parsed duration, size or rate that is zero."""
+        self.ensure(name, value is None or value > 0, "must be greater than zero", fix)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the config file; raise one ConfigError listing every problem."""
+    return validate(_read_toml(path), path)
+
+
+def validate(data: Mapping[str, object], path: Path) -> Settings:
+    """Turn parsed TOML into Settings; relative paths are taken from `path`'s directory."""
+    problems: list[str] = []
+    root = _Table(data, "", problems)
+    root.reject_unknown(TOP_LEVEL_KEYS)
+    base = path.absolute().parent
+    # Sections are read in the order the example file uses, so problems come out in that order.
+    site = _site(root.table("site", ("id", "state_dir")), base)
+    keys = _keys(root.table("keys", ("recipient_public", "signing_key", "dedup_key")), base)
+    store = _store(root.table("store", ("quota",)))
+    classes = _classes(root)
+    class_names = tuple(c.name for c in classes)
+    chunking = _chunking(root.table("chunking", ("min_size", "avg_size", "max_size")))
+    compression = _compression(root.table("compression", ("level", "sample_size", "min_ratio")))
+    spools = _spools(root, base, class_names)
+    put = _put(root.table("put", ("socket", "priority")), base, site.state_dir, class_names)
+    backend = _backend(root.table("backend", ("url",)))
+    uplink = _uplink(root.table("uplink", ("streams", "aging", "retry_initial", "retry_max")))
+    windows = _windows(root.table("windows", ("mode", "intervals", "daily", "cycle")))
+    telemetry = _telemetry(root.table("telemetry", ("log_level", "log_format")))
+    if problems:
+        raise ConfigError(problems, str(path))
+    return Settings(
+        site=site,
+        keys=keys,
+        backend=backend,
+        put=put,
+        store=store,
+        classes=classes,
+        chunking=chunking,
+        compression=compression,
+        spools=spools,
+        uplink=uplink,
+        windows=windows,
+        telemetry=telemetry,
+    )
+
+
+def check_config_main(path: Path) -> int:
+    """`skyferry check-config FILE`: print OK and a summary (0), or every problem (2)."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 2
+    print(f"OK: {path}")
+    print(summarize(settings))
+    return 0
+
+
+def summarize(settings: Settings) -> str:
+    """One line naming what the config sets up, for `check-config` and the start-up log."""
+    spools = ", ".join(s.name for s in settings.spools)
+    classes = ", ".join(c.name for c in settings.classes)
+    return (
+        f"site {settings.site.id}; {len(settings.spools)} spool(s)"
+        + (f" ({spools})" if spools else "")
+        + f"; {len(settings.classes)} class(es) ({classes}); backend {settings.backend.url}"
+        + f"; windows {settings.windows.mode}"
+    )
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        problem = (
+            f"config file not found: {path}; copy the documented example {EXAMPLE}, edit it, "
+            f"then run `skyferry check-config {path}`"
+        )
+        raise ConfigError([problem], where) from None
+    except OSError as exc:
+        problem = (
+            f"cannot read the config file: {exc.strerror} (got {where!r}); "
+            "give the path of a readable TOML file"
+        )
+        raise ConfigError([problem], where) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = (
+            f"the file is not UTF-8 text (got byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        )
+        raise ConfigError([problem], where) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_problem(exc, text)], where) from None
+
+
+def _syntax_problem(exc: tomllib.TOMLDecodeError, text: str) -> str:
+    """Put the line and column tomllib buried in its message first, and show that line."""
+    message = str(exc)
+    match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if match:
+        line, column = int(match[1]), int(match[2])
+        message = message[: match.start()]
+    else:
+        # tomllib says "(at end of document)": the problem is on the last line.
+        message = re.sub(r"\s*\(at end of document\)$", "", message)
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    lines = text.splitlines()
+    source = lines[line - 1] if 0 < line <= len(lines) else ""
+    return (
+        f"line {line}, column {column}: invalid TOML: {message} (got {_short(source.strip())}); "
+        'fix the syntax there: strings need quotes (id = "x"), tables are [name], '
+        "repeated tables are [[name]]"
+    )
+
+
+def _site(t: _Table, base: Path) -> SiteSettings:
+    t.require("id", 'id = "camp-alpha"')
+    site_id = t.string("id", None)
+    t.ensure(
+        "id",
+        site_id is None or SITE_ID_RE.fullmatch(site_id) is not None,
+        "is not a valid site id",
+        "use 1-63 lower-case letters, digits or '-', starting with a letter or digit "
+        "(it becomes part of cloud object keys)",
+    )
+    t.require("state_dir", 'state_dir = "/var/lib/skyferry"')
+    return SiteSettings(id=site_id or "", state_dir=t.path("state_dir", base, Path()))
+
+
+def _keys(t: _Table, base: Path) -> KeySettings:
+    paths: dict[str, Path] = {}
+    for name, example in (
+        ("recipient_public", "keys/recipient.pub"),
+        ("signing_key", "keys/site.key"),
+        ("dedup_key", "keys/dedup.key"),
+    ):
+        t.require(name, f'{name} = "{example}"')
+        paths[name] = t.path(name, base, Path())
+    return KeySettings(**paths)
+
+
+def _store(t: _Table) -> StoreSettings:
+    quota = t.size("quota", None)
+    t.positive("quota", quota, 'give a size such as "50GiB", or remove quota for no limit')
+    return StoreSettings(quota_bytes=quota)
+
+
+def _classes(root: _Table) -> tuple[ClassSettings, ...]:
+    if not root.has("classes"):
+        return DEFAULT_CLASSES
+    table = root.table("classes")
+    if not table.data and isinstance(root.raw("classes"), dict):
+        root.report(
+            "classes",
+            "defines no class",
+            "add [classes.<name>] tables, or remove [classes] to use the defaults "
+            "critical, high, normal, bulk",
+        )
+    classes = [c for name in table.data if (c := _class(table, name)) is not None]
+    _reject_duplicate_ranks(table, classes)
+    return tuple(sorted(classes, key=lambda c: c.rank))
+
+
+def _class(table: _Table, name: str) -> ClassSettings | None:
+    if not isinstance(table.raw(name), dict):
+        table.report(name, "must be a table", f"write it as [classes.{name}] with rank = ...")
+        return None
+    t = table.table(name, ("rank", "policy", "ttl"))
+    if NAME_RE.fullmatch(name) is None:
+        table.problems.append(
+            f"{table.key(name)}: is not a valid class name (got {name!r}); "
+            "use lower-case letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    t.require("rank", "rank = 0 (lower is served first)")
+    rank = t.integer("rank", -1)  # -1 when missing or invalid: already reported
+    t.ensure(
+        "rank",
+        rank >= 0 or not isinstance(t.raw("rank"), int),
+        "must not be negative",
+        "use 0 for the most urgent class",
+    )
+    policy = t.choice("policy", ("refuse", "evict-oldest"), "evict-oldest")
+    ttl = t.duration("ttl", None)
+    t.positive("ttl", ttl, 'give a duration such as "7d", or remove ttl to keep data forever')
+    return ClassSettings(name=name, rank=rank, policy=cast(QuotaPolicy, policy), ttl_s=ttl)
+
+
+def _reject_duplicate_ranks(table: _Table, classes: list[ClassSettings]) -> None:
+    seen: dict[int, str] = {}
+    for c in classes:
+        if c.rank < 0:
+            continue  # missing or invalid: already reported
+        if c.rank in seen:
+            table.problems.append(
+                f"classes.{c.name}.rank: is already used by class {seen[c.rank]!r} "
+                f"(got {c.rank}); give every class a different rank"
+            )
+        else:
+            seen[c.rank] = c.name
+
+
+def _check_priority(t: _Table, default: str, class_names: tuple[str, ...]) -> str:
+    """Read `priority` and make sure it names a configured class."""
+    priority = t.string("priority", None)
+    if priority is None and t.has("priority"):
+        return default  # not a string: already reported
+    if priority in class_names or (priority is None and default in class_names):
+        return priority or default
+    fix = f"use one of {', '.join(class_names) or '(no classes configured)'}"
+    if t.has("priority"):
+        t.report("priority", "names no configured class", fix)
+    else:
+        t.problems.append(
+            f"{t.key('priority')}: the default class {default!r} is not configured "
+            f"(got nothing); set priority, or add [classes.{default}]; {fix}"
+        )
+    return priority or default
+
+
+def _chunking(t: _Table) -> ChunkingSettings:
+    defaults = ChunkingSettings()
+    before = len(t.problems)
+    low = t.size("min_size", defaults.min_size)
+    avg = t.size("avg_size", defaults.avg_size)
+    high = t.size("max_size", defaults.max_size)
+    if len(t.problems) == before:
+        _check_chunk_bounds(t, low, avg, high)
+    return ChunkingSettings(min_size=low, avg_size=avg, max_size=high)
+
+
+def _check_chunk_bounds(t: _Table, low: int, avg: int, high: int) -> None:
+    """Enforce pyfastcdc's limits, naming sizes the way the operator wrote them."""
+    fmt = units.format_size
+    why = "(a limit of the pyfastcdc chunker)"
+    t.ensure("min_size", low >= CDC_MIN_FLOOR, "must be at least 64KiB", f"raise it {why}")
+    t.ensure("min_size", low <= CDC_MIN_CEILING, "must be at most 1MiB", f"lower it {why}")
+    t.ensure(
+        "avg_size",
+        avg >= 2 * low,
+        f"must be at least twice min_size ({fmt(low)})",
+        f"raise avg_size or lower min_size {why}",
+    )
+    t.ensure(
+        "avg_size",
+        avg - low <= CDC_AVG_SPAN_CEILING,
+        f"must be at most 4MiB above min_size ({fmt(low)})",
+        f"lower avg_size {why}",
+    )
+    t.ensure(
+        "max_size",
+        high > avg,
+        f"must be greater than avg_size ({fmt(avg)})",
+        "raise max_size or lower avg_size",
+    )
+    t.ensure("max_size", high <= CDC_MAX_CEILING, "must be at most 16MiB", f"lower it {why}")
+
+
+def _compression(t: _Table) -> CompressionSettings:
+    defaults = CompressionSettings()
+    level = t.integer("level", defaults.level)
+    t.ensure("level", 1 <= level <= 22, "must be between 1 and 22", "zstd levels run 1 to 22")
+    sample = t.size("sample_size", defaults.sample_size)
+    t.positive("sample_size", sample, 'give a size such as "64KiB"')
+    ratio = t.number("min_ratio", defaults.min_ratio)
+    t.ensure(
+        "min_ratio",
+        0 < ratio <= 1,
+        "must be greater than 0 and at most 1",
+        "give the fraction a sample must shrink below to be compressed, e.g. 0.95",
+    )
+    return CompressionSettings(level=level, sample_size=sample, min_ratio=ratio)
+
+
+SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_interval")
+
+
+def _spools(root: _Table, base: Path, class_names: tuple[str, ...]) -> tuple[SpoolSettings, ...]:
+    how = 'write each spool as a [[spool]] section with name = "..." and path = "..."'
+    spools = tuple(_spool(t, base, class_names) for t in root.tables("spool", SPOOL_KEYS, how))
+    _reject_duplicates(root, "spool", "name", [s.name for s in spools])
+    _reject_duplicates(root, "spool", "path", [str(s.path) for s in spools])
+    return spools
+
+
+def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings:
+    defaults = SpoolSettings(name="", path=Path())
+    t.require("name", 'name = "sensors"')
+    name = t.string("name", None)
+    t.ensure(
+        "name",
+        name is None or NAME_RE.fullmatch(name) is not None,
+        "is not a valid spool name",
+        "use lower-case letters, digits, '_' or '-', starting with a letter or digit",
+    )
+    t.ensure(
+        "name",
+        name != RESERVED_SOURCE,
+        f"{RESERVED_SOURCE!r} is reserved for `skyferry put`",
+        "choose another name",
+    )
+    t.require("path", 'path = "/srv/spool/sensors"')
+    path = t.path("path", base, Path())
+    priority = _check_priority(t, defaults.priority, class_names)
+    settle = t.duration("settle", defaults.settle_s)
+    after = t.choice("after", ("delete", "move"), defaults.after)
+    done_dir = t.path("done_dir", base, None)
+    t.ensure(
+        "done_dir",
+        # An invalid `after` is reported on its own; do not pile a second problem on it.
+        done_dir is None or after == "move" or t.raw("after") not in (_MISSING, "delete"),
+        'is only used with after = "move", and after is "delete"',
+        'set after = "move", or remove done_dir',
+    )
+    scan = t.duration("scan_interval", defaults.scan_interval_s)
+    t.positive("scan_interval", scan, 'give a duration such as "1s"')
+    return SpoolSettings(
+        name=name or "",
+        path=path,
+        priority=priority,
+        settle_s=settle,
+        after=cast(AfterIngest, after),
+        done_dir=done_dir,
+        scan_interval_s=scan,
+    )
+
+
+def _reject_duplicates(root: _Table, array: str, key: str, values: list[str]) -> None:
+    first: dict[str, int] = {}
+    for index, value in enumerate(values):
+        if not value or value == ".":
+            continue  # missing: already reported
+        if value in first:
+            root.problems.append(
+                f"{array}[{index}].{key}: is the same as {array}[{first[value]}].{key} "
+                f"(got {value!r}); give every {array} a different {key}"
+            )
+        else:
+            first[value] = index
+
+
+def _put(t: _Table, base: Path, state_dir: Path, class_names: tuple[str, ...]) -> PutSettings:
+    socket = t.path("socket", base, state_dir / "skyferry.sock")
+    t.ensure(
+        "socket",
+        len(str(socket).encode()) <= MAX_SOCKET_PATH,
+        f"the socket path {str(socket)!r} is longer than {MAX_SOCKET_PATH} bytes",
+        "choose a shorter path (a Unix socket path cannot be longer)",
+    )
+    return PutSettings(socket=socket, priority=_check_priority(t, "normal", class_names))
+
+
+def _backend(t: _Table) -> BackendSettings:
+    t.require("url", 'url = "file:///var/lib/skyferry-cloud"')
+    url = t.string("url", None)
+    if url is not None:
+        _check_backend_url(t, url)
+    return BackendSettings(url=url or "")
+
+
+def _check_backend_url(t: _Table, url: str) -> None:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    example = "e.g. file:///srv/cloud"
+    if scheme in UNSUPPORTED_SCHEMES:
+        t.report(
+            "url", f"{scheme}:// backends are not supported yet", f"use a file:// URL, {example}"
+        )
+    elif scheme != "file":
+        t.report(
+            "url", "is not a file:// URL", f"use a file:// URL with an absolute path, {example}"
+        )
+    elif parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        t.report(
+            "url",
+            "a relative file: path is not allowed",
+            f"write an absolute path after three slashes, {example}",
+        )
+
+
+def _uplink(t: _Table) -> UplinkSettings:
+    defaults = UplinkSettings()
+    streams = t.integer("streams", defaults.streams)
+    t.ensure("streams", 1 <= streams <= 64, "must be between 1 and 64", "4 suits most links")
+    aging = t.duration("aging", defaults.aging_s)
+    t.positive("aging", aging, 'give a duration such as "6h"')
+    initial = t.duration("retry_initial", defaults.retry_initial_s)
+    t.positive("retry_initial", initial, 'give a duration such as "1s"')
+    most = t.duration("retry_max", defaults.retry_max_s)
+    t.ensure(
+        "retry_max",
+        most >= initial,
+        f"must not be shorter than retry_initial ({units.format_duration(initial)})",
+        "raise retry_max or lower retry_initial",
+    )
+    return UplinkSettings(streams=streams, aging_s=aging, retry_initial_s=initial, retry_max_s=most)
+
+
+def _windows(t: _Table) -> WindowSettings:
+    mode = t.choice("mode", ("always", "schedule"), "always")
+    interval_how = "write intervals = [ { start = 2026-11-25T10:00:00Z, end = ..., rate = ... } ]"
+    intervals = [
+        i
+        for item in t.tables("intervals", ("start", "end", "rate"), interval_how)
+        if (i := _interval(item)) is not None
+    ]
+    daily_how = 'write daily = [ { start = "22:00", end = "04:00", rate = "5Mbit/s" } ]'
+    daily = [
+        d
+        for item in t.tables("daily", ("start", "end", "rate"), daily_how)
+        if (d := _daily(item)) is not None
+    ]
+    cycle = _cycle(t.table("cycle", ("open", "closed"))) if t.has("cycle") else None
+    has_windows = any(t.raw(k) not in (_MISSING, []) for k in ("intervals", "daily", "cycle"))
+    if mode == "schedule" and not has_windows:
+        t.report(
+            "mode",
+            'is "schedule" but no window is configured',
+            "add intervals, daily or cycle under [windows]",
+        )
+    if mode == "always" and has_windows:
+        t.report(
+            "mode",
+            "is always open, so intervals, daily and cycle would be ignored",
+            'set mode = "schedule" to use them, or remove them',
+        )
+    return WindowSettings(
+        mode=cast(WindowMode, mode),
+        intervals=tuple(sorted(intervals, key=lambda i: i.start)),
+        daily=tuple(daily),
+        cycle=cycle,
+    )
+
+
+def _interval(t: _Table) -> Interval | None:
+    start = _instant(t, "start")
+    end = _instant(t, "end")
+    rate = t.rate("rate", None)
+    t.positive("rate", rate, 'give a rate such as "10Mbit/s", or remove rate')
+    if start is None or end is None:
+        return None
+    if end <= start:
+        t.report("end", f"is not after start ({start.isoformat()})", "make end later than start")
+        return None
+    return Interval(start=start, end=end, rate_bps=rate)
+
+
+def _instant(t: _Table, name: str) -> datetime | None:
+    """A TOML offset date-time or an RFC 3339 string, converted to aware UTC."""
+    example = "e.g. 2026-11-25T10:00:00Z"
+    if not t.require(name, f"{name} = 2026-11-25T10:00:00Z"):
+        return None
+    value = t.raw(name)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            t.report(name, "is not an RFC 3339 date-time", example)
+            return None
+    if not isinstance(value, datetime):
+        t.report(name, "must be a date and time", f"with a UTC offset, {example}")
+        return None
+    if value.utcoffset() is None:
+        t.report(name, "has no UTC offset", f"add Z (UTC) or +HH:MM, {example}")
+        return None
+    return value.astimezone(UTC)
+
+
+def _daily(t: _Table) -> DailyWindow | None:
+    start = _time_of_day(t, "start")
+    end = _time_of_day(t, "end")
+    rate = t.rate("rate", None)
+    t.positive("rate", rate, 'give a rate such as "5Mbit/s", or remove rate')
+    if start is None or end is None:
+        return None
+    if start == end:
+        t.report(
+            "end",
+            "equals start, so the window is empty",
+            'use a different end (an end before start crosses midnight), or mode = "always"',
+        )
+        return None
+    return DailyWindow(start_s=start, end_s=end, rate_bps=rate)
+
+
+_TIME_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
+
+
+def _time_of_day(t: _Table, name: str) -> int | None:
+    """Seconds after 00:00 UTC from "HH:MM", "HH:MM:SS" or a TOML local time."""
+    if not t.require(name, f'{name} = "22:00"'):
+        return None
+    value = t.raw(name)
+    if isinstance(value, time):
+        return value.hour * 3600 + value.minute * 60 + value.second
+    match = _TIME_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        t.report(name, "is not a time of day", 'write "HH:MM" or "HH:MM:SS" in UTC, e.g. "22:00"')
+        return None
+    return int(match[1]) * 3600 + int(match[2]) * 60 + int(match[3] or 0)
+
+
+def _cycle(t: _Table) -> CycleWindow | None:
+    t.require("open", 'open = "15s"')
+    t.require("closed", 'closed = "10s"')
+    open_s = t.duration("open", None)
+    closed_s = t.duration("closed", None)
+    t.positive("open", open_s, 'give a duration such as "15s"')
+    t.positive("closed", closed_s, 'give a duration such as "10s"')
+    if open_s is None or closed_s is None:
+        return None
+    return CycleWindow(open_s=open_s, closed_s=closed_s)
+
+
+def _telemetry(t: _Table) -> TelemetrySettings:
+    level = t.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    fmt = t.choice("log_format", ("auto", "json", "text"), "auto")
+    return TelemetrySettings(log_level=level, log_format=cast(LogFormat, fmt))

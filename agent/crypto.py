@@ -1,0 +1,313 @@
+"""Keys, sealing and opening of chunks and manifests, manifest signatures, keyed chunk ids.
+
+The sealed format is specified in docs/FORMAT.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from agent.errors import CryptoError, FormatError, KeyFileError
+
+MAGIC = b"SKYF"
+FORMAT_VERSION = 1
+KIND_CHUNK = 1
+KIND_MANIFEST = 2
+ALG_AES256GCM = 1
+COMPRESSION_NONE = 0
+COMPRESSION_ZSTD = 1
+# magic, version, kind, alg, compression, plaintext length, ephemeral X25519 key, nonce
+_HEADER = struct.Struct(">4sBBBBQ32s12s")
+HEADER_SIZE = _HEADER.size
+TAG_SIZE = 16
+_HKDF_INFO = b"skyferry/v1/seal"
+_SIGN_CONTEXT = b"skyferry/v1/manifest\x00"
+SIGNATURE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class SealedHeader:
+    kind: int
+    algorithm: int
+    compression: int
+    plaintext_len: int
+    ephemeral_public: bytes
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class EdgeKeys:
+    """What the edge site holds: it can seal and sign but never open."""
+
+    recipient_public: X25519PublicKey
+    signing_key: Ed25519PrivateKey
+    dedup_key: bytes
+
+
+def _derive_key(shared: bytes, ephemeral_public: bytes, recipient_public: bytes) -> bytes:
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=ephemeral_public + recipient_public,
+        info=_HKDF_INFO,
+    )
+    return hkdf.derive(shared)
+
+
+def _raw_public(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def seal(
+    payload: bytes,
+    recipient: X25519PublicKey,
+    *,
+    kind: int,
+    compression: int,
+    plaintext_len: int,
+) -> bytes:
+    """Encrypt `payload` (already compressed if `compression` says so) to `recipient`."""
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = _raw_public(ephemeral.public_key())
+    key = _derive_key(ephemeral.exchange(recipient), ephemeral_public, _raw_public(recipient))
+    nonce = os.urandom(12)
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, kind, ALG_AES256GCM, compression, plaintext_len,
+        ephemeral_public, nonce,
+    )
+    return header + AESGCM(key).encrypt(nonce, payload, header)
+
+
+def parse_header(blob: bytes | memoryview) -> SealedHeader:
+    """Read and check the fixed header of a sealed object; raise FormatError if it is not one."""
+    if len(blob) < HEADER_SIZE + TAG_SIZE:
+        raise FormatError(
+            f"sealed object is {len(blob)} bytes, shorter than the minimum "
+            f"{HEADER_SIZE + TAG_SIZE}: truncated"
+        )
+    magic, version, kind, alg, compression, plen, eph, nonce = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise FormatError("not a skyferry sealed object (bad magic bytes)")
+    if version != FORMAT_VERSION:
+        raise FormatError(
+            f"sealed object has format version {version}; this skyferry reads version "
+            f"{FORMAT_VERSION}: upgrade skyferry"
+        )
+    if alg != ALG_AES256GCM:
+        raise FormatError(f"unknown sealing algorithm {alg}")
+    if compression not in (COMPRESSION_NONE, COMPRESSION_ZSTD):
+        raise FormatError(f"unknown compression {compression}")
+    if kind not in (KIND_CHUNK, KIND_MANIFEST):
+        raise FormatError(f"unknown sealed object kind {kind}")
+    return SealedHeader(kind, alg, compression, plen, eph, nonce)
+
+
+def open_sealed(blob: bytes, recipient: X25519PrivateKey) -> tuple[SealedHeader, bytes]:
+    """Decrypt a sealed object; raise CryptoError when it was tampered with or the key is wrong."""
+    header = parse_header(blob)
+    key = _derive_key(
+        recipient.exchange(X25519PublicKey.from_public_bytes(header.ephemeral_public)),
+        header.ephemeral_public,
+        _raw_public(recipient.public_key()),
+    )
+    try:
+        payload = AESGCM(key).decrypt(header.nonce, blob[HEADER_SIZE:], blob[:HEADER_SIZE])
+    except InvalidTag:
+        raise CryptoError(
+            "authentication failed: the object was modified or sealed to another recipient key"
+        ) from None
+    return header, payload
+
+
+def sign_manifest(body: bytes, key: Ed25519PrivateKey) -> bytes:
+    """Return signature || body, the plaintext that gets sealed as a manifest."""
+    return key.sign(_SIGN_CONTEXT + body) + body
+
+
+def verify_manifest(signed: bytes, key: Ed25519PublicKey) -> bytes:
+    """Check the site's signature and return the manifest body."""
+    if len(signed) < SIGNATURE_SIZE:
+        raise CryptoError("manifest too short to carry a signature")
+    signature, body = signed[:SIGNATURE_SIZE], signed[SIGNATURE_SIZE:]
+    try:
+        key.verify(signature, _SIGN_CONTEXT + body)
+    except InvalidSignature:
+        raise CryptoError("manifest signature does not verify with the site's public key") from None
+    return body
+
+
+def chunk_id(dedup_key: bytes, data: bytes | memoryview) -> str:
+    """Keyed BLAKE3 of the plaintext: equal data gives equal ids, outsiders learn nothing."""
+    return blake3.blake3(data, key=dedup_key, max_threads=1).hexdigest()
+
+
+def content_hash(data: bytes | memoryview) -> str:
+    """Unkeyed BLAKE3, recorded inside (encrypted) manifests for end-to-end verification."""
+    return blake3.blake3(data).hexdigest()
+
+
+# ---- key files -------------------------------------------------------------------------------
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class GeneratedKeys:
+    edge_dir: Path
+    cloud_dir: Path
+    files: tuple[Path, ...]
+
+
+def generate_keys(out_dir: Path, site: str) -> GeneratedKeys:
+    """Create the recipient pair, the site signing key and the dedup key, split edge/cloud."""
+    edge, cloud = out_dir / "edge", out_dir / "cloud"
+    targets = [
+        edge / "recipient.pub", edge / "site.key", edge / "dedup.key",
+        cloud / "recipient.key", cloud / "sites" / f"{site}.pub",
+    ]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing:
+        raise KeyFileError(
+            f"refusing to overwrite existing key files: {', '.join(existing)}; "
+            "choose another --out folder or move them away first"
+        )
+    recipient = X25519PrivateKey.generate()
+    signer = Ed25519PrivateKey.generate()
+    pem = serialization.Encoding.PEM
+    _write_private(
+        cloud / "recipient.key",
+        recipient.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()),
+    )
+    _write_public(
+        edge / "recipient.pub",
+        recipient.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo),
+    )
+    _write_private(
+        edge / "site.key",
+        signer.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()),
+    )
+    _write_public(
+        cloud / "sites" / f"{site}.pub",
+        signer.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo),
+    )
+    _write_private(edge / "dedup.key", secrets.token_hex(32).encode() + b"\n")
+    return GeneratedKeys(edge, cloud, tuple(targets))
+
+
+def check_private_permissions(path: Path) -> None:
+    """Refuse a private key that other users can read, as ssh does."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+
+
+def _read_key_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"{what} {path} does not exist; create keys with `skyferry keygen --out DIR` "
+            "and point the config at them"
+        ) from None
+    except OSError as e:
+        raise KeyFileError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def load_recipient_public(path: Path) -> X25519PublicKey:
+    data = _read_key_file(path, "recipient public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise KeyFileError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, X25519PublicKey):
+        raise KeyFileError(f"{path} is not an X25519 public key (wrong file?)")
+    return key
+
+
+def load_recipient_private(path: Path) -> X25519PrivateKey:
+    data = _read_key_file(path, "recipient private key")
+    check_private_permissions(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyFileError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, X25519PrivateKey):
+        raise KeyFileError(f"{path} is not an X25519 private key (wrong file?)")
+    return key
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    data = _read_key_file(path, "site signing key")
+    check_private_permissions(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyFileError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} is not an Ed25519 private key (wrong file?)")
+    return key
+
+
+def load_verify_key(path: Path) -> Ed25519PublicKey:
+    data = _read_key_file(path, "site public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise KeyFileError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{path} is not an Ed25519 public key (wrong file?)")
+    return key
+
+
+def load_dedup_key(path: Path) -> bytes:
+    data = _read_key_file(path, "dedup key")
+    check_private_permissions(path)
+    try:
+        key = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise KeyFileError(f"{path} must hold 64 hex digits") from None
+    if len(key) != 32:
+        raise KeyFileError(f"{path} must hold 64 hex digits (32 bytes), found {len(key)} bytes")
+    return key
+
+
+def load_edge_keys(recipient_public: Path, signing_key: Path, dedup_key: Path) -> EdgeKeys:
+    return EdgeKeys(
+        load_recipient_public(recipient_public),
+        load_signing_key(signing_key),
+        load_dedup_key(dedup_key),
+    )

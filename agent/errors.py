@@ -1,0 +1,69 @@
+"""One exception hierarchy; every message says what went wrong, where, and how to fix it."""
+
+from __future__ import annotations
+
+
+class SkyferryError(Exception):
+    """Root of every error skyferry raises on purpose."""
+
+
+class ConfigError(SkyferryError):
+    """The configuration file is missing, malformed or invalid."""
+
+    def __init__(self, problems: list[str], path: str | None = None) -> None:
+        self.problems = problems
+        self.path = path
+        where = f"{path}: " if path else ""
+        super().__init__(where + "; ".join(problems))
+
+
+class KeyFileError(SkyferryError):
+    """A key file is missing, unreadable, malformed or has unsafe permissions."""
+
+
+class CryptoError(SkyferryError):
+    """A sealed object could not be opened or a signature did not verify (tampered or wrong key)."""
+
+
+class FormatError(SkyferryError):
+    """Bytes do not follow the documented format (see docs/FORMAT.md)."""
+
+
+class StoreError(SkyferryError):
+    """The local durable queue is unusable."""
+
+
+class CorruptChunkError(StoreError):
+    """A sealed chunk file on local disk does not match what the index recorded."""
+
+
+class QuotaExceededError(StoreError):
+    """Accepting this data would exceed the state_dir quota and the class policy is `refuse`."""
+
+
+class StoreLockedError(StoreError):
+    """Another process (normally the running daemon) holds the store."""
+
+
+class BackendError(SkyferryError):
+    """The object storage backend failed or refused an operation."""
+
+
+class PermanentBackendError(BackendError):
+    """Retrying cannot help: credentials, permissions, missing bucket/container."""
+
+
+class RestoreError(SkyferryError):
+    """A restore or verify run found missing, corrupt or unsafe objects."""
+
+
+class UnsafePathError(RestoreError):
+    """A manifest names a path that would escape the restore target."""
+
+
+class SourceError(SkyferryError):
+    """A data source (spool folder, MQTT, put) cannot ingest."""
+
+
+class ObjectNotFoundError(BackendError):
+    """The backend has no object under that key."""

@@ -1,0 +1,106 @@
+"""The manifest: what one ingested object is made of. JSON, signed, then sealed like a chunk."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.errors import FormatError
+
+MANIFEST_VERSION = 1
+
+
+def uuid7() -> str:
+    """A time-ordered UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | rand & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    id: str  # keyed chunk id (object key in the cloud)
+    offset: int
+    length: int
+    hash: str  # unkeyed BLAKE3 of the plaintext
+
+
+@dataclass(frozen=True)
+class Manifest:
+    object_id: str
+    site: str
+    source: str
+    kind: str  # "file" (MQTT batches arrive with the MQTT issue)
+    name: str  # relative POSIX path, as given by the source
+    size: int
+    mtime_ns: int
+    hash: str  # unkeyed BLAKE3 of the whole object
+    priority: str
+    created: str  # ISO-8601 UTC
+    chunks: tuple[ChunkRef, ...]
+    meta: dict[str, str] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def created_at(self) -> datetime:
+        return datetime.fromisoformat(self.created)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["chunks"] = [asdict(c) for c in self.chunks]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"manifest is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise FormatError("manifest must be a JSON object")
+        if data.get("version") != MANIFEST_VERSION:
+            raise FormatError(
+                f"manifest version {data.get('version')!r} is not supported "
+                f"(this skyferry reads {MANIFEST_VERSION})"
+            )
+        try:
+            chunks = tuple(ChunkRef(**_only(c, ChunkRef)) for c in data.pop("chunks"))
+            m = cls(chunks=chunks, **_only(data, cls))
+        except (TypeError, KeyError) as e:
+            raise FormatError(f"manifest is missing or has malformed fields: {e}") from None
+        m.check()
+        return m
+
+    def check(self) -> None:
+        """Structural checks that do not need the payload."""
+        pos = 0
+        for i, c in enumerate(self.chunks):
+            if c.offset != pos or c.length <= 0:
+                raise FormatError(
+                    f"manifest {self.object_id}: chunk {i} at offset {c.offset} length {c.length}"
+                    f" does not continue at {pos}"
+                )
+            pos += c.length
+        if pos != self.size:
+            raise FormatError(
+                f"manifest {self.object_id}: chunks cover {pos} bytes but size is {self.size}"
+            )
+
+
+def _only(data: Any, cls: type) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"expected an object for {cls.__name__}")
+    names = set(cls.__dataclass_fields__)
+    return {k: v for k, v in data.items() if k in names}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")

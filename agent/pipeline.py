@@ -1,0 +1,182 @@
+"""Chunk, hash, compress, seal and stage an object, then commit it to the store.
+
+Everything here blocks (hashing, compression, encryption, fsync): call it through the
+executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+import zstandard
+from pyfastcdc import FastCDC
+
+from agent import crypto
+from agent.crypto import EdgeKeys
+from agent.errors import SourceError
+from agent.fsio import write_durable
+from agent.manifest import ChunkRef, Manifest, now_iso, uuid7
+from agent.settings import ChunkingSettings, CompressionSettings
+from agent.store import Eviction, StagedChunk, StagedObject, Store
+
+_READ_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    path: Path
+    source: str
+    name: str  # relative POSIX name kept in the manifest
+    priority: str
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    object_id: str
+    size: int
+    chunks: int
+    new_chunks: int
+    stored_bytes: int  # sealed bytes this object added to the store
+    duplicate_of: str | None = None  # set when the same source item was accepted before
+    evicted: tuple[Eviction, ...] = ()
+
+
+class Compressor:
+    """zstd with a cheap sample test, so incompressible data is not compressed in vain."""
+
+    def __init__(self, settings: CompressionSettings) -> None:
+        self.settings = settings
+        self._local = threading.local()
+
+    def _zstd(self) -> zstandard.ZstdCompressor:
+        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
+        if c is None:
+            c = zstandard.ZstdCompressor(level=self.settings.level)
+            self._local.c = c
+        return c
+
+    def compress(self, data: bytes | memoryview) -> tuple[int, bytes]:
+        """Return (compression id, payload)."""
+        sample = data[: self.settings.sample_size]
+        z = self._zstd()
+        if len(sample) >= 512 and len(z.compress(sample)) > len(sample) * self.settings.min_ratio:
+            return crypto.COMPRESSION_NONE, bytes(data)
+        packed = z.compress(data)
+        if len(packed) >= len(data):
+            return crypto.COMPRESSION_NONE, bytes(data)
+        return crypto.COMPRESSION_ZSTD, packed
+
+
+def decompress(compression: int, payload: bytes, plaintext_len: int) -> bytes:
+    if compression == crypto.COMPRESSION_NONE:
+        return payload
+    return zstandard.ZstdDecompressor().decompress(payload, max_output_size=plaintext_len)
+
+
+class Pipeline:
+    def __init__(self, site: str, keys: EdgeKeys, store: Store, chunking: ChunkingSettings,
+                 compression: CompressionSettings) -> None:
+        self.site = site
+        self.keys = keys
+        self.store = store
+        self.chunking = chunking
+        self.compressor = Compressor(compression)
+
+    def source_key(self, source: str, name: str, size: int, mtime_ns: int) -> str:
+        """Identity of one version of a source item, keyed so it reveals nothing."""
+        ident = f"{source}\0{name}\0{size}\0{mtime_ns}".encode()
+        return crypto.chunk_id(self.keys.dedup_key, ident)
+
+    def _cutter(self) -> FastCDC:
+        c = self.chunking
+        # pyfastcdc's average excludes the minimum (cut-point skipping), hence avg - min.
+        return FastCDC(c.avg_size - c.min_size, min_size=c.min_size, max_size=c.max_size)
+
+    def _pieces(self, path: Path, size: int) -> Iterator[memoryview]:
+        if size == 0:
+            return
+        with open(path, "rb") as f:
+            for chunk in self._cutter().cut_stream(f):
+                yield chunk.data
+
+    def ingest_file(self, req: IngestRequest) -> IngestResult:
+        """Seal one file into the store. Returns only after it is durable (accepted)."""
+        try:
+            st = os.stat(req.path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise SourceError(f"{req.path} disappeared before it could be ingested") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError(f"{req.path} is not a regular file; only regular files are ingested")
+        key = self.source_key(req.source, req.name, st.st_size, st.st_mtime_ns)
+        previous = self.store.accepted_source_key(key)
+        if previous is not None:
+            return IngestResult(previous, st.st_size, 0, 0, 0, duplicate_of=previous)
+        reserved, evicted = self.store.reserve(st.st_size, req.priority, self.chunking.max_size)
+        object_id = uuid7()
+        stage = self.store.staging_path(object_id)
+        try:
+            stage.mkdir()
+            staged = StagedObject(object_id, req.source, key, req.priority, st.st_size)
+            refs: list[ChunkRef] = []
+            whole = blake3.blake3()
+            offset = 0
+            for data in self._pieces(req.path, st.st_size):
+                ref = self._stage_chunk(staged, stage, data, offset)
+                whole.update(data)
+                refs.append(ref)
+                offset += len(data)
+            after = os.stat(req.path, follow_symlinks=False)
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or (
+                offset != st.st_size
+            ):
+                raise SourceError(
+                    f"{req.path} changed while it was being read; it will be ingested again "
+                    "once it stops changing"
+                )
+            manifest = Manifest(
+                object_id=object_id, site=self.site, source=req.source, kind="file",
+                name=req.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                hash=whole.hexdigest(), priority=req.priority, created=now_iso(),
+                chunks=tuple(refs), meta=dict(req.meta),
+            )
+            staged.manifest_bytes = self._stage_manifest(stage, manifest)
+            self.store.commit_object(staged)
+        except BaseException:
+            self.store.abandon(object_id)
+            raise
+        finally:
+            self.store.release(reserved)
+        return IngestResult(
+            object_id, st.st_size, len(refs), len(staged.new_chunks),
+            sum(c.sealed_size for c in staged.new_chunks.values()) + staged.manifest_bytes,
+            evicted=tuple(evicted),
+        )
+
+    def _stage_chunk(self, staged: StagedObject, stage: Path, data: memoryview,
+                     offset: int) -> ChunkRef:
+        cid = crypto.chunk_id(self.keys.dedup_key, data)
+        ref = ChunkRef(cid, offset, len(data), crypto.content_hash(data))
+        staged.chunk_ids.append(cid)
+        if cid in staged.new_chunks or self.store.chunk_known(cid):
+            return ref
+        compression, payload = self.compressor.compress(data)
+        blob = crypto.seal(payload, self.keys.recipient_public, kind=crypto.KIND_CHUNK,
+                           compression=compression, plaintext_len=len(data))
+        write_durable(stage / cid, blob, sync_dir=False)
+        staged.new_chunks[cid] = StagedChunk(cid, len(blob), len(data), crypto.content_hash(blob))
+        return ref
+
+    def _stage_manifest(self, stage: Path, manifest: Manifest) -> int:
+        body = crypto.sign_manifest(manifest.to_json(), self.keys.signing_key)
+        compression, payload = self.compressor.compress(body)
+        blob = crypto.seal(payload, self.keys.recipient_public, kind=crypto.KIND_MANIFEST,
+                           compression=compression, plaintext_len=len(body))
+        write_durable(stage / "manifest", blob, sync_dir=False)
+        return len(blob)

@@ -1,0 +1,295 @@
+"""The cloud side: list, fetch, verify, decrypt and reassemble what arrived."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import TextIO
+
+import blake3
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent import crypto, layout
+from agent.backends import Backend
+from agent.errors import (
+    BackendError,
+    CryptoError,
+    FormatError,
+    KeyFileError,
+    ObjectNotFoundError,
+    RestoreError,
+    UnsafePathError,
+)
+from agent.manifest import Manifest
+from agent.pipeline import decompress
+from agent.units import format_size
+
+SiteKeys = Callable[[str], Ed25519PublicKey]
+
+
+@dataclass
+class Problem:
+    what: str  # manifest key or object id / name
+    reason: str
+
+
+@dataclass
+class RestoreReport:
+    manifests: int = 0
+    objects_ok: int = 0
+    bytes_ok: int = 0
+    superseded: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def site_key_loader(key_dir: Path) -> SiteKeys:
+    """Site public keys live beside the recipient key: <dir>/sites/<site>.pub."""
+    from agent.crypto import load_verify_key
+
+    cache: dict[str, Ed25519PublicKey] = {}
+
+    def load(site: str) -> Ed25519PublicKey:
+        if site not in cache:
+            cache[site] = load_verify_key(key_dir / "sites" / f"{site}.pub")
+        return cache[site]
+
+    return load
+
+
+def safe_relative(name: str) -> PurePosixPath:
+    """Refuse names that could escape the restore target."""
+    p = PurePosixPath(name)
+    if (not name or "\x00" in name or p.is_absolute() or name.startswith("/")
+            or any(part in ("..", ".", "") for part in name.split("/"))):
+        raise UnsafePathError(f"unsafe path {name!r} in manifest: restore only writes below "
+                              "its target folder")
+    return p
+
+
+def _safe_component(value: str, what: str) -> str:
+    if not value or "/" in value or value in (".", "..") or "\x00" in value:
+        raise UnsafePathError(f"unsafe {what} {value!r} in manifest")
+    return value
+
+
+class Progress:
+    """One self-rewriting status line on a terminal; silent otherwise."""
+
+    def __init__(self, total_objects: int, total_bytes: int, stream: TextIO = sys.stderr,
+                 enabled: bool | None = None) -> None:
+        self.total_objects, self.total_bytes = total_objects, total_bytes
+        self.objects = self.bytes = 0
+        self.stream = stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def advance(self, nbytes: int, objects: int = 0) -> None:
+        self.bytes += nbytes
+        self.objects += objects
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.2 or self.objects == self.total_objects):
+            self._last = now
+            rate = self.bytes / max(1e-6, now - self._start)
+            self.stream.write(
+                f"\r{self.objects}/{self.total_objects} objects  "
+                f"{format_size(self.bytes)}/{format_size(self.total_bytes)}  "
+                f"{format_size(int(rate))}/s   ")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+class Restorer:
+    def __init__(self, backend: Backend, recipient: X25519PrivateKey, site_keys: SiteKeys,
+                 parallel: int = 8) -> None:
+        self.backend = backend
+        self.recipient = recipient
+        self.site_keys = site_keys
+        self._fetch_slots = asyncio.Semaphore(parallel)
+        self.parallel = parallel
+
+    async def sites(self) -> list[str]:
+        seen: set[str] = set()
+        async for info in self.backend.list(""):
+            parts = info.key.split("/")
+            if len(parts) >= 3 and parts[1] == "manifests":
+                seen.add(parts[0])
+        return sorted(seen)
+
+    async def load_manifests(self, site: str, since: datetime | None,
+                             report: RestoreReport) -> list[Manifest]:
+        """Fetch, decrypt and verify every manifest of a site; problems go in the report."""
+        keys = [i.key async for i in self.backend.list(layout.manifests_prefix(site))]
+        if since is not None:
+            keys = [k for k in keys if _key_day(k) >= since.strftime("%Y/%m/%d")]
+        out: list[Manifest] = []
+
+        async def one(key: str) -> None:
+            try:
+                m = await self.load_manifest(key)
+            except (CryptoError, FormatError, UnsafePathError, KeyFileError) as e:
+                report.problems.append(Problem(key, str(e)))
+                return
+            if since is None or m.created_at >= since:
+                out.append(m)
+
+        await _bounded(self.parallel, [one(k) for k in keys])
+        report.manifests += len(keys)
+        return out
+
+    async def load_manifest(self, key: str) -> Manifest:
+        blob = await self.backend.get(key)
+        header, payload = await asyncio.to_thread(crypto.open_sealed, blob, self.recipient)
+        if header.kind != crypto.KIND_MANIFEST:
+            raise FormatError(f"{key} holds a chunk, not a manifest")
+        signed = decompress(header.compression, payload, header.plaintext_len)
+        site = layout.site_of(key)
+        body = crypto.verify_manifest(signed, self.site_keys(site))
+        m = Manifest.from_json(body)
+        if m.site != site or m.object_id != key.rsplit("/", 1)[-1]:
+            raise CryptoError(f"{key}: manifest of {m.site}/{m.object_id} was moved here")
+        _safe_component(m.site, "site")
+        _safe_component(m.source, "source")
+        safe_relative(m.name)
+        return m
+
+    async def fetch_chunk(self, m: Manifest, index: int) -> bytes:
+        ref = m.chunks[index]
+        async with self._fetch_slots:
+            try:
+                blob = await self.backend.get(layout.chunk_key(m.site, ref.id))
+            except ObjectNotFoundError:
+                raise RestoreError(f"chunk {ref.id} (#{index}) is missing from the cloud") from None
+        return await asyncio.to_thread(self._open_chunk, blob, m, index)
+
+    def _open_chunk(self, blob: bytes, m: Manifest, index: int) -> bytes:
+        ref = m.chunks[index]
+        try:
+            header, payload = crypto.open_sealed(blob, self.recipient)
+        except (CryptoError, FormatError) as e:
+            raise RestoreError(f"chunk {ref.id} (#{index}): {e}") from None
+        data = decompress(header.compression, payload, header.plaintext_len)
+        if header.kind != crypto.KIND_CHUNK or len(data) != ref.length or (
+                crypto.content_hash(data) != ref.hash):
+            raise RestoreError(f"chunk {ref.id} (#{index}) does not match the manifest")
+        return data
+
+    async def stream_object(self, m: Manifest, sink: Callable[[bytes], None],
+                            progress: Progress | None = None) -> None:
+        """Fetch chunks in parallel, hand them to `sink` in order, check the whole hash."""
+        whole = blake3.blake3()
+        window = max(1, self.parallel)
+        pending: list[asyncio.Task[bytes]] = []
+        nxt = 0
+        try:
+            while nxt < len(m.chunks) or pending:
+                while nxt < len(m.chunks) and len(pending) < window:
+                    pending.append(asyncio.create_task(self.fetch_chunk(m, nxt)))
+                    nxt += 1
+                data = await pending.pop(0)
+                whole.update(data)
+                await asyncio.to_thread(sink, data)
+                if progress:
+                    progress.advance(len(data))
+        finally:
+            for t in pending:
+                t.cancel()
+        if whole.hexdigest() != m.hash:
+            raise RestoreError("reassembled object does not match the manifest's hash")
+
+    async def restore_object(self, m: Manifest, target: Path, progress: Progress | None) -> None:
+        dest = target / m.site / m.source / safe_relative(m.name)
+        _check_inside(target, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _check_inside(target, dest)
+        tmp = dest.with_name(f".{dest.name}.skyferry-tmp")
+        with open(tmp, "wb") as f:
+            try:
+                await self.stream_object(m, f.write, progress)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                f.close()
+                tmp.unlink(missing_ok=True)
+                raise
+        os.utime(tmp, ns=(m.mtime_ns, m.mtime_ns))
+        os.replace(tmp, dest)
+
+    async def run(self, target: Path | None, sites: list[str] | None = None,
+                  since: datetime | None = None, show_progress: bool | None = None
+                  ) -> RestoreReport:
+        """Restore into `target`, or only verify everything when target is None."""
+        report = RestoreReport()
+        manifests: list[Manifest] = []
+        for site in sites or await self.sites():
+            manifests.extend(await self.load_manifests(site, since, report))
+        chosen = manifests if target is None else _newest_per_name(manifests, report)
+        progress = Progress(len(chosen), sum(m.size for m in chosen), enabled=show_progress)
+
+        async def one(m: Manifest) -> None:
+            label = f"{m.site}/{m.source}/{m.name} (object {m.object_id})"
+            try:
+                if target is None:
+                    await self.stream_object(m, lambda _b: None, progress)
+                else:
+                    await self.restore_object(m, target, progress)
+            except (RestoreError, BackendError, OSError) as e:
+                report.problems.append(Problem(label, str(e)))
+                return
+            report.objects_ok += 1
+            report.bytes_ok += m.size
+            progress.advance(0, 1)
+
+        await _bounded(4, [one(m) for m in chosen])
+        progress.close()
+        return report
+
+
+def _newest_per_name(manifests: list[Manifest], report: RestoreReport) -> list[Manifest]:
+    """A name dropped again is a new version: the newest wins, older ones are counted."""
+    newest: dict[tuple[str, str, str], Manifest] = {}
+    for m in sorted(manifests, key=lambda m: (m.created, m.object_id)):
+        k = (m.site, m.source, m.name)
+        if k in newest:
+            report.superseded += 1
+        newest[k] = m
+    return list(newest.values())
+
+
+def _check_inside(target: Path, dest: Path) -> None:
+    """No symlink along the way may lead outside the target."""
+    real_target = os.path.realpath(target)
+    real_parent = os.path.realpath(dest.parent)
+    if os.path.commonpath([real_target, real_parent]) != real_target or dest.is_symlink():
+        raise UnsafePathError(f"{dest} would be written outside {target} (through a link)")
+
+
+def _key_day(key: str) -> str:
+    parts = key.split("/")
+    return "/".join(parts[2:5]) if len(parts) >= 6 else ""
+
+
+async def _bounded(limit: int, coros: list[object]) -> None:
+    sem = asyncio.Semaphore(limit)
+
+    async def run(c: object) -> None:
+        async with sem:
+            await c  # type: ignore[misc]
+
+    async with asyncio.TaskGroup() as tg:
+        for c in coros:
+            tg.create_task(run(c))

@@ -1,0 +1,559 @@
+"""The durable queue: a SQLite index plus one sealed file per chunk under state_dir.
+
+Layout (state_dir):
+    index.sqlite            objects, chunks, their states (WAL, synchronous=FULL)
+    chunks/<id[:2]>/<id>    sealed chunks waiting for upload
+    manifests/<object-id>   sealed, signed manifests waiting for upload
+    staging/<object-id>/    an ingest in progress; promoted into chunks/ at commit
+    lock                    held by the one process that writes the store
+
+States: chunk sealed -> uploading -> uploaded (or corrupt); object queued -> committed
+(or evicted, expired, damaged). All methods are blocking: call them through the executor.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import QuotaExceededError, StoreError, StoreLockedError
+from agent.fsio import fsync_dir
+from agent.settings import ClassSettings
+
+SCHEMA_VERSION = 1
+# Sealing adds a header and a tag to each chunk; manifests are small. Reserve with margin.
+_PER_CHUNK_OVERHEAD = 128
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    source_key TEXT,
+    class TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    manifest_bytes INTEGER NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL,
+    chunks_left INTEGER NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS objects_queue ON objects(state, rank, created);
+CREATE INDEX IF NOT EXISTS objects_source_key ON objects(source_key);
+CREATE TABLE IF NOT EXISTS chunks (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    sealed_size INTEGER NOT NULL,
+    plain_size INTEGER NOT NULL,
+    sealed_hash TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    has_file INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_state ON chunks(state);
+CREATE TABLE IF NOT EXISTS object_chunks (
+    object_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    chunk_id TEXT NOT NULL,
+    PRIMARY KEY (object_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS object_chunks_chunk ON object_chunks(chunk_id);
+"""
+
+
+@dataclass(frozen=True)
+class StagedChunk:
+    id: str
+    sealed_size: int
+    plain_size: int
+    sealed_hash: str
+
+
+@dataclass
+class StagedObject:
+    """An ingest in progress: new chunk files sit in its staging folder until commit."""
+
+    object_id: str
+    source: str
+    source_key: str | None
+    priority: str
+    size: int
+    chunk_ids: list[str] = field(default_factory=list)  # in order, with repeats
+    new_chunks: dict[str, StagedChunk] = field(default_factory=dict)
+    manifest_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    chunk_id: str
+    path: Path
+    sealed_size: int
+    sealed_hash: str
+    object_id: str
+    priority: str
+
+
+@dataclass(frozen=True)
+class ManifestWork:
+    object_id: str
+    path: Path
+    created: float
+    priority: str
+
+
+Work = ChunkWork | ManifestWork
+
+
+@dataclass(frozen=True)
+class Eviction:
+    object_id: str
+    priority: str
+    size: int
+    reason: str  # "quota" or "ttl"
+
+
+@dataclass
+class ClassSummary:
+    items: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    oldest_queued_age_s: float | None = None
+
+
+class Store:
+    """The local durable queue. One writer process; thread-safe inside it."""
+
+    def __init__(self, state_dir: Path, classes: Iterable[ClassSettings],
+                 quota_bytes: int | None = None, *, read_only: bool = False) -> None:
+        self.state_dir = state_dir
+        self.classes = {c.name: c for c in classes}
+        self.quota_bytes = quota_bytes
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._lock_fd: int | None = None
+        self._reserved = 0
+        self._used = 0
+        self._manifests_inflight: set[str] = set()
+        self.chunks_dir = state_dir / "chunks"
+        self.manifests_dir = state_dir / "manifests"
+        self.staging_dir = state_dir / "staging"
+        if read_only:
+            index = state_dir / "index.sqlite"
+            if not index.exists():
+                raise StoreError(f"no skyferry store at {state_dir} (missing {index})")
+            self._db = sqlite3.connect(f"file:{index}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)
+            return
+        for d in (state_dir, self.chunks_dir, self.manifests_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        self._db = sqlite3.connect(state_dir / "index.sqlite", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._check_schema_version()
+        self._reconcile()
+
+    # ---- opening and start-up -------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"the store {self.state_dir} is in use by another skyferry process "
+                "(normally the running daemon); stop it or talk to it through its socket"
+            ) from None
+        self._lock_fd = fd
+
+    def _check_schema_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.state_dir} has schema {row[0]}, this skyferry uses {SCHEMA_VERSION}"
+            )
+
+    def _reconcile(self) -> None:
+        """Make the index and the files agree after a crash; cost grows with in-flight work only."""
+        with self._txn():
+            self._db.execute("UPDATE chunks SET state='sealed' WHERE state='uploading'")
+        for staged in list(self.staging_dir.iterdir()):
+            if not staged.is_dir():
+                staged.unlink()
+                continue
+            row = self._db.execute("SELECT 1 FROM objects WHERE id=?", (staged.name,)).fetchone()
+            if row is None:
+                shutil.rmtree(staged)  # never committed: the source still holds the data
+            else:
+                self._promote(staged)  # committed but not yet moved into place
+        for tmp in self.manifests_dir.glob(".*.tmp"):
+            tmp.unlink()
+        self._used = self._compute_used()
+
+    def _compute_used(self) -> int:
+        chunks = self._db.execute(
+            "SELECT COALESCE(SUM(sealed_size), 0) FROM chunks WHERE has_file=1").fetchone()[0]
+        manifests = self._db.execute(
+            "SELECT COALESCE(SUM(manifest_bytes), 0) FROM objects WHERE state='queued'"
+        ).fetchone()[0]
+        return int(chunks) + int(manifests)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- paths ----------------------------------------------------------------------------
+
+    def chunk_path(self, chunk_id: str) -> Path:
+        return self.chunks_dir / chunk_id[:2] / chunk_id
+
+    def manifest_path(self, object_id: str) -> Path:
+        return self.manifests_dir / object_id
+
+    def staging_path(self, object_id: str) -> Path:
+        return self.staging_dir / object_id
+
+    # ---- quota ----------------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def reserve(self, nbytes: int, priority: str, max_chunk: int) -> tuple[int, list[Eviction]]:
+        """Reserve room for an object of `nbytes`; evict per class policy or refuse.
+
+        Returns the reserved amount (release it with `release`) and what was evicted.
+        """
+        cls = self._class(priority)
+        need = nbytes + (nbytes // max(1, max_chunk) + 2) * _PER_CHUNK_OVERHEAD + 4096
+        with self._lock:
+            evicted: list[Eviction] = []
+            if self.quota_bytes is not None:
+                while self._used + self._reserved + need > self.quota_bytes:
+                    victim = self._eviction_candidate(cls)
+                    if victim is None:
+                        raise QuotaExceededError(
+                            f"state_dir quota of {self.quota_bytes} bytes is full "
+                            f"({self._used} used, {self._reserved} reserved, {need} needed) and "
+                            f"class {priority!r} (policy {cls.policy}) may not evict anything; "
+                            "data stays at its source until the queue drains"
+                        )
+                    evicted.append(self._evict(victim, "quota"))
+            self._reserved += need
+            return need, evicted
+
+    def release(self, reserved: int) -> None:
+        with self._lock:
+            self._reserved -= reserved
+
+    def _class(self, name: str) -> ClassSettings:
+        try:
+            return self.classes[name]
+        except KeyError:
+            raise StoreError(
+                f"unknown priority class {name!r}; configured: {', '.join(self.classes)}"
+            ) from None
+
+    def _eviction_candidate(self, incoming: ClassSettings) -> tuple[str, str] | None:
+        same_ok = incoming.policy == "evict-oldest"
+        evictable = [c for c in self.classes.values() if c.policy == "evict-oldest" and (
+            c.rank > incoming.rank or (c.rank == incoming.rank and same_ok))]
+        for c in sorted(evictable, key=lambda c: -c.rank):
+            row = self._db.execute(
+                "SELECT id FROM objects WHERE state='queued' AND class=? ORDER BY created LIMIT 1",
+                (c.name,),
+            ).fetchone()
+            if row is not None:
+                return row[0], c.name
+        return None
+
+    def _evict(self, victim: tuple[str, str], reason: str) -> Eviction:
+        object_id, cls = victim
+        with self._txn() as db:
+            size = db.execute("SELECT size FROM objects WHERE id=?", (object_id,)).fetchone()[0]
+            db.execute("UPDATE objects SET state=?, finished=? WHERE id=?",
+                       ("evicted" if reason == "quota" else "expired", time.time(), object_id))
+            freed_files = self._drop_unneeded_chunks(db, object_id, drop_unsent=True)
+        self._remove_object_files(object_id, freed_files)
+        return Eviction(object_id, cls, int(size), reason)
+
+    def expire(self, now: float) -> list[Eviction]:
+        """Drop queued objects older than their class TTL."""
+        out: list[Eviction] = []
+        for c in self.classes.values():
+            if c.ttl_s is None:
+                continue
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id FROM objects WHERE state='queued' AND class=? AND created<?",
+                    (c.name, now - c.ttl_s),
+                ).fetchall()
+                out.extend(self._evict((r[0], c.name), "ttl") for r in rows)
+        return out
+
+    # ---- ingest ---------------------------------------------------------------------------
+
+    def chunk_known(self, chunk_id: str) -> bool:
+        """True when this chunk is already queued or already in the cloud (dedup)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM chunks WHERE id=?", (chunk_id,)).fetchone()
+        return row is not None and row[0] != "corrupt"
+
+    def accepted_source_key(self, source_key: str) -> str | None:
+        """Object id already accepted for this source item (so a re-scan does not duplicate)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM objects WHERE source_key=? AND state IN ('queued','committed')",
+                (source_key,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def commit_object(self, staged: StagedObject) -> None:
+        """Make a staged object part of the queue: the moment its data counts as accepted."""
+        cls = self._class(staged.priority)
+        stage = self.staging_path(staged.object_id)
+        fsync_dir(stage)
+        # The lock spans commit and promotion so the uplink never sees a row without its file.
+        with self._lock:
+            self._insert_object(staged, cls)
+            self._used += staged.manifest_bytes + sum(
+                c.sealed_size for c in staged.new_chunks.values())
+            self._promote(stage)
+
+    def _insert_object(self, staged: StagedObject, cls: ClassSettings) -> None:
+        with self._txn() as db:
+            for cid, ch in staged.new_chunks.items():
+                db.execute(
+                    "INSERT INTO chunks (id, state, sealed_size, plain_size, sealed_hash, "
+                    "has_file) VALUES (?, 'sealed', ?, ?, ?, 1) ON CONFLICT(id) DO UPDATE SET "
+                    "state=CASE WHEN chunks.state='corrupt' THEN 'sealed' ELSE chunks.state END, "
+                    "sealed_size=excluded.sealed_size, sealed_hash=excluded.sealed_hash, "
+                    "has_file=1",
+                    (cid, ch.sealed_size, ch.plain_size, ch.sealed_hash),
+                )
+            distinct = set(staged.chunk_ids)
+            missing = [c for c in distinct if c not in staged.new_chunks and db.execute(
+                "SELECT 1 FROM chunks WHERE id=? AND state!='corrupt'", (c,)).fetchone() is None]
+            if missing:
+                raise StoreError(
+                    f"chunk {missing[0]} vanished from the store during ingest (evicted); "
+                    "the object stays at its source and will be ingested again"
+                )
+            left = sum(
+                1 for c in distinct
+                if db.execute("SELECT state FROM chunks WHERE id=?", (c,)).fetchone()[0]
+                != "uploaded"
+            )
+            db.execute(
+                "INSERT INTO objects (id, source, source_key, class, rank, size, manifest_bytes,"
+                " created, state, chunks_left) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                (staged.object_id, staged.source, staged.source_key, cls.name, cls.rank,
+                 staged.size, staged.manifest_bytes, time.time(), left),
+            )
+            db.executemany(
+                "INSERT INTO object_chunks (object_id, seq, chunk_id) VALUES (?, ?, ?)",
+                [(staged.object_id, i, c) for i, c in enumerate(staged.chunk_ids)],
+            )
+
+    def _promote(self, stage: Path) -> None:
+        """Move a committed object's staged files into place (idempotent: safe to redo)."""
+        touched: set[Path] = set()
+        for f in stage.iterdir():
+            if f.name == "manifest":
+                dest = self.manifest_path(stage.name)
+            elif f.name.startswith("."):
+                f.unlink()
+                continue
+            else:
+                dest = self.chunk_path(f.name)
+                dest.parent.mkdir(exist_ok=True)
+            os.replace(f, dest)
+            touched.add(dest.parent)
+        for d in touched:
+            fsync_dir(d)
+        stage.rmdir()
+        fsync_dir(self.staging_dir)
+
+    def abandon(self, object_id: str) -> None:
+        """Throw away a staged ingest that will not be committed."""
+        shutil.rmtree(self.staging_path(object_id), ignore_errors=True)
+
+    # ---- uplink ---------------------------------------------------------------------------
+
+    def next_work(self, now: float, aging_s: float) -> Work | None:
+        """Claim the most urgent unit of work: a ready manifest first, then a chunk."""
+        with self._lock:
+            return self._next_manifest() or self._next_chunk(now, aging_s)
+
+    def _next_manifest(self) -> ManifestWork | None:
+        inflight = tuple(self._manifests_inflight)
+        marks = ",".join("?" * len(inflight))
+        exclude = f"AND id NOT IN ({marks})" if inflight else ""
+        row = self._db.execute(
+            f"SELECT id, created, class FROM objects WHERE state='queued' AND chunks_left=0 "
+            f"{exclude} ORDER BY rank, created LIMIT 1",
+            inflight,
+        ).fetchone()
+        if row is None:
+            return None
+        self._manifests_inflight.add(row[0])
+        return ManifestWork(row[0], self.manifest_path(row[0]), row[1], row[2])
+
+    def _next_chunk(self, now: float, aging_s: float) -> ChunkWork | None:
+        best: tuple[float, float, ChunkWork] | None = None
+        ranks = [r[0] for r in self._db.execute(
+            "SELECT DISTINCT rank FROM objects WHERE state='queued' AND chunks_left>0")]
+        for rank in ranks:
+            # Objects whose remaining chunks are all in flight are skipped; there are at
+            # most as many of those as there are streams, so this scan stays short.
+            for oid, created, cls in self._db.execute(
+                "SELECT id, created, class FROM objects WHERE state='queued' AND rank=? "
+                "AND chunks_left>0 ORDER BY created LIMIT 256", (rank,),
+            ).fetchall():
+                row = self._db.execute(
+                    "SELECT c.id, c.sealed_size, c.sealed_hash FROM object_chunks oc "
+                    "JOIN chunks c ON c.id=oc.chunk_id WHERE oc.object_id=? AND "
+                    "c.state='sealed' ORDER BY oc.seq LIMIT 1", (oid,),
+                ).fetchone()
+                if row is None:
+                    continue
+                effective = rank - max(0.0, now - created) / aging_s
+                work = ChunkWork(row[0], self.chunk_path(row[0]), row[1], row[2], oid, cls)
+                if best is None or (effective, created) < (best[0], best[1]):
+                    best = (effective, created, work)
+                break
+        if best is None:
+            return None
+        with self._txn() as db:
+            db.execute("UPDATE chunks SET state='uploading', attempts=attempts+1 WHERE id=?",
+                       (best[2].chunk_id,))
+        return best[2]
+
+    def release_chunk(self, chunk_id: str) -> None:
+        """An upload did not finish (cut, cancelled, failed): the chunk goes back in line."""
+        with self._txn() as db:
+            db.execute("UPDATE chunks SET state='sealed' WHERE id=? AND state='uploading'",
+                       (chunk_id,))
+
+    def release_manifest(self, object_id: str) -> None:
+        with self._lock:
+            self._manifests_inflight.discard(object_id)
+
+    def mark_chunk_uploaded(self, chunk_id: str) -> None:
+        with self._txn() as db:
+            cur = db.execute(
+                "UPDATE chunks SET state='uploaded' WHERE id=? AND state!='uploaded'", (chunk_id,))
+            if cur.rowcount:
+                db.execute(
+                    "UPDATE objects SET chunks_left=chunks_left-1 WHERE state='queued' AND id IN "
+                    "(SELECT DISTINCT object_id FROM object_chunks WHERE chunk_id=?)", (chunk_id,))
+
+    def mark_chunk_corrupt(self, chunk_id: str) -> list[str]:
+        """Quarantine a damaged chunk file; the objects that need it become `damaged`."""
+        with self._txn() as db:
+            db.execute("UPDATE chunks SET state='corrupt' WHERE id=?", (chunk_id,))
+            objs = [r[0] for r in db.execute(
+                "SELECT DISTINCT o.id FROM object_chunks oc JOIN objects o ON o.id=oc.object_id "
+                "WHERE oc.chunk_id=? AND o.state='queued'", (chunk_id,))]
+            db.executemany("UPDATE objects SET state='damaged', finished=? WHERE id=?",
+                           [(time.time(), o) for o in objs])
+        return objs
+
+    def mark_committed(self, object_id: str) -> None:
+        """The cloud acknowledged the manifest: only now may the local copies go."""
+        with self._txn() as db:
+            db.execute("UPDATE objects SET state='committed', finished=? WHERE id=?",
+                       (time.time(), object_id))
+            freed = self._drop_unneeded_chunks(db, object_id, drop_unsent=False)
+            self._manifests_inflight.discard(object_id)
+        self._remove_object_files(object_id, freed)
+
+    def _drop_unneeded_chunks(self, db: sqlite3.Connection, object_id: str, *,
+                              drop_unsent: bool) -> list[str]:
+        """Chunks of `object_id` no queued object still needs; returns ids whose file can go."""
+        freed: list[str] = []
+        rows = db.execute(
+            "SELECT DISTINCT c.id, c.state, c.sealed_size, c.has_file FROM object_chunks oc "
+            "JOIN chunks c ON c.id=oc.chunk_id WHERE oc.object_id=?", (object_id,)).fetchall()
+        for cid, state, size, has_file in rows:
+            still_needed = db.execute(
+                "SELECT 1 FROM object_chunks oc JOIN objects o ON o.id=oc.object_id "
+                "WHERE oc.chunk_id=? AND o.state='queued' LIMIT 1", (cid,)).fetchone()
+            if still_needed or not has_file:
+                continue
+            if state == "uploaded":
+                db.execute("UPDATE chunks SET has_file=0 WHERE id=?", (cid,))
+            elif drop_unsent:
+                db.execute("DELETE FROM chunks WHERE id=?", (cid,))
+            else:
+                continue
+            self._used -= size
+            freed.append(cid)
+        row = db.execute("SELECT manifest_bytes FROM objects WHERE id=?", (object_id,)).fetchone()
+        self._used -= int(row[0])
+        return freed
+
+    def _remove_object_files(self, object_id: str, chunk_ids: list[str]) -> None:
+        self.manifest_path(object_id).unlink(missing_ok=True)
+        for cid in chunk_ids:
+            self.chunk_path(cid).unlink(missing_ok=True)
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def summary(self, now: float) -> dict[str, ClassSummary]:
+        """Objects and bytes per class and state, and the age of the oldest queued object."""
+        out: dict[str, ClassSummary] = {name: ClassSummary() for name in self.classes}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT class, state, COUNT(*), COALESCE(SUM(size), 0) FROM objects "
+                "GROUP BY class, state").fetchall()
+            oldest = self._db.execute(
+                "SELECT class, MIN(created) FROM objects WHERE state='queued' GROUP BY class"
+            ).fetchall()
+        for cls, state, n, size in rows:
+            s = out.setdefault(cls, ClassSummary())
+            s.items[state] = int(n)
+            s.bytes[state] = int(size)
+        for cls, created in oldest:
+            out.setdefault(cls, ClassSummary()).oldest_queued_age_s = max(0.0, now - created)
+        return out
+
+    def chunk_counts(self) -> dict[str, tuple[int, int]]:
+        """Chunk count and sealed bytes per chunk state."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*), COALESCE(SUM(sealed_size), 0) FROM chunks "
+                "GROUP BY state").fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def pending_objects(self) -> int:
+        with self._lock:
+            return int(self._db.execute(
+                "SELECT COUNT(*) FROM objects WHERE state='queued'").fetchone()[0])
