@@ -74,6 +74,8 @@ _MISSING = object()
 
 def _short(value: object) -> str:
     """repr() cut to a length that keeps a problem on one readable line."""
+    if value is _MISSING:
+        return "nothing"
     # TOML date-times read better the way they were written than as datetime.datetime(...).
     text = value.isoformat() if isinstance(value, date | time) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -247,7 +249,7 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
     keys = _keys(root.table("keys", ("recipient_public", "signing_key", "dedup_key")), base)
     store = _store(root.table("store", ("quota",)))
     classes = _classes(root)
-    class_names = tuple(c.name for c in classes)
+    class_names = _class_names(root)
     chunking = _chunking(root.table("chunking", ("min_size", "avg_size", "max_size")))
     compression = _compression(root.table("compression", ("level", "sample_size", "min_ratio")))
     spools = _spools(root, base, class_names)
@@ -410,16 +412,20 @@ def _class(table: _Table, name: str) -> ClassSettings | None:
         )
     t.require("rank", "rank = 0 (lower is served first)")
     rank = t.integer("rank", -1)  # -1 when missing or invalid: already reported
-    t.ensure(
-        "rank",
-        rank >= 0 or not isinstance(t.raw("rank"), int),
-        "must not be negative",
-        "use 0 for the most urgent class",
-    )
+    if type(t.raw("rank")) is int:
+        t.ensure("rank", rank >= 0, "must not be negative", "use 0 for the most urgent class")
     policy = t.choice("policy", ("refuse", "evict-oldest"), "evict-oldest")
     ttl = t.duration("ttl", None)
     t.positive("ttl", ttl, 'give a duration such as "7d", or remove ttl to keep data forever')
     return ClassSettings(name=name, rank=rank, policy=cast(QuotaPolicy, policy), ttl_s=ttl)
+
+
+def _class_names(root: _Table) -> tuple[str, ...]:
+    """Class names as written, valid or not, so a broken class is reported once, not at each use."""
+    if not root.has("classes"):
+        return tuple(c.name for c in DEFAULT_CLASSES)
+    written = root.raw("classes")
+    return tuple(written) if isinstance(written, dict) else ()
 
 
 def _reject_duplicate_ranks(table: _Table, classes: list[ClassSettings]) -> None:
@@ -441,9 +447,11 @@ def _check_priority(t: _Table, default: str, class_names: tuple[str, ...]) -> st
     priority = t.string("priority", None)
     if priority is None and t.has("priority"):
         return default  # not a string: already reported
+    if not class_names:
+        return priority or default  # a [classes] without classes is reported on its own
     if priority in class_names or (priority is None and default in class_names):
         return priority or default
-    fix = f"use one of {', '.join(class_names) or '(no classes configured)'}"
+    fix = f"use one of {', '.join(class_names)}"
     if t.has("priority"):
         t.report("priority", "names no configured class", fix)
     else:
@@ -657,7 +665,7 @@ def _windows(t: _Table) -> WindowSettings:
     if mode == "always" and has_windows:
         t.report(
             "mode",
-            "is always open, so intervals, daily and cycle would be ignored",
+            'is "always" (the default), so intervals, daily and cycle would be ignored',
             'set mode = "schedule" to use them, or remove them',
         )
     return WindowSettings(
