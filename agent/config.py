@@ -255,9 +255,11 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
     spools = _spools(root, base, class_names)
     put = _put(root.table("put", ("socket", "priority")), base, site.state_dir, class_names)
     backend = _backend(root.table("backend", ("url",)))
-    uplink = _uplink(root.table("uplink", ("streams", "aging", "retry_initial", "retry_max")))
+    uplink = _uplink(
+        root.table("uplink", ("streams", "aging", "retry_initial", "retry_max", "rate"))
+    )
     windows = _windows(root.table("windows", ("mode", "intervals", "daily", "cycle")))
-    telemetry = _telemetry(root.table("telemetry", ("log_level", "log_format")))
+    telemetry = _telemetry(root.table("telemetry", ("log_level", "log_format", "metrics_listen")))
     if problems:
         raise ConfigError(problems, str(path))
     return Settings(
@@ -637,7 +639,11 @@ def _uplink(t: _Table) -> UplinkSettings:
         f"must not be shorter than retry_initial ({units.format_duration(initial)})",
         "raise retry_max or lower retry_initial",
     )
-    return UplinkSettings(streams=streams, aging_s=aging, retry_initial_s=initial, retry_max_s=most)
+    rate = t.rate("rate", None)
+    t.positive("rate", rate, 'give a rate such as "15Mbit/s", or leave it out for no cap')
+    return UplinkSettings(
+        streams=streams, aging_s=aging, retry_initial_s=initial, retry_max_s=most, rate_bps=rate
+    )
 
 
 def _windows(t: _Table) -> WindowSettings:
@@ -759,4 +765,18 @@ def _cycle(t: _Table) -> CycleWindow | None:
 def _telemetry(t: _Table) -> TelemetrySettings:
     level = t.choice("log_level", ("debug", "info", "warning", "error"), "info")
     fmt = t.choice("log_format", ("auto", "json", "text"), "auto")
-    return TelemetrySettings(log_level=level, log_format=cast(LogFormat, fmt))
+    listen = _listen_address(t, "metrics_listen")
+    return TelemetrySettings(
+        log_level=level, log_format=cast(LogFormat, fmt), metrics_listen=listen
+    )
+
+
+def _listen_address(t: _Table, name: str) -> tuple[str, int] | None:
+    text = t.string(name, None)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        t.report(name, "must be HOST:PORT", 'write e.g. "127.0.0.1:9464"')
+        return None
+    return host.strip("[]"), int(port)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from prometheus_client import start_http_server
+
 from agent.backends import open_backend
 from agent.crypto import load_edge_keys
 from agent.errors import QuotaExceededError
@@ -92,7 +94,13 @@ class Daemon:
                 was_open = is_open
             await asyncio.sleep(0.2)
 
+    def _serve_metrics(self) -> None:
+        listen = self.settings.telemetry.metrics_listen
+        if listen is not None:
+            start_http_server(listen[1], addr=listen[0], registry=self.metrics.registry)
+
     async def run(self, stop: asyncio.Event) -> None:
+        self._serve_metrics()
         log_event(log, logging.INFO, "started", "skyferry started", site=self.settings.site.id,
                   pending=self.store.pending_objects())
         try:

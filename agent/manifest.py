@@ -6,7 +6,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,7 +98,7 @@ class Manifest:
 def _only(data: Any, cls: type) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TypeError(f"expected an object for {cls.__name__}")
-    names = set(cls.__dataclass_fields__)
+    names = {f.name for f in fields(cls)}
     return {k: v for k, v in data.items() if k in names}
 
 

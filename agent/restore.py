@@ -188,7 +188,7 @@ class Restorer:
             raise RestoreError(f"chunk {ref.id} (#{index}) does not match the manifest")
         return data
 
-    async def stream_object(self, m: Manifest, sink: Callable[[bytes], None],
+    async def stream_object(self, m: Manifest, sink: Callable[[bytes], object],
                             progress: Progress | None = None) -> None:
         """Fetch chunks in parallel, hand them to `sink` in order, check the whole hash."""
         whole = blake3.blake3()

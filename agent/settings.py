@@ -92,6 +92,7 @@ class UplinkSettings:
     aging_s: float = 6 * 3600.0  # a waiting object climbs one class per aging period
     retry_initial_s: float = 1.0
     retry_max_s: float = 60.0
+    rate_bps: float | None = None  # cap shared by all streams; a window's own rate may be lower
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class WindowSettings:
 class TelemetrySettings:
     log_level: str = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint
 
 
 @dataclass(frozen=True)

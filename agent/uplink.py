@@ -21,6 +21,7 @@ from agent import layout
 from agent.backends import Backend
 from agent.errors import BackendError, CorruptChunkError, PermanentBackendError
 from agent.gate import Clock, Gate
+from agent.ratelimit import TokenBucket
 from agent.settings import UplinkSettings
 from agent.store import ChunkWork, ManifestWork, Store, Work
 from agent.telemetry.logs import log_event
@@ -66,6 +67,7 @@ class Uplink:
         self.clock = clock
         self._wake = asyncio.Event()
         self.in_flight: set[str] = set()
+        self.limiter = TokenBucket(settings.rate_bps)
 
     def notify(self) -> None:
         """New work was queued: wake idle workers."""
@@ -161,6 +163,7 @@ class Uplink:
         data: bytes = await self.run_blocking(
             read_verified, work.path, work.sealed_size, work.sealed_hash, work.chunk_id)
         key = layout.chunk_key(self.site, work.chunk_id)
+        await self.limiter.acquire(len(data))
         self.in_flight.add(work.chunk_id)
         try:
             written = await self._with_retries(lambda: self.backend.put_if_absent(key, data))

@@ -1,0 +1,25 @@
+"""Shared fixtures: a throw-away site per test, with keys the test generates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sitekit import Site
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Iterator[Callable[..., Site]]:
+    made: list[Site] = []
+
+    def make(**kw: Any) -> Site:
+        site = Site(tmp_path / f"site{len(made)}", **kw)
+        made.append(site)
+        return site
+
+    yield make
+    for s in made:
+        s.close()
