@@ -167,6 +167,9 @@ class _DirectIngest:
         from agent.pipeline import Pipeline
         from agent.store import Store
 
+        # Keys first: a missing or unsafe key must not create or touch the store.
+        keys = load_edge_keys(settings.keys.recipient_public, settings.keys.signing_key,
+                              settings.keys.dedup_key)
         try:
             self.store = Store(settings.site.state_dir, settings.classes,
                                settings.store.quota_bytes)
@@ -174,8 +177,6 @@ class _DirectIngest:
             raise StoreLockedError(
                 f"the daemon holds {settings.site.state_dir} but does not answer on "
                 f"{settings.put.socket}; check `[put] socket` and the daemon's log") from None
-        keys = load_edge_keys(settings.keys.recipient_public, settings.keys.signing_key,
-                              settings.keys.dedup_key)
         self.pipeline = Pipeline(settings.site.id, keys, self.store, settings.chunking,
                                  settings.compression)
 

@@ -1,4 +1,4 @@
-"""Acceptance 1 and 2 of the core issue: files in, byte-identical files out; edits re-send little."""
+"""Core acceptance 1 and 2: files in, byte-identical files out; an edit re-sends little."""
 
 from __future__ import annotations
 
