@@ -119,6 +119,7 @@ class Daemon:
                 for t in tasks:
                     t.cancel()
         finally:
+            await self.uplink.drain_acks()
             self.executor.shutdown(wait=True)
             self.store.close()
             self.settings.put.socket.unlink(missing_ok=True)

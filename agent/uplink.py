@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +68,19 @@ class Uplink:
         self._wake = asyncio.Event()
         self.in_flight: set[str] = set()
         self.limiter = TokenBucket(settings.rate_bps)
+        self._acks: set[asyncio.Task[None]] = set()
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run bookkeeping that must finish even when the worker is cancelled."""
+        task = asyncio.ensure_future(coro)
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+        await asyncio.shield(task)
+
+    async def drain_acks(self) -> None:
+        """At shutdown: let acknowledged uploads reach the index before the store closes."""
+        if self._acks:
+            await asyncio.gather(*self._acks, return_exceptions=True)
 
     def notify(self) -> None:
         """New work was queued: wake idle workers."""
@@ -102,6 +115,9 @@ class Uplink:
         closed = asyncio.create_task(self.gate.wait_closed())
         try:
             done, _ = await asyncio.wait({upload, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            upload.cancel()
+            raise
         finally:
             closed.cancel()
         if upload in done:
@@ -169,18 +185,26 @@ class Uplink:
             written = await self._with_retries(lambda: self.backend.put_if_absent(key, data))
         finally:
             self.in_flight.discard(work.chunk_id)
+        # Shielded: once the cloud has acknowledged, the index and the log must say so even
+        # if shutdown cancels this worker right now.
+        await self._shielded(self._chunk_acknowledged(work, len(data), written))
+
+    async def _chunk_acknowledged(self, work: ChunkWork, nbytes: int, written: bool) -> None:
         await self.run_blocking(self.store.mark_chunk_uploaded, work.chunk_id)
         if written:
-            self.metrics.sent_bytes.labels("chunk").inc(len(data))
+            self.metrics.sent_bytes.labels("chunk").inc(nbytes)
         log_event(log, logging.DEBUG, "chunk_sent", "chunk acknowledged", chunk=work.chunk_id,
-                  object=work.object_id, bytes=len(data), sent=written)
+                  object=work.object_id, bytes=nbytes, sent=written)
 
     async def _send_manifest(self, work: ManifestWork) -> None:
         data: bytes = await self.run_blocking(work.path.read_bytes)
         key = layout.manifest_key(self.site, work.created, work.object_id)
         await self._with_retries(lambda: self.backend.put_if_absent(key, data))
+        await self._shielded(self._manifest_acknowledged(work, len(data)))
+
+    async def _manifest_acknowledged(self, work: ManifestWork, nbytes: int) -> None:
         await self.run_blocking(self.store.mark_committed, work.object_id)
-        self.metrics.sent_bytes.labels("manifest").inc(len(data))
+        self.metrics.sent_bytes.labels("manifest").inc(nbytes)
         self.metrics.committed_objects.labels(work.priority).inc()
         log_event(log, logging.INFO, "object_committed", "object complete in the cloud",
                   object=work.object_id, **{"class": work.priority})
