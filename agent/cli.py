@@ -202,9 +202,10 @@ def status_data(settings: Any, now: float) -> dict[str, Any]:
     try:
         summary = store.summary(now)
         chunks = store.chunk_counts()
+        anchor = float(store.get_meta("cycle_anchor") or now)
     finally:
         store.close()
-    schedule = Schedule(settings.windows, anchor=now)
+    schedule = Schedule(settings.windows, anchor=anchor)
     window = schedule.window_at(now)
     nxt = schedule.next_change(now)
     classes = {

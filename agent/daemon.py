@@ -45,7 +45,10 @@ class Daemon:
                            settings.store.quota_bytes)
         self.pipeline = Pipeline(settings.site.id, self.keys, self.store, settings.chunking,
                                  settings.compression)
-        self.gate = Gate(Schedule(settings.windows, anchor=clock()), clock)
+        anchor = clock()
+        # `skyferry status` needs the anchor to tell where a simulated cycle stands.
+        self.store.set_meta("cycle_anchor", repr(anchor))
+        self.gate = Gate(Schedule(settings.windows, anchor=anchor), clock)
         self.uplink = Uplink(settings.site.id, self.store, self.backend, self.gate,
                              settings.uplink, self.run_blocking, self.metrics, clock)
         self.spools = [SpoolSource(s, self.ingest) for s in settings.spools]

@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS object_chunks (
     PRIMARY KEY (object_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS object_chunks_chunk ON object_chunks(chunk_id);
+CREATE TABLE IF NOT EXISTS pending_deletes (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
 """
 
 
@@ -198,9 +203,28 @@ class Store:
                 shutil.rmtree(staged)  # never committed: the source still holds the data
             else:
                 self._promote(staged)  # committed but not yet moved into place
+        self._finish_pending_deletes()
         for tmp in self.manifests_dir.glob(".*.tmp"):
             tmp.unlink()
         self._used = self._compute_used()
+
+    def _finish_pending_deletes(self) -> None:
+        """Remove local copies a crash left behind after their release was committed."""
+        rows = self._db.execute("SELECT kind, id FROM pending_deletes").fetchall()
+        for kind, item in rows:
+            if kind == "chunk":
+                path = self.chunk_path(item)
+                keep = self._db.execute(  # a later ingest may have brought the chunk back
+                    "SELECT 1 FROM chunks WHERE id=? AND has_file=1", (item,)).fetchone()
+            else:
+                path = self.manifest_path(item)
+                keep = self._db.execute(
+                    "SELECT 1 FROM objects WHERE id=? AND state='queued'", (item,)).fetchone()
+            if keep is None:
+                path.unlink(missing_ok=True)
+        if rows:
+            with self._txn() as db:
+                db.execute("DELETE FROM pending_deletes")
 
     def _compute_used(self) -> int:
         chunks = self._db.execute(
@@ -518,12 +542,30 @@ class Store:
             freed.append(cid)
         row = db.execute("SELECT manifest_bytes FROM objects WHERE id=?", (object_id,)).fetchone()
         self._used -= int(row[0])
+        # Recorded in the same transaction, so a crash before the unlinks cannot strand them.
+        db.executemany("INSERT OR IGNORE INTO pending_deletes (kind, id) VALUES (?, ?)",
+                       [("manifest", object_id), *(("chunk", c) for c in freed)])
         return freed
 
     def _remove_object_files(self, object_id: str, chunk_ids: list[str]) -> None:
         self.manifest_path(object_id).unlink(missing_ok=True)
         for cid in chunk_ids:
             self.chunk_path(cid).unlink(missing_ok=True)
+        with self._txn() as db:
+            db.execute("DELETE FROM pending_deletes WHERE kind='manifest' AND id=?", (object_id,))
+            db.executemany("DELETE FROM pending_deletes WHERE kind='chunk' AND id=?",
+                           [(c,) for c in chunk_ids])
+
+    # ---- small persistent settings -------------------------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._txn() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     # ---- reporting ------------------------------------------------------------------------
 
