@@ -6,6 +6,7 @@ The sealed format is specified in docs/FORMAT.md; keep the two in step.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import struct
@@ -36,6 +37,7 @@ TAG_SIZE = 16
 _HKDF_INFO = b"skyferry/v1/seal"
 _SIGN_CONTEXT = b"skyferry/v1/manifest\x00"
 SIGNATURE_SIZE = 64
+SITE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,11 @@ def parse_header(blob: bytes | memoryview) -> SealedHeader:
 def open_sealed(blob: bytes, recipient: X25519PrivateKey) -> tuple[SealedHeader, bytes]:
     """Decrypt a sealed object; raise CryptoError when it was tampered with or the key is wrong."""
     header = parse_header(blob)
-    key = _derive_key(
-        recipient.exchange(X25519PublicKey.from_public_bytes(header.ephemeral_public)),
-        header.ephemeral_public,
-        _raw_public(recipient.public_key()),
-    )
+    try:
+        shared = recipient.exchange(X25519PublicKey.from_public_bytes(header.ephemeral_public))
+    except ValueError:  # a low-order point (e.g. all zeros): forged, never made by seal()
+        raise CryptoError("sealed object carries an invalid ephemeral key: forged") from None
+    key = _derive_key(shared, header.ephemeral_public, _raw_public(recipient.public_key()))
     try:
         payload = AESGCM(key).decrypt(header.nonce, blob[HEADER_SIZE:], blob[:HEADER_SIZE])
     except InvalidTag:
@@ -189,6 +191,10 @@ class GeneratedKeys:
 
 def generate_keys(out_dir: Path, site: str) -> GeneratedKeys:
     """Create the recipient pair, the site signing key and the dedup key, split edge/cloud."""
+    if not SITE_ID.fullmatch(site):
+        raise KeyFileError(
+            f"site id {site!r} is not valid: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter or digit (it becomes part of cloud object keys)")
     edge, cloud = out_dir / "edge", out_dir / "cloud"
     targets = [
         edge / "recipient.pub", edge / "site.key", edge / "dedup.key",

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -328,6 +328,7 @@ class Site:
         self.log = DaemonLog(work / "daemon.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
+        self.dropped_at: dict[int, float] = {}  # wave -> wall-clock time its files were in
         self._next_print = 0.0
 
     def start(self) -> None:
@@ -406,11 +407,13 @@ def sync(site: Site, files: list[DemoFile], originals: Path) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     try:
         drop_into_spools(wave1, originals, site.spool_root)
+        site.dropped_at[1] = time.time()
         print(f"  daemon pid {site.proc.pid if site.proc else '?'} (log {site.log.path}); "
               f"dropped {len(wave1)} files while the window is open", flush=True)
         if wave2:
             site.watch(lambda s: s.gate is False, deadline)
             drop_into_spools(wave2, originals, site.spool_root)
+            site.dropped_at[2] = time.time()
             print(f"  window closed: dropped {len(wave2)} more files (every alarm, the camera "
                   "frame, a copy of an image already sent); they wait in the store", flush=True)
         site.watch(lambda s: s.spool_files == 0 and s.queued_objects == 0
@@ -465,7 +468,7 @@ class StoreStats:
     plain: int = 0  # plaintext bytes of the distinct chunks
     sealed: int = 0  # sealed (compressed + encrypted) bytes of the distinct chunks
     manifests: int = 0  # sealed manifest bytes
-    ok: bool = field(default=False)
+    ok: bool = False
 
 
 def store_stats(state_dir: Path) -> StoreStats:
@@ -551,6 +554,23 @@ def second_window(log: DaemonLog, files: list[DemoFile]) -> str | None:
     return "; ".join(parts)
 
 
+def ingest_rates(log: DaemonLog, files: list[DemoFile], dropped_at: dict[int, float]) -> str:
+    """Per wave: files and bytes accepted, and how fast, from the drop to the last acceptance."""
+    wave_of = {(f.spool, f.name): f.wave for f in files}
+    accepted: dict[int, list[tuple[float, int]]] = {}
+    for e in log.events:
+        wave = wave_of.get((str(e.get("source")), str(e.get("file"))))
+        if e.get("event") == "file_accepted" and wave is not None:
+            accepted.setdefault(wave, []).append((_when(e), int(e.get("bytes") or 0)))
+    parts = []
+    for wave, got in sorted(accepted.items()):
+        took = max(t for t, _ in got) - dropped_at.get(wave, min(t for t, _ in got))
+        nbytes = sum(n for _, n in got)
+        rate = f"{_size(nbytes / took)}/s, {len(got) / took:.0f} files/s" if took > 0 else "n/a"
+        parts.append(f"wave {wave}: {len(got)} files, {_size(nbytes)} in {took:.1f}s ({rate})")
+    return "; ".join(parts)
+
+
 @dataclass
 class Timings:
     generate: float = 0.0
@@ -559,8 +579,9 @@ class Timings:
     total: float = 0.0
 
 
-def report(files: list[DemoFile], stats: StoreStats, cloud: Path, log: DaemonLog,
-           restore_json: dict[str, Any], problems: list[str], t: Timings) -> str:
+def report(files: list[DemoFile], stats: StoreStats, site: Site, restore_json: dict[str, Any],
+           problems: list[str], t: Timings) -> str:
+    cloud, log = site.cloud, site.log
     bytes_in = sum(f.size for f in files)
     per_spool = {s: sum(1 for f in files if f.spool == s) for s in SPOOLS}
     cloud_files, cloud_bytes = tree_bytes(cloud)
@@ -584,6 +605,7 @@ def report(files: list[DemoFile], stats: StoreStats, cloud: Path, log: DaemonLog
             f"{_size(stats.ref_plain - stats.plain)} saved",
         ]
     lines += [
+        f"ingest           {ingest_rates(log, files, site.dropped_at)}",
         f"bytes sent       {_size(cloud_bytes)} in {cloud_files} cloud objects "
         f"({_pct(bytes_in - cloud_bytes, bytes_in)} less than the input)",
         f"windows used     {log.count('gate_open')} (cycle {CYCLE_OPEN} open, {CYCLE_CLOSED} "
@@ -652,7 +674,6 @@ def run(work: Path, total: int, seed: int) -> tuple[bool, str]:
           flush=True)
     site = Site(work, config)
     sync(site, files, originals)
-    log = site.log
     t2 = time.monotonic()
 
     print("4/4 restoring with `skyferry restore` and comparing", flush=True)
@@ -674,7 +695,7 @@ def run(work: Path, total: int, seed: int) -> tuple[bool, str]:
 
     stats = store_stats(work / "state")
     timings = Timings(t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t0)
-    return not problems, report(files, stats, cloud, log, restore_json, problems, timings)
+    return not problems, report(files, stats, site, restore_json, problems, timings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         passed, text = run(work, args.files, args.seed)
     except DemoError as e:
-        print(f"\nFAIL: {e}\n(work folder kept for inspection: {work})", file=sys.stderr)
+        kept = f"\n(work folder kept for inspection: {work})" if (work / MARKER).exists() else ""
+        print(f"\nFAIL: {e}{kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -702,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     if passed and not args.keep:
         with contextlib.suppress(OSError):
             shutil.rmtree(work)
+        print(f"(removed {work}; run with --keep to look around in it)")
     else:
         print(f"work folder kept: {work}")
     return 0 if passed else 1

@@ -8,9 +8,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
 from typing import Any
 
-from agent.errors import FormatError
+from agent.errors import FormatError, UnsafePathError
 
 MANIFEST_VERSION = 1
 
@@ -71,6 +72,13 @@ class Manifest:
                 f"manifest version {data.get('version')!r} is not supported "
                 f"(this skyferry reads {MANIFEST_VERSION})"
             )
+        _check_types(data, _FIELD_TYPES, "manifest")
+        if not isinstance(data.get("chunks"), list):
+            raise FormatError("manifest field 'chunks' must be a list")
+        for c in data["chunks"]:
+            if not isinstance(c, dict):
+                raise FormatError("manifest chunk entries must be objects")
+            _check_types(c, _CHUNK_TYPES, "chunk")
         try:
             chunks = tuple(ChunkRef(**_only(c, ChunkRef)) for c in data.pop("chunks"))
             m = cls(chunks=chunks, **_only(data, cls))
@@ -93,6 +101,34 @@ class Manifest:
             raise FormatError(
                 f"manifest {self.object_id}: chunks cover {pos} bytes but size is {self.size}"
             )
+
+
+def check_name(name: str) -> PurePosixPath:
+    """A relative POSIX name that stays below any folder it is joined to, or UnsafePathError."""
+    p = PurePosixPath(name)
+    if (not name or "\x00" in name or name.startswith("/")
+            or any(part in ("..", ".", "") for part in name.split("/"))):
+        raise UnsafePathError(
+            f"unsafe path {name!r}: names must be relative, without '.', '..' or empty parts")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"name {name!r} is not valid UTF-8") from None
+    return p
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "object_id": str, "site": str, "source": str, "kind": str, "name": str, "size": int,
+    "mtime_ns": int, "hash": str, "priority": str, "created": str, "meta": dict, "version": int,
+}
+_CHUNK_TYPES: dict[str, type] = {"id": str, "offset": int, "length": int, "hash": str}
+
+
+def _check_types(data: dict[str, Any], types: dict[str, Any], what: str) -> None:
+    for name, typ in types.items():
+        if name in data and (not isinstance(data[name], typ) or isinstance(data[name], bool)):
+            raise FormatError(f"{what} field {name!r} has the wrong type "
+                              f"({type(data[name]).__name__})")
 
 
 def _only(data: Any, cls: type) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from pyfastcdc import FastCDC
 
 from agent import crypto
 from agent.crypto import EdgeKeys
-from agent.errors import SourceError
+from agent.errors import FormatError, SourceError, UnsafePathError
 from agent.fsio import write_durable
-from agent.manifest import ChunkRef, Manifest, now_iso, uuid7
+from agent.manifest import ChunkRef, Manifest, check_name, now_iso, uuid7
 from agent.settings import ChunkingSettings, CompressionSettings
 from agent.store import Eviction, StagedChunk, StagedObject, Store
 
@@ -76,9 +76,23 @@ class Compressor:
 
 
 def decompress(compression: int, payload: bytes, plaintext_len: int) -> bytes:
+    """Undo `Compressor.compress`; the caller bounds `plaintext_len` before calling."""
     if compression == crypto.COMPRESSION_NONE:
+        if len(payload) != plaintext_len:
+            raise FormatError(f"payload is {len(payload)} bytes, header says {plaintext_len}")
         return payload
-    return zstandard.ZstdDecompressor().decompress(payload, max_output_size=plaintext_len)
+    try:
+        # The frame's own size field must agree with the authenticated header: zstandard
+        # trusts that field over max_output_size, so checking it first bounds memory.
+        declared = zstandard.frame_content_size(payload)
+        if declared != plaintext_len:
+            raise FormatError(f"zstd frame declares {declared} bytes, header says {plaintext_len}")
+        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=plaintext_len)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"compressed payload is damaged: {e}") from None
+    if len(data) != plaintext_len:
+        raise FormatError(f"payload decompressed to {len(data)} bytes, header says {plaintext_len}")
+    return data
 
 
 def _read_all(f: BinaryIO) -> bytes:
@@ -150,6 +164,11 @@ class Pipeline:
 
     def ingest_file(self, req: IngestRequest) -> IngestResult:
         """Seal one file into the store. Returns only after it is durable (accepted)."""
+        try:
+            check_name(req.name)
+        except UnsafePathError as e:
+            raise SourceError(f"{req.path}: {e}; such a name could never be restored — "
+                              "rename the file") from None
         try:
             st = os.stat(req.path, follow_symlinks=False)
         except FileNotFoundError:

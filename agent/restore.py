@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
@@ -27,11 +27,12 @@ from agent.errors import (
     RestoreError,
     UnsafePathError,
 )
-from agent.manifest import Manifest
+from agent.manifest import Manifest, check_name
 from agent.pipeline import decompress
 from agent.units import format_size
 
 SiteKeys = Callable[[str], Ed25519PublicKey]
+MAX_MANIFEST_BYTES = 256 << 20  # ~2 million chunk entries; anything larger is forged
 
 
 @dataclass
@@ -69,12 +70,10 @@ def site_key_loader(key_dir: Path) -> SiteKeys:
 
 def safe_relative(name: str) -> PurePosixPath:
     """Refuse names that could escape the restore target."""
-    p = PurePosixPath(name)
-    if (not name or "\x00" in name or p.is_absolute() or name.startswith("/")
-            or any(part in ("..", ".", "") for part in name.split("/"))):
-        raise UnsafePathError(f"unsafe path {name!r} in manifest: restore only writes below "
-                              "its target folder")
-    return p
+    try:
+        return check_name(name)
+    except UnsafePathError as e:
+        raise UnsafePathError(f"{e} (in manifest): restore only writes below its target") from None
 
 
 def _safe_component(value: str, what: str) -> str:
@@ -135,7 +134,8 @@ class Restorer:
         """Fetch, decrypt and verify every manifest of a site; problems go in the report."""
         keys = [i.key async for i in self.backend.list(layout.manifests_prefix(site))]
         if since is not None:
-            keys = [k for k in keys if _key_day(k) >= since.strftime("%Y/%m/%d")]
+            day = since.astimezone(UTC).strftime("%Y/%m/%d")
+            keys = [k for k in keys if _key_day(k) >= day]
         out: list[Manifest] = []
 
         async def one(key: str) -> None:
@@ -156,6 +156,8 @@ class Restorer:
         header, payload = await asyncio.to_thread(crypto.open_sealed, blob, self.recipient)
         if header.kind != crypto.KIND_MANIFEST:
             raise FormatError(f"{key} holds a chunk, not a manifest")
+        if header.plaintext_len > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{key} claims a {header.plaintext_len}-byte manifest: forged")
         signed = decompress(header.compression, payload, header.plaintext_len)
         site = layout.site_of(key)
         body = crypto.verify_manifest(signed, self.site_keys(site))
@@ -180,12 +182,15 @@ class Restorer:
         ref = m.chunks[index]
         try:
             header, payload = crypto.open_sealed(blob, self.recipient)
+            # Check the authenticated header before decompressing, so a forged frame cannot
+            # make us allocate more than the manifest says the chunk holds.
+            if header.kind != crypto.KIND_CHUNK or header.plaintext_len != ref.length:
+                raise FormatError("header does not match the manifest's kind and length")
+            data = decompress(header.compression, payload, header.plaintext_len)
         except (CryptoError, FormatError) as e:
             raise RestoreError(f"chunk {ref.id} (#{index}): {e}") from None
-        data = decompress(header.compression, payload, header.plaintext_len)
-        if header.kind != crypto.KIND_CHUNK or len(data) != ref.length or (
-                crypto.content_hash(data) != ref.hash):
-            raise RestoreError(f"chunk {ref.id} (#{index}) does not match the manifest")
+        if crypto.content_hash(data) != ref.hash:
+            raise RestoreError(f"chunk {ref.id} (#{index}) does not match the manifest's hash")
         return data
 
     async def stream_object(self, m: Manifest, sink: Callable[[bytes], object],

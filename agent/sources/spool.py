@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import QuotaExceededError, SkyferryError
+from agent.errors import QuotaExceededError, SkyferryError, SourceError
 from agent.pipeline import IngestRequest
 from agent.settings import SpoolSettings
 from agent.sources import Ingest
@@ -60,6 +60,9 @@ class SpoolSource:
         self.ingest = ingest
         self._stable_since: dict[str, tuple[int, int, float]] = {}
         self._refused_logged: set[str] = set()
+        # Files that failed for a reason retrying cannot fix (bad name, not a regular file):
+        # skipped until they change, so the log is not flooded every scan.
+        self._failed: dict[str, tuple[int, int]] = {}
         self.accepted = 0
 
     @property
@@ -85,6 +88,8 @@ class SpoolSource:
         for c in candidates:
             if now - seen[c.name][2] < self.settings.settle_s:
                 continue
+            if self._failed.get(c.name) == (c.size, c.mtime_ns):
+                continue
             if not await self._ingest_one(c):
                 break  # quota full: stop this pass; the next one retries
 
@@ -99,11 +104,18 @@ class SpoolSource:
                           f"spool {self.settings.name}: {c.name} stays in place: {e}",
                           source=self.settings.name, file=c.name)
             return False
-        except SkyferryError as e:
+        except SourceError as e:
+            self._failed[c.name] = (c.size, c.mtime_ns)
+            log_event(log, logging.WARNING, "ingest_failed",
+                      f"{e} (skipped until the file changes)", source=self.settings.name,
+                      file=c.name)
+            return True
+        except SkyferryError as e:  # e.g. the store: worth retrying on the next scan
             log_event(log, logging.WARNING, "ingest_failed", str(e), source=self.settings.name,
                       file=c.name)
             return True
         self._refused_logged.discard(c.name)
+        self._failed.pop(c.name, None)
         await asyncio.to_thread(self._dispose, c)
         self._stable_since.pop(c.name, None)
         self.accepted += 1
