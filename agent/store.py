@@ -153,7 +153,8 @@ class Store:
             index = state_dir / "index.sqlite"
             if not index.exists():
                 raise StoreError(f"no skyferry store at {state_dir} (missing {index})")
-            self._db = sqlite3.connect(f"file:{index}?mode=ro", uri=True,
+            # as_uri() percent-encodes '#', '?' and '%' that would otherwise end the path
+            self._db = sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True,
                                        check_same_thread=False, isolation_level=None)
             return
         for d in (state_dir, self.chunks_dir, self.manifests_dir, self.staging_dir):
