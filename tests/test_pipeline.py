@@ -1,0 +1,289 @@
+"""agent.pipeline: chunking, compression, sealing and signing, with a real store and real keys."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pyfastcdc import FastCDC
+
+from agent import crypto
+from agent.config import DEFAULT_CLASSES
+from agent.errors import SourceError
+from agent.manifest import ChunkRef, Manifest
+from agent.pipeline import Compressor, IngestRequest, IngestResult, Pipeline, decompress
+from agent.settings import ChunkingSettings, CompressionSettings
+from agent.store import ManifestWork, Store
+
+SITE = "pipe-site"
+# Small chunks keep the files small; the buffer the pipeline cuts over is 2 * max_size.
+CHUNKING = ChunkingSettings(min_size=4 << 10, avg_size=16 << 10, max_size=64 << 10)
+SEAL_OVERHEAD = crypto.HEADER_SIZE + crypto.TAG_SIZE
+
+
+@dataclass(frozen=True)
+class Keys:
+    edge: crypto.EdgeKeys
+    recipient: X25519PrivateKey
+    verify: Ed25519PublicKey
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    gen = crypto.generate_keys(tmp_path_factory.mktemp("keys"), SITE)
+    edge = crypto.load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                                 gen.edge_dir / "dedup.key")
+    return Keys(edge, crypto.load_recipient_private(gen.cloud_dir / "recipient.key"),
+                crypto.load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub"))
+
+
+@dataclass
+class Env:
+    store: Store
+    pipeline: Pipeline
+    keys: Keys
+    src: Path
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.src / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def ingest(self, name: str, data: bytes | None = None, priority: str = "normal",
+               **meta: str) -> IngestResult:
+        path = self.write(name, data) if data is not None else self.src / name
+        return self.pipeline.ingest_file(IngestRequest(path, "files", name, priority, meta))
+
+    def manifest(self, object_id: str) -> Manifest:
+        """Open, verify and parse a queued manifest the way restore does."""
+        blob = self.store.manifest_path(object_id).read_bytes()
+        header, payload = crypto.open_sealed(blob, self.keys.recipient)
+        assert header.kind == crypto.KIND_MANIFEST
+        signed = decompress(header.compression, payload, header.plaintext_len)
+        assert len(signed) == header.plaintext_len
+        return Manifest.from_json(crypto.verify_manifest(signed, self.keys.verify))
+
+    def chunk(self, ref: ChunkRef) -> bytes:
+        blob = self.store.chunk_path(ref.id).read_bytes()
+        header, payload = crypto.open_sealed(blob, self.keys.recipient)
+        assert header.kind == crypto.KIND_CHUNK
+        data = decompress(header.compression, payload, header.plaintext_len)
+        assert len(data) == header.plaintext_len == ref.length
+        assert crypto.content_hash(data) == ref.hash
+        assert crypto.chunk_id(self.keys.edge.dedup_key, data) == ref.id
+        return data
+
+    def restore(self, object_id: str) -> bytes:
+        m = self.manifest(object_id)
+        data = b"".join(self.chunk(ref) for ref in m.chunks)
+        assert blake3.blake3(data).hexdigest() == m.hash
+        return data
+
+
+@pytest.fixture
+def env(tmp_path: Path, keys: Keys) -> Iterator[Env]:
+    store = Store(tmp_path / "state", DEFAULT_CLASSES)
+    pipeline = Pipeline(SITE, keys.edge, store, CHUNKING, CompressionSettings())
+    yield Env(store, pipeline, keys, tmp_path / "src")
+    store.close()
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def text_data(n: int) -> bytes:
+    rows = (f"{i},sensor-{i % 7},{20 + i % 13}.{i % 10},ok\n".encode() for i in range(n))
+    return b"".join(rows)
+
+
+def expected_cuts(data: bytes) -> list[int]:
+    """Chunk lengths of one FastCDC pass over the whole object, as the design specifies."""
+    c = CHUNKING
+    cutter = FastCDC(c.avg_size - c.min_size, min_size=c.min_size, max_size=c.max_size)
+    return [piece.length for piece in cutter.cut_buf(data)]
+
+
+def test_random_data_is_not_compressed(env: Env) -> None:
+    data = random.Random(1).randbytes(300_000)
+    res = env.ingest("noise.bin", data)
+    m = env.manifest(res.object_id)
+    assert len(m.chunks) > 3
+    for ref in m.chunks:
+        blob = env.store.chunk_path(ref.id).read_bytes()
+        assert crypto.parse_header(blob).compression == crypto.COMPRESSION_NONE
+        assert len(blob) == ref.length + SEAL_OVERHEAD
+    assert env.restore(res.object_id) == data
+
+
+def test_text_is_compressed(env: Env) -> None:
+    data = text_data(10_000)
+    res = env.ingest("table.csv", data)
+    m = env.manifest(res.object_id)
+    sealed = 0
+    for ref in m.chunks:
+        blob = env.store.chunk_path(ref.id).read_bytes()
+        assert crypto.parse_header(blob).compression == crypto.COMPRESSION_ZSTD
+        sealed += len(blob)
+    assert sealed < len(data) / 3
+    assert res.stored_bytes == sealed + env.store.manifest_path(res.object_id).stat().st_size
+    assert env.restore(res.object_id) == data
+
+
+def test_compressor_decides_from_a_sample() -> None:
+    comp = Compressor(CompressionSettings())
+    noise = random.Random(2).randbytes(100_000)
+    assert comp.compress(noise) == (crypto.COMPRESSION_NONE, noise)
+    text = text_data(2000)
+    kind, packed = comp.compress(memoryview(text))
+    assert kind == crypto.COMPRESSION_ZSTD and len(packed) < len(text) / 3
+    assert decompress(kind, packed, len(text)) == text
+    # Too short to sample, and zstd cannot shrink it: stored as is.
+    assert comp.compress(b"xy") == (crypto.COMPRESSION_NONE, b"xy")
+
+
+def test_zero_byte_file(env: Env) -> None:
+    res = env.ingest("empty.txt", b"")
+    assert (res.size, res.chunks, res.new_chunks) == (0, 0, 0)
+    m = env.manifest(res.object_id)
+    assert m.size == 0 and m.chunks == () and m.hash == blake3.blake3(b"").hexdigest()
+    assert res.stored_bytes == env.store.manifest_path(res.object_id).stat().st_size
+    assert files_under(env.store.chunks_dir) == []
+    work = env.store.next_work(0.0, 3600)  # nothing to send but the manifest
+    assert isinstance(work, ManifestWork) and work.object_id == res.object_id
+
+
+def grow(path: Path) -> None:
+    with open(path, "ab") as f:
+        f.write(b"one more line\n")
+
+
+def shrink(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def rewrite_same_size(path: Path) -> None:
+    st = path.stat()
+    path.write_bytes(bytes(st.st_size))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize("change", [grow, shrink, rewrite_same_size])
+def test_file_changing_while_read_is_refused_and_leaves_nothing(
+        env: Env, monkeypatch: pytest.MonkeyPatch, change: Callable[[Path], None]) -> None:
+    data = random.Random(3).randbytes(400_000)
+    path = env.write("growing.bin", data)
+    real_stat = os.stat
+    changed: list[bool] = []
+
+    def stat_then_change(p: Any, *args: Any, **kw: Any) -> os.stat_result:
+        # The producer writes again right after the pipeline took its first look.
+        st = real_stat(p, *args, **kw)
+        if os.fspath(p) == str(path) and not changed:
+            changed.append(True)
+            change(path)
+        return st
+
+    monkeypatch.setattr(os, "stat", stat_then_change)
+    with pytest.raises(SourceError, match="changed while it was being read"):
+        env.pipeline.ingest_file(IngestRequest(path, "files", "growing.bin", "normal"))
+    monkeypatch.undo()
+    assert changed
+    assert list(env.store.staging_dir.iterdir()) == []
+    assert files_under(env.store.chunks_dir) == []
+    assert files_under(env.store.manifests_dir) == []
+    assert env.store.pending_objects() == 0 and env.store.used_bytes == 0
+    assert env.store.chunk_counts() == {}
+
+    # Once it stops changing it goes in, and the failed attempt left no reservation behind.
+    res = env.ingest("growing.bin")
+    assert env.restore(res.object_id) == path.read_bytes()
+
+
+def test_missing_or_special_file_is_a_source_error(env: Env) -> None:
+    with pytest.raises(SourceError, match="disappeared"):
+        env.ingest("never-written.bin")
+    (env.src / "folder").mkdir(parents=True)
+    with pytest.raises(SourceError, match="not a regular file"):
+        env.ingest("folder")
+    assert list(env.store.staging_dir.iterdir()) == []
+    assert env.store.pending_objects() == 0
+
+
+@pytest.mark.parametrize("size", [
+    1, CHUNKING.min_size, CHUNKING.min_size + 1, CHUNKING.max_size, 2 * CHUNKING.max_size - 1,
+    2 * CHUNKING.max_size, 2 * CHUNKING.max_size + 1, 5 * CHUNKING.max_size + 12_345,
+])
+def test_cut_points_are_those_of_one_pass_over_the_object(env: Env, size: int) -> None:
+    """Refilling the read buffer must not move a cut point."""
+    data = random.Random(size).randbytes(size)
+    res = env.ingest("obj.bin", data)
+    m = env.manifest(res.object_id)
+    assert [r.length for r in m.chunks] == expected_cuts(data)
+    assert env.restore(res.object_id) == data
+
+
+def test_chunks_are_content_defined(env: Env) -> None:
+    data = random.Random(4).randbytes(1 << 20)
+    first = env.ingest("v1.bin", data)
+    ids1 = [r.id for r in env.manifest(first.object_id).chunks]
+    lengths = [r.length for r in env.manifest(first.object_id).chunks]
+    assert len(set(lengths)) > len(lengths) // 2  # sizes follow content, not a fixed grid
+    assert all(CHUNKING.min_size <= n <= CHUNKING.max_size for n in lengths[:-1])
+
+    second = env.ingest("v2.bin", b"inserted at the front " * 5 + data)
+    ids2 = [r.id for r in env.manifest(second.object_id).chunks]
+    shared = set(ids1) & set(ids2)
+    assert len(shared) >= len(ids1) - 2, (len(shared), len(ids1))
+    assert second.new_chunks <= 2
+    assert second.chunks - second.new_chunks == len([i for i in ids2 if i in shared])
+    assert env.restore(second.object_id)[110:] == data
+
+
+def test_repeated_content_inside_one_object_is_stored_once(env: Env) -> None:
+    block = random.Random(5).randbytes(200_000)
+    data = block * 3
+    res = env.ingest("triple.bin", data)
+    ids = [r.id for r in env.manifest(res.object_id).chunks]
+    assert len(set(ids)) < len(ids)
+    assert res.new_chunks == len(set(ids))
+    assert len(files_under(env.store.chunks_dir)) == len(set(ids))
+    assert env.restore(res.object_id) == data
+
+
+def test_manifest_is_signed_and_describes_the_object(env: Env) -> None:
+    data = text_data(3000) + random.Random(6).randbytes(150_000)
+    path = env.write("sub/dir/obs.dat", data)
+    res = env.ingest("sub/dir/obs.dat", priority="high", instrument="cam-2")
+    m = env.manifest(res.object_id)
+    st = path.stat()
+    assert m.object_id == res.object_id and m.site == SITE and m.source == "files"
+    assert m.name == "sub/dir/obs.dat" and m.kind == "file" and m.priority == "high"
+    assert m.size == len(data) == res.size and m.mtime_ns == st.st_mtime_ns
+    assert m.meta == {"instrument": "cam-2"}
+    assert m.hash == blake3.blake3(data).hexdigest()
+    assert len(m.chunks) == res.chunks == res.new_chunks
+    # The refs tile the file: contiguous offsets from 0, lengths summing to its size.
+    assert m.chunks[0].offset == 0
+    for a, b in zip(m.chunks, m.chunks[1:], strict=False):
+        assert b.offset == a.offset + a.length
+    assert sum(r.length for r in m.chunks) == len(data)
+    for ref in m.chunks:
+        assert data[ref.offset:ref.offset + ref.length] == env.chunk(ref)
+    assert m.created_at.tzinfo is not None
+    # The whole sealed manifest fails to verify once one byte of the signed body changes.
+    blob = env.store.manifest_path(res.object_id).read_bytes()
+    header, payload = crypto.open_sealed(blob, env.keys.recipient)
+    signed = bytearray(decompress(header.compression, payload, header.plaintext_len))
+    signed[-3] ^= 0x01
+    with pytest.raises(crypto.CryptoError):
+        crypto.verify_manifest(bytes(signed), env.keys.verify)
