@@ -1,5 +1,5 @@
 """`python -m agent` runs the skyferry command line."""
 
-from agent.cli import main
+from agent.cli import run
 
-raise SystemExit(main())
+run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,12 @@ from typing import Any
 from agent.crypto import generate_keys
 
 PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def toml_value(v: Any) -> str:
@@ -55,9 +62,12 @@ class Site:
     site_id: str = "test-site"
     spools: dict[str, str] = field(default_factory=lambda: {"files": "normal"})
     extra: dict[str, Any] = field(default_factory=dict)
+    # The [backend] table (url, endpoint, credentials...); None: a file:// folder in root.
+    backend: dict[str, Any] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
+        self.metrics_port = free_port()
         self.keys = generate_keys(self.root / "keys", self.site_id)
         self.cloud = self.root / "cloud"
         self.cloud.mkdir(parents=True, exist_ok=True)
@@ -71,7 +81,26 @@ class Site:
 
     @property
     def backend_url(self) -> str:
-        return f"file://{self.cloud}"
+        return str(self.backend["url"]) if self.backend else f"file://{self.cloud}"
+
+    def backend_args(self) -> list[str]:
+        """restore/verify options naming this site's backend (and its credentials)."""
+        args = ["--backend", self.backend_url]
+        return [*args, "--backend-config", str(self.config)] if self.backend else args
+
+    def cloud_objects(self) -> dict[str, int]:
+        """key -> size of every object in this site's backend, whatever its kind."""
+        import asyncio
+
+        from agent.backends import open_backend
+        from agent.config import load_backend_settings
+
+        backend = open_backend(load_backend_settings(self.config))
+
+        async def listing() -> dict[str, int]:
+            return {i.key: i.size async for i in backend.list("")}
+
+        return asyncio.run(listing())
 
     @property
     def recipient_key(self) -> Path:
@@ -88,13 +117,15 @@ class Site:
                 "signing_key": str(self.keys.edge_dir / "site.key"),
                 "dedup_key": str(self.keys.edge_dir / "dedup.key"),
             },
-            "backend": {"url": self.backend_url},
+            "backend": dict(self.backend) if self.backend else {"url": self.backend_url},
             "spool": [
                 {"name": n, "path": str(self.spool(n)), "priority": p, "settle": "0.3s",
                  "scan_interval": "0.2s"}
                 for n, p in self.spools.items()
             ],
-            "telemetry": {"log_format": "json", "log_level": "debug"},
+            # Own metrics port per site: several daemons run at once in the suite.
+            "telemetry": {"log_format": "json", "log_level": "debug",
+                          "metrics_listen": f"127.0.0.1:{self.metrics_port}"},
         }
         for k, v in self.extra.items():
             if isinstance(v, dict) and isinstance(data.get(k), dict):
@@ -176,11 +207,11 @@ class Site:
 
     def restore(self, to: Path, *extra: str, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:
-        return self.cli("restore", "--backend", self.backend_url, "--key",
+        return self.cli("restore", *self.backend_args(), "--key",
                         str(self.recipient_key), "--to", str(to), "--json", *extra, check=check)
 
     def verify(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.cli("verify", "--backend", self.backend_url, "--key",
+        return self.cli("verify", *self.backend_args(), "--key",
                         str(self.recipient_key), "--json", *extra, check=check)
 
     def close(self) -> None:
