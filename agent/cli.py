@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -88,6 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def run() -> None:
+    """Console entry point: exit without interpreter teardown once the command is done.
+
+    obstore 0.12 leaves runtime threads that can abort the process (SIGABRT, exit 134) while
+    Python finalizes, after a complete and correct run; scripts must see the real exit code.
+    """
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)
 
 
 def _load(args: argparse.Namespace) -> Any:
