@@ -104,6 +104,7 @@ class ChunkWork:
     sealed_hash: str
     object_id: str
     priority: str
+    manifest_bytes: int = 0  # of its object: a window budget keeps room to commit it
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class ManifestWork:
     path: Path
     created: float
     priority: str
+    manifest_bytes: int = 0
 
 
 Work = ChunkWork | ManifestWork
@@ -280,14 +282,18 @@ class Store:
         with self._lock:
             evicted: list[Eviction] = []
             if self.quota_bytes is not None:
+                # Evict only if that makes room: evicting and then refusing anyway would drop
+                # data for nothing (an object larger than the quota would empty whole classes).
+                over = self._used + self._reserved + need - self.quota_bytes
+                may_evict = over <= 0 or over <= self._freeable(cls)
                 while self._used + self._reserved + need > self.quota_bytes:
-                    victim = self._eviction_candidate(cls)
+                    victim = self._eviction_candidate(cls) if may_evict else None
                     if victim is None:
                         raise QuotaExceededError(
                             f"state_dir quota of {self.quota_bytes} bytes is full "
                             f"({self._used} used, {self._reserved} reserved, {need} needed) and "
-                            f"class {priority!r} (policy {cls.policy}) may not evict anything; "
-                            "data stays at its source until the queue drains"
+                            f"class {priority!r} (policy {cls.policy}) may not evict enough to "
+                            "make room; data stays at its source until the queue drains"
                         )
                     evicted.append(self._evict(victim, "quota"))
             self._reserved += need
@@ -305,11 +311,33 @@ class Store:
                 f"unknown priority class {name!r}; configured: {', '.join(self.classes)}"
             ) from None
 
-    def _eviction_candidate(self, incoming: ClassSettings) -> tuple[str, str] | None:
+    def _evictable(self, incoming: ClassSettings) -> list[ClassSettings]:
+        """Classes whose queued objects may make room for `incoming`, lowest class first."""
         same_ok = incoming.policy == "evict-oldest"
         evictable = [c for c in self.classes.values() if c.policy == "evict-oldest" and (
             c.rank > incoming.rank or (c.rank == incoming.rank and same_ok))]
-        for c in sorted(evictable, key=lambda c: -c.rank):
+        return sorted(evictable, key=lambda c: -c.rank)
+
+    def _freeable(self, incoming: ClassSettings) -> int:
+        """Bytes that evicting every object `incoming` may evict would free (quota full only)."""
+        names = [c.name for c in self._evictable(incoming)]
+        if not names:
+            return 0
+        marks = ",".join("?" * len(names))
+        needed_by = ("SELECT oc.chunk_id FROM object_chunks oc JOIN objects o ON "
+                     f"o.id=oc.object_id WHERE o.state='queued' AND o.class {{}} IN ({marks})")
+        manifests = self._db.execute(
+            "SELECT COALESCE(SUM(manifest_bytes), 0) FROM objects WHERE state='queued' AND "
+            f"class IN ({marks})", names).fetchone()[0]
+        # As in _drop_unneeded_chunks: a chunk another queued object still needs stays.
+        chunks = self._db.execute(
+            "SELECT COALESCE(SUM(sealed_size), 0) FROM chunks WHERE has_file=1 AND "
+            f"id IN ({needed_by.format('')}) AND id NOT IN ({needed_by.format('NOT')})",
+            names + names).fetchone()[0]
+        return int(manifests) + int(chunks)
+
+    def _eviction_candidate(self, incoming: ClassSettings) -> tuple[str, str] | None:
+        for c in self._evictable(incoming):
             row = self._db.execute(
                 "SELECT id FROM objects WHERE state='queued' AND class=? ORDER BY created LIMIT 1",
                 (c.name,),
@@ -367,14 +395,23 @@ class Store:
         fsync_dir(stage)
         # The lock spans commit and promotion so the uplink never sees a row without its file.
         with self._lock:
-            self._insert_object(staged, cls)
-            self._used += staged.manifest_bytes + sum(
-                c.sealed_size for c in staged.new_chunks.values())
+            added = self._insert_object(staged, cls, stage)
+            self._used += staged.manifest_bytes + added
             self._promote(stage)
 
-    def _insert_object(self, staged: StagedObject, cls: ClassSettings) -> None:
+    def _insert_object(self, staged: StagedObject, cls: ClassSettings, stage: Path) -> int:
+        """Insert rows; returns the sealed bytes of chunks this object really added."""
+        added = 0
         with self._txn() as db:
             for cid, ch in staged.new_chunks.items():
+                row = db.execute("SELECT state, has_file FROM chunks WHERE id=?",
+                                 (cid,)).fetchone()
+                if row is not None and row[0] != "corrupt" and (row[1] or row[0] == "uploaded"):
+                    # Another ingest committed the same content meanwhile: keep its copy
+                    # (it may be uploading) and drop ours before this commit can reference it.
+                    (stage / cid).unlink(missing_ok=True)
+                    continue
+                added += ch.sealed_size
                 db.execute(
                     "INSERT INTO chunks (id, state, sealed_size, plain_size, sealed_hash, "
                     "has_file) VALUES (?, 'sealed', ?, ?, ?, 1) ON CONFLICT(id) DO UPDATE SET "
@@ -406,6 +443,7 @@ class Store:
                 "INSERT INTO object_chunks (object_id, seq, chunk_id) VALUES (?, ?, ?)",
                 [(staged.object_id, i, c) for i, c in enumerate(staged.chunk_ids)],
             )
+        return added
 
     def _promote(self, stage: Path) -> None:
         """Move a committed object's staged files into place (idempotent: safe to redo)."""
@@ -432,45 +470,56 @@ class Store:
 
     # ---- uplink ---------------------------------------------------------------------------
 
-    def next_work(self, now: float, aging_s: float) -> Work | None:
-        """Claim the most urgent unit of work: a ready manifest first, then a chunk."""
-        with self._lock:
-            return self._next_manifest() or self._next_chunk(now, aging_s)
+    def next_work(self, now: float, aging_s: float, max_chunk_bytes: int | None = None,
+                  max_manifest_bytes: int | None = None) -> Work | None:
+        """Claim the most urgent unit of work: a ready manifest first, then a chunk.
 
-    def _next_manifest(self) -> ManifestWork | None:
+        With limits (what is left of a window's byte budget), only work that fits is claimed:
+        a chunk counts with its object's manifest, so finishing an object leaves room to
+        commit it.
+        """
+        with self._lock:
+            return (self._next_manifest(max_manifest_bytes)
+                    or self._next_chunk(now, aging_s, max_chunk_bytes))
+
+    def _next_manifest(self, max_bytes: int | None = None) -> ManifestWork | None:
         inflight = tuple(self._manifests_inflight)
         marks = ",".join("?" * len(inflight))
         exclude = f"AND id NOT IN ({marks})" if inflight else ""
+        fits = "" if max_bytes is None else f"AND manifest_bytes <= {int(max_bytes)}"
         row = self._db.execute(
-            f"SELECT id, created, class FROM objects WHERE state='queued' AND chunks_left=0 "
-            f"{exclude} ORDER BY rank, created LIMIT 1",
+            f"SELECT id, created, class, manifest_bytes FROM objects WHERE state='queued' "
+            f"AND chunks_left=0 {exclude} {fits} ORDER BY rank, created LIMIT 1",
             inflight,
         ).fetchone()
         if row is None:
             return None
         self._manifests_inflight.add(row[0])
-        return ManifestWork(row[0], self.manifest_path(row[0]), row[1], row[2])
+        return ManifestWork(row[0], self.manifest_path(row[0]), row[1], row[2], int(row[3]))
 
-    def _next_chunk(self, now: float, aging_s: float) -> ChunkWork | None:
+    def _next_chunk(self, now: float, aging_s: float,
+                    max_bytes: int | None = None) -> ChunkWork | None:
         best: tuple[float, float, ChunkWork] | None = None
         ranks = [r[0] for r in self._db.execute(
             "SELECT DISTINCT rank FROM objects WHERE state='queued' AND chunks_left>0")]
         for rank in ranks:
             # Objects whose remaining chunks are all in flight are skipped; there are at
             # most as many of those as there are streams, so this scan stays short.
-            for oid, created, cls in self._db.execute(
-                "SELECT id, created, class FROM objects WHERE state='queued' AND rank=? "
-                "AND chunks_left>0 ORDER BY created LIMIT 256", (rank,),
+            for oid, created, cls, mbytes in self._db.execute(
+                "SELECT id, created, class, manifest_bytes FROM objects WHERE state='queued' "
+                "AND rank=? AND chunks_left>0 ORDER BY created LIMIT 256", (rank,),
             ).fetchall():
+                room = 1 << 62 if max_bytes is None else max_bytes - int(mbytes)
                 row = self._db.execute(
                     "SELECT c.id, c.sealed_size, c.sealed_hash FROM object_chunks oc "
                     "JOIN chunks c ON c.id=oc.chunk_id WHERE oc.object_id=? AND "
-                    "c.state='sealed' ORDER BY oc.seq LIMIT 1", (oid,),
+                    "c.state='sealed' AND c.sealed_size<=? ORDER BY oc.seq LIMIT 1", (oid, room),
                 ).fetchone()
                 if row is None:
                     continue
                 effective = rank - max(0.0, now - created) / aging_s
-                work = ChunkWork(row[0], self.chunk_path(row[0]), row[1], row[2], oid, cls)
+                work = ChunkWork(row[0], self.chunk_path(row[0]), row[1], row[2], oid, cls,
+                                 int(mbytes))
                 if best is None or (effective, created) < (best[0], best[1]):
                     best = (effective, created, work)
                 break
@@ -501,7 +550,9 @@ class Store:
                     "(SELECT DISTINCT object_id FROM object_chunks WHERE chunk_id=?)", (chunk_id,))
 
     def mark_chunk_corrupt(self, chunk_id: str) -> list[str]:
-        """Quarantine a damaged chunk file; the objects that need it become `damaged`."""
+        """A chunk file is damaged: the objects that need it become `damaged` and, since they
+        can never complete, their local files are released like an eviction's."""
+        freed: dict[str, list[str]] = {}
         with self._txn() as db:
             db.execute("UPDATE chunks SET state='corrupt' WHERE id=?", (chunk_id,))
             objs = [r[0] for r in db.execute(
@@ -509,14 +560,21 @@ class Store:
                 "WHERE oc.chunk_id=? AND o.state='queued'", (chunk_id,))]
             db.executemany("UPDATE objects SET state='damaged', finished=? WHERE id=?",
                            [(time.time(), o) for o in objs])
+            for o in objs:
+                freed[o] = self._drop_unneeded_chunks(db, o, drop_unsent=True)
+        for o, chunk_ids in freed.items():
+            self._remove_object_files(o, chunk_ids)
         return objs
 
     def mark_committed(self, object_id: str) -> None:
         """The cloud acknowledged the manifest: only now may the local copies go."""
         with self._txn() as db:
+            row = db.execute("SELECT state FROM objects WHERE id=?", (object_id,)).fetchone()
             db.execute("UPDATE objects SET state='committed', finished=? WHERE id=?",
                        (time.time(), object_id))
-            freed = self._drop_unneeded_chunks(db, object_id, drop_unsent=False)
+            # Evicted while its manifest was in flight: its bytes were already given back.
+            freed = (self._drop_unneeded_chunks(db, object_id, drop_unsent=False)
+                     if row is not None and row[0] == "queued" else [])
             self._manifests_inflight.discard(object_id)
         self._remove_object_files(object_id, freed)
 
@@ -557,6 +615,14 @@ class Store:
             db.executemany("DELETE FROM pending_deletes WHERE kind='chunk' AND id=?",
                            [(c,) for c in chunk_ids])
 
+    def set_priority(self, object_id: str, priority: str) -> bool:
+        """Move a queued object to another class (operator command); False if not queued."""
+        cls = self._class(priority)
+        with self._txn() as db:
+            cur = db.execute("UPDATE objects SET class=?, rank=? WHERE id=? AND state='queued'",
+                             (cls.name, cls.rank, object_id))
+        return cur.rowcount > 0
+
     # ---- small persistent settings -------------------------------------------------------
 
     def set_meta(self, key: str, value: str) -> None:
@@ -595,6 +661,17 @@ class Store:
                 "SELECT state, COUNT(*), COALESCE(SUM(sealed_size), 0) FROM chunks "
                 "GROUP BY state").fetchall()
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def savings(self) -> tuple[int, int]:
+        """(compression, dedup) bytes saved over everything this store accepted."""
+        with self._lock:
+            plain, sealed = self._db.execute(
+                "SELECT COALESCE(SUM(plain_size), 0), COALESCE(SUM(sealed_size), 0) FROM chunks "
+                "WHERE state!='corrupt'").fetchone()
+            objects = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM objects WHERE state IN ('queued','committed')"
+            ).fetchone()[0]
+        return int(plain) - int(sealed), max(0, int(objects) - int(plain))
 
     def pending_objects(self) -> int:
         with self._lock:

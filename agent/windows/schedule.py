@@ -52,19 +52,32 @@ class Schedule:
                 k += 1
         return merge(found)
 
-    def window_at(self, t: float) -> Contact | None:
-        for c in self.contacts(t, t + 1e-6):
-            if c.start <= t < c.end:
-                return c
-        return None
+    def window_at(self, t: float, horizon_s: float = 8 * _DAY) -> Contact | None:
+        """The window open at t, merged with every window it overlaps or touches."""
+        # contacts() merges only what overlaps its range: widen the range until the window
+        # lies inside it, else a window that runs on into another would report an early end.
+        span = 64.0
+        while True:
+            hit = next((c for c in self.contacts(t - span, t + span) if c.start <= t < c.end),
+                       None)
+            if hit is None or self.always or span >= horizon_s or (
+                    t - span < hit.start and hit.end < t + span):
+                return hit
+            span *= 8
 
     def next_change(self, t: float, horizon_s: float = 8 * _DAY) -> float | None:
         """The next instant after t at which the open/closed state flips, if within horizon."""
         current = self.window_at(t)
         if current is not None:
             return None if math.isinf(current.end) else current.end
-        upcoming = [c for c in self.contacts(t, t + horizon_s) if c.start > t]
-        return upcoming[0].start if upcoming else None
+        # Look ahead in growing steps: a short cycle has ~10^5 windows in the whole horizon,
+        # and the gate asks this on the event loop several times a second.
+        span = 64.0
+        while True:
+            upcoming = [c for c in self.contacts(t, t + min(span, horizon_s)) if c.start > t]
+            if upcoming or span >= horizon_s:
+                return upcoming[0].start if upcoming else None
+            span *= 8
 
 
 def merge(contacts: list[Contact]) -> list[Contact]:
