@@ -270,8 +270,6 @@ class _Trial:
             # Files are complete when they appear (renamed in), so no settle time is needed.
             "spool": [{"name": SPOOL, "path": str(spool), "priority": "normal",
                        "settle": "0s", "scan_interval": "0.1s"}],
-            # Trials (and other test sites) run side by side: no fixed metrics port.
-            "telemetry": {"metrics_listen": "off"},
         })
         self.files = make_files(rng, f"t{index:04d}", cfg.big_max)
         self.dropped: dict[str, TrialFile] = {}
