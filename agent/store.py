@@ -466,6 +466,13 @@ class Store:
 
     def abandon(self, object_id: str) -> None:
         """Throw away a staged ingest that will not be committed."""
+        with self._lock:
+            committed = self._db.execute(
+                "SELECT 1 FROM objects WHERE id=?", (object_id,)).fetchone() is not None
+        if committed:
+            # The index already accepted it (promotion failed after the commit): its staged
+            # files are the only copy, and the next start-up promotes them.
+            return
         shutil.rmtree(self.staging_path(object_id), ignore_errors=True)
 
     # ---- uplink ---------------------------------------------------------------------------
