@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 PIP_Q  := --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help venv dev demo test test-deps lint bench clean
+.PHONY: help venv dev demo test test-deps lint bench clean install
 
 help:
 	@echo "make demo    run one site end to end (spool -> store -> cloud -> restore) and compare"
@@ -37,10 +37,16 @@ dev: $(VENV)/.installed-dev
 demo: venv
 	$(PY) -m agent.demo
 
-# Hook for what the suite needs beyond Python packages (e.g. object-store emulators);
-# nothing yet.
+# What the suite needs beyond Python packages: Azurite (pinned by tests/emulators' lock file).
+# moto comes with the dev extra.
 test-deps: dev
-	@:
+	@missing=""; for p in mosquitto systemd chromium fonts-dejavu-core iproute2 nftables; do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	[ -z "$$missing" ] || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -q --no-install-recommends $$missing; }
+	@[ -x tests/emulators/node_modules/.bin/azurite-blob ] || \
+		(cd tests/emulators && npm ci --no-audit --no-fund --loglevel=error)
 
 test: dev test-deps lint
 	$(VENV)/bin/pytest -q
@@ -52,6 +58,10 @@ lint: dev
 bench: dev
 	@if [ -f benchmarks/run.py ]; then $(PY) -m benchmarks.run; \
 	else echo "no benchmarks yet (benchmarks/run.py is missing)"; fi
+
+PREFIX ?= /opt/skyferry
+install:
+	PYTHON=$(PYTHON) PREFIX=$(PREFIX) sh scripts/install.sh
 
 clean:
 	rm -rf $(VENV) demo-run test-artifacts build dist *.egg-info \

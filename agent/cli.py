@@ -51,10 +51,24 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("windows", help="the coming contact windows (no daemon needed)")
+    _config_arg(p)
+    p.add_argument("--hours", type=float, default=24.0, help="how far ahead (default 24)")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON array of windows, UTC ISO-8601 times")
+    p.add_argument("--svg", type=Path, metavar="FILE",
+                   help="also draw the windows and the planned drain of the queue per class")
+
     for name, helptext in (("restore", "rebuild files from the cloud into a folder"),
                            ("verify", "check every object in the cloud, write nothing")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--backend", required=True, help="e.g. file:///srv/cloud")
+        p.add_argument("--backend", metavar="URL",
+                       help="file:///path, azure://container/prefix, s3://bucket/prefix or "
+                            "gs://bucket/prefix (overrides the url of --backend-config)")
+        p.add_argument("--backend-config", metavar="FILE", type=Path,
+                       help="a skyferry TOML file whose [backend] table (endpoint, region, "
+                            "credentials as *_file / *_env keys, timeouts) is used; without "
+                            "it, S3, Azure and GCS use their default credential chains")
         p.add_argument("--key", type=Path, required=True,
                        help="recipient private key (cloud/recipient.key from keygen); site "
                             "public keys are read from sites/<site>.pub beside it")
@@ -116,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     setup_logging(settings.telemetry.log_level, settings.telemetry.log_format)
-    asyncio.run(run_daemon(settings))
+    asyncio.run(run_daemon(settings, args.config))
     return 0
 
 
@@ -210,16 +224,16 @@ class _DirectIngest:
 def status_data(settings: Any, now: float) -> dict[str, Any]:
     """Queue by class and state and the gate, from the store and the configured windows."""
     from agent.store import Store
-    from agent.windows.schedule import Schedule
+    from agent.windows.report import load_context, window_status
 
     store = Store(settings.site.state_dir, settings.classes, read_only=True)
     try:
         summary = store.summary(now)
         chunks = store.chunk_counts()
-        anchor = float(store.get_meta("cycle_anchor") or now)
     finally:
         store.close()
-    schedule = Schedule(settings.windows, anchor=anchor)
+    ctx = load_context(settings, now)  # every window source: schedule, timetable, passes
+    schedule = ctx.forecast.schedule
     window = schedule.window_at(now)
     nxt = schedule.next_change(now)
     classes = {
@@ -239,6 +253,7 @@ def status_data(settings: Any, now: float) -> dict[str, Any]:
             "window_end": None if window is None or window.end == float("inf") else
             datetime.fromtimestamp(window.end, UTC).isoformat(),
             "next_change": None if nxt is None else datetime.fromtimestamp(nxt, UTC).isoformat(),
+            **window_status(ctx, now),
         },
     }
 
@@ -265,7 +280,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = "open" if g["window_open"] else "closed"
     nxt = g["next_change"] or "never"
     print(f"gate: window {state} (mode {g['mode']}), next change {nxt}")
+    from agent.windows.report import status_lines
+
+    for line in status_lines(g):
+        print(line)
     return 0
+
+
+def cmd_windows(args: argparse.Namespace) -> int:
+    from agent.windows.report import print_windows, windows_data
+
+    settings = _load(args)
+    if args.hours <= 0:
+        print("skyferry windows: error: --hours must be greater than 0", file=sys.stderr)
+        return 2
+    now = time.time()
+    if args.json:
+        print(json.dumps(windows_data(settings, now, args.hours), indent=2))
+        if args.svg is None:
+            return 0
+    return print_windows(settings, now, args.hours, args.svg, quiet=args.json)
+
+
+def _backend_settings(args: argparse.Namespace) -> Any:
+    from agent.config import load_backend_settings
+    from agent.settings import BackendSettings
+
+    if args.backend_config is not None:
+        return load_backend_settings(args.backend_config, url=args.backend)
+    if args.backend is None:
+        raise SkyferryError("give --backend URL, or --backend-config FILE with a [backend] table")
+    return BackendSettings(url=args.backend)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -273,7 +318,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from agent.crypto import load_recipient_private
     from agent.restore import Restorer, site_key_loader
 
-    backend = open_backend(args.backend)
+    backend = open_backend(_backend_settings(args))
     recipient = load_recipient_private(args.key)
     restorer = Restorer(backend, recipient, site_key_loader(args.key.parent), args.parallel)
     target = args.to if args.command == "restore" else None
@@ -300,6 +345,7 @@ _COMMANDS = {
     "keygen": cmd_keygen,
     "put": cmd_put,
     "status": cmd_status,
+    "windows": cmd_windows,
     "restore": cmd_restore,
     "verify": cmd_restore,
 }

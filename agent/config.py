@@ -30,6 +30,7 @@ from agent.settings import (
     KeySettings,
     PutSettings,
     QuotaPolicy,
+    SecretRef,
     Settings,
     SiteSettings,
     SpoolSettings,
@@ -39,6 +40,7 @@ from agent.settings import (
     WindowMode,
     WindowSettings,
 )
+from agent.windows import configure as window_config
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -54,7 +56,6 @@ DEFAULT_CLASSES: tuple[ClassSettings, ...] = (
     ClassSettings("normal", 2, "evict-oldest"),
     ClassSettings("bulk", 3, "evict-oldest"),
 )
-UNSUPPORTED_SCHEMES = ("s3", "s3a", "az", "azure", "abfs", "abfss", "gs", "gcs")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 # pyfastcdc's bounds. The pipeline gives it avg_size - min_size as its average (its output
@@ -66,7 +67,7 @@ CDC_MAX_CEILING = 16 << 20
 
 TOP_LEVEL_KEYS = (
     "site", "keys", "store", "classes", "chunking", "compression", "spool",
-    "put", "backend", "uplink", "windows", "telemetry",
+    "put", "backend", "uplink", "windows", "telemetry", "mqtt",
 )  # fmt: skip
 
 _MISSING = object()
@@ -254,12 +255,18 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
     compression = _compression(root.table("compression", ("level", "sample_size", "min_ratio")))
     spools = _spools(root, base, class_names)
     put = _put(root.table("put", ("socket", "priority")), base, site.state_dir, class_names)
-    backend = _backend(root.table("backend", ("url",)))
+    backend = _backend(root.table("backend"), base)
     uplink = _uplink(
         root.table("uplink", ("streams", "aging", "retry_initial", "retry_max", "rate"))
     )
-    windows = _windows(root.table("windows", ("mode", "intervals", "daily", "cycle")))
+    windows = _windows(
+        root.table("windows", ("mode", "intervals", "daily", "cycle", *window_config.EXTRA_KEYS)),
+        base,
+    )
     telemetry = _telemetry(root.table("telemetry", ("log_level", "log_format", "metrics_listen")))
+    from agent.config_mqtt import read_mqtt  # here: it builds on this module's helpers
+
+    mqtt = read_mqtt(root, base, site.id, class_names, tuple(s.name for s in spools))
     if problems:
         raise ConfigError(problems, str(path))
     return Settings(
@@ -275,6 +282,7 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
         uplink=uplink,
         windows=windows,
         telemetry=telemetry,
+        mqtt=mqtt,
     )
 
 
@@ -300,6 +308,8 @@ def summarize(settings: Settings) -> str:
         + (f" ({spools})" if spools else "")
         + f"; {len(settings.classes)} class(es) ({classes}); backend {settings.backend.url}"
         + f"; windows {settings.windows.mode}"
+        + (f"; mqtt {settings.mqtt.host}:{settings.mqtt.port} "
+           f"({len(settings.mqtt.subscriptions)} subscription(s))" if settings.mqtt else "")
     )
 
 
@@ -545,6 +555,12 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
         f"{RESERVED_SOURCE!r} is reserved for `skyferry put`",
         "choose another name",
     )
+    t.ensure(
+        "name",
+        name != "mqtt",
+        "'mqtt' is reserved: restore writes MQTT batches under <site>/mqtt/",
+        "choose another name",
+    )
     t.require("path", 'path = "/srv/spool/sensors"')
     path = t.path("path", base, Path())
     priority = _check_priority(t, defaults.priority, class_names)
@@ -596,32 +612,216 @@ def _put(t: _Table, base: Path, state_dir: Path, class_names: tuple[str, ...]) -
     return PutSettings(socket=socket, priority=_check_priority(t, "normal", class_names))
 
 
-def _backend(t: _Table) -> BackendSettings:
+BACKEND_COMMON_KEYS = ("url", "endpoint", "allow_http", "connect_timeout", "timeout", "min_rate")
+# key -> the schemes it applies to
+BACKEND_SCHEME_KEYS: dict[str, tuple[str, ...]] = {
+    "account": ("azure",),
+    "account_key_file": ("azure",), "account_key_env": ("azure",),
+    "sas_token_file": ("azure",), "sas_token_env": ("azure",),
+    "connection_string_file": ("azure",), "connection_string_env": ("azure",),
+    "region": ("s3",),
+    "access_key_id": ("s3",), "access_key_id_env": ("s3",),
+    "secret_access_key_file": ("s3",), "secret_access_key_env": ("s3",),
+    "session_token_file": ("s3",), "session_token_env": ("s3",),
+    "profile": ("s3",),
+    "service_account_key_file": ("gs",), "service_account_key_env": ("gs",),
+}  # fmt: skip
+# Written inline, these would sit in a world-readable file, in backups and in support
+# bundles: the config names where a secret is, never the secret.
+INLINE_SECRETS = ("account_key", "sas_token", "connection_string", "secret_access_key",
+                  "session_token", "service_account_key")
+BACKEND_KEYS = BACKEND_COMMON_KEYS + tuple(BACKEND_SCHEME_KEYS)
+BACKEND_SCHEMES = {"file": "file", "azure": "azure", "s3": "s3", "gs": "gs"}
+SCHEME_ALIASES = {"az": "azure", "abfs": "azure", "abfss": "azure", "wasb": "azure",
+                  "wasbs": "azure", "s3a": "s3", "gcs": "gs"}
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+CONTAINER_RE = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _backend(t: _Table, base: Path) -> BackendSettings:
+    for name in INLINE_SECRETS:
+        if t.has(name):
+            # Not t.report: that would echo the secret into logs and terminals.
+            t.problems.append(
+                f"{t.key(name)}: secrets are not accepted inline in the config file (got a "
+                f"value, not shown); put it in a file only skyferry can read and set "
+                f'{name}_file = "/etc/skyferry/{name}", or name an environment variable with '
+                f'{name}_env = "VARIABLE"'
+            )
+    t.reject_unknown(BACKEND_KEYS + INLINE_SECRETS)
     t.require("url", 'url = "file:///var/lib/skyferry-cloud"')
     url = t.string("url", None)
-    if url is not None:
-        _check_backend_url(t, url)
-    return BackendSettings(url=url or "")
+    scheme = _check_backend_url(t, url) if url is not None else None
+    for name, schemes in BACKEND_SCHEME_KEYS.items():
+        if t.has(name) and scheme is not None and scheme not in schemes:
+            t.report(name, f"applies to {', '.join(s + '://' for s in schemes)} backends only",
+                     f"remove it, or change url (it is {scheme}://)")
+    defaults = BackendSettings(url="")
+    endpoint = _endpoint(t)
+    allow_http = _boolean(t, "allow_http", False)
+    if endpoint and endpoint.startswith("http://") and not allow_http:
+        t.report("endpoint", "is plain http:// but allow_http is false",
+                 "use https://, or set allow_http = true (test setups and emulators only)")
+    connect_timeout = t.duration("connect_timeout", defaults.connect_timeout_s)
+    t.positive("connect_timeout", connect_timeout, 'give a duration such as "10s"')
+    timeout = t.duration("timeout", defaults.timeout_s)
+    t.positive("timeout", timeout, 'give a duration such as "30s"')
+    min_rate = t.rate("min_rate", defaults.min_rate_bps)
+    t.positive("min_rate", min_rate, 'give a rate such as "64kbit/s"')
+    secrets = {name: _secret(t, name, base) for name in INLINE_SECRETS}
+    key_id_env = _env_name(t, "access_key_id_env")
+    key_id = t.string("access_key_id", None)
+    _one_of(t, "access_key_id", "access_key_id_env")
+    if scheme == "azure":
+        _check_azure_credentials(t, secrets)
+    if scheme == "s3":
+        _check_s3_credentials(t, secrets, key_id is not None or key_id_env is not None)
+    return BackendSettings(
+        url=url or "", endpoint=endpoint, region=t.string("region", None),
+        allow_http=allow_http, connect_timeout_s=connect_timeout, timeout_s=timeout,
+        min_rate_bps=min_rate, account=t.string("account", None),
+        account_key=secrets["account_key"], sas_token=secrets["sas_token"],
+        connection_string=secrets["connection_string"], access_key_id=key_id,
+        access_key_id_env=key_id_env, secret_access_key=secrets["secret_access_key"],
+        session_token=secrets["session_token"], profile=t.string("profile", None),
+        service_account_key=secrets["service_account_key"],
+    )
 
 
-def _check_backend_url(t: _Table, url: str) -> None:
+def _boolean(t: _Table, name: str, default: bool) -> bool:
+    value = t.raw(name)
+    if value is _MISSING:
+        return default
+    if not isinstance(value, bool):
+        t.report(name, "must be true or false", f"write {name} = true or {name} = false, "
+                 "without quotes")
+        return default
+    return value
+
+
+def _endpoint(t: _Table) -> str | None:
+    endpoint = t.string("endpoint", None)
+    if endpoint is None:
+        return None
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        t.report("endpoint", "is not an http(s) URL",
+                 'write the service URL, e.g. "https://s3.eu-central-1.example.net"')
+        return None
+    return endpoint.rstrip("/")
+
+
+def _env_name(t: _Table, name: str) -> str | None:
+    value = t.string(name, None)
+    if value is not None and ENV_NAME_RE.fullmatch(value) is None:
+        t.report(name, "is not an environment variable name",
+                 'give the name of the variable, not its value, e.g. "AZURE_STORAGE_KEY"')
+        return None
+    return value
+
+
+def _one_of(t: _Table, *names: str) -> None:
+    given = [n for n in names if t.has(n)]
+    if len(given) > 1:
+        t.report(given[-1], f"conflicts with {given[0]}", f"keep only one of {', '.join(names)}")
+
+
+def _secret(t: _Table, name: str, base: Path) -> SecretRef | None:
+    """`<name>_file` (a path) or `<name>_env` (a variable name); the value is read at open."""
+    file_key, env_key = f"{name}_file", f"{name}_env"
+    _one_of(t, file_key, env_key)
+    path = t.path(file_key, base, None)
+    if path is not None:
+        return SecretRef("file", str(path))
+    env = _env_name(t, env_key)
+    return SecretRef("env", env) if env is not None else None
+
+
+def _check_azure_credentials(t: _Table, secrets: dict[str, SecretRef | None]) -> None:
+    kinds = [n for n in ("account_key", "sas_token", "connection_string") if secrets[n]]
+    if len(kinds) > 1:
+        t.report(f"{kinds[1]}_{secrets[kinds[1]].source}",  # type: ignore[union-attr]
+                 f"conflicts with {kinds[0]}",
+                 "give one credential: an account key, a SAS token or a connection string")
+    if not t.has("account") and not secrets["connection_string"]:
+        t.require("account", 'account = "mystorageaccount" (the storage account name)')
+
+
+def _check_s3_credentials(t: _Table, secrets: dict[str, SecretRef | None], has_id: bool) -> None:
+    has_secret = secrets["secret_access_key"] is not None
+    if has_id and not has_secret:
+        t.problems.append(
+            f"{t.key('secret_access_key_file')}: access_key_id is set but its secret is not "
+            "(got nothing); add secret_access_key_file or secret_access_key_env, or remove "
+            "access_key_id to use the default credential chain")
+    if has_secret and not has_id:
+        t.problems.append(
+            f"{t.key('access_key_id')}: a secret access key is set but not its key id "
+            '(got nothing); add access_key_id = "AKIA..." or access_key_id_env')
+    if secrets["session_token"] and not has_secret:
+        t.report("session_token_" + secrets["session_token"].source,
+                 "needs an access key pair", "add access_key_id and secret_access_key_file")
+    if t.has("profile") and (has_id or has_secret):
+        t.report("profile", "conflicts with the access key pair",
+                 "use either a profile or access_key_id + secret_access_key_file")
+
+
+def _check_backend_url(t: _Table, url: str) -> str | None:
+    """Check the URL's form; return its scheme when usable."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    example = "e.g. file:///srv/cloud"
-    if scheme in UNSUPPORTED_SCHEMES:
-        t.report(
-            "url", f"{scheme}:// backends are not supported yet", f"use a file:// URL, {example}"
-        )
-    elif scheme != "file":
-        t.report(
-            "url", "is not a file:// URL", f"use a file:// URL with an absolute path, {example}"
-        )
-    elif parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-        t.report(
-            "url",
-            "a relative file: path is not allowed",
-            f"write an absolute path after three slashes, {example}",
-        )
+    if scheme in SCHEME_ALIASES:
+        good = SCHEME_ALIASES[scheme]
+        t.report("url", f"{scheme}:// is not a scheme skyferry reads",
+                 f"write {good}://{'container' if good == 'azure' else 'bucket'}/prefix")
+        return None
+    if scheme not in BACKEND_SCHEMES:
+        t.report("url", "is not a backend URL",
+                 "use file:///path, azure://container/prefix, s3://bucket/prefix or "
+                 "gs://bucket/prefix")
+        return None
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            t.report("url", "a relative file: path is not allowed",
+                     "write an absolute path after three slashes, e.g. file:///srv/cloud")
+            return None
+        return scheme
+    if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
+        t.report("url", "must be scheme://name/prefix without query, user or port",
+                 "put the endpoint in endpoint = ... and credentials in their own keys")
+        return None
+    if scheme == "azure":
+        if CONTAINER_RE.fullmatch(parts.netloc) is None:
+            t.report("url", "does not name a valid Azure container",
+                     "write azure://container/prefix; container names are 3-63 of a-z, 0-9 "
+                     "and single '-'")
+            return None
+    elif BUCKET_RE.fullmatch(parts.netloc) is None:
+        t.report("url", "does not name a valid bucket",
+                 f"write {scheme}://bucket/prefix; bucket names are 3-63 of a-z, 0-9, '.', '-'")
+        return None
+    if "//" in parts.path or any(p in (".", "..") for p in parts.path.split("/")):
+        t.report("url", "has an empty, '.' or '..' segment in its prefix",
+                 f"write {scheme}://{parts.netloc}/some/prefix")
+        return None
+    return scheme
+
+
+def load_backend_settings(path: Path, url: str | None = None) -> BackendSettings:
+    """Only the [backend] table of a config file (for restore and verify); `url` overrides."""
+    data = _read_toml(path)
+    table = data.get("backend", {})
+    problems: list[str] = []
+    if not isinstance(table, dict):
+        problems.append("backend: must be a table (got a value); write it as a [backend] section")
+        table = {}
+    if url is not None:
+        table = {**table, "url": url}
+    settings = _backend(_Table(table, "backend", problems), path.absolute().parent)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return settings
 
 
 def _uplink(t: _Table) -> UplinkSettings:
@@ -646,7 +846,7 @@ def _uplink(t: _Table) -> UplinkSettings:
     )
 
 
-def _windows(t: _Table) -> WindowSettings:
+def _windows(t: _Table, base: Path) -> WindowSettings:
     mode = t.choice("mode", ("always", "schedule"), "always")
     interval_how = "write intervals = [ { start = 2026-11-25T10:00:00Z, end = ..., rate = ... } ]"
     intervals = [
@@ -661,17 +861,20 @@ def _windows(t: _Table) -> WindowSettings:
         if (d := _daily(item)) is not None
     ]
     cycle = _cycle(t.table("cycle", ("open", "closed"))) if t.has("cycle") else None
-    has_windows = any(t.raw(k) not in (_MISSING, []) for k in ("intervals", "daily", "cycle"))
+    extras = window_config.read_extras(t, base)  # timetable, tle, link, pass margins
+    has_windows = any(t.raw(k) not in (_MISSING, [])
+                      for k in ("intervals", "daily", "cycle", *window_config.SOURCE_KEYS))
     if mode == "schedule" and not has_windows:
         t.report(
             "mode",
             'is "schedule" but no window is configured',
-            "add intervals, daily or cycle under [windows]",
+            "add intervals, daily, cycle, timetable, timetable_file or [windows.tle]",
         )
     if mode == "always" and has_windows:
         t.report(
             "mode",
-            'is "always" (the default), so intervals, daily and cycle would be ignored',
+            'is "always" (the default), so intervals, daily, cycle, timetable and tle would '
+            "be ignored",
             'set mode = "schedule" to use them, or remove them',
         )
     return WindowSettings(
@@ -679,6 +882,7 @@ def _windows(t: _Table) -> WindowSettings:
         intervals=tuple(sorted(intervals, key=lambda i: i.start)),
         daily=tuple(daily),
         cycle=cycle,
+        **extras,
     )
 
 
@@ -771,12 +975,17 @@ def _telemetry(t: _Table) -> TelemetrySettings:
     )
 
 
+DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9464)  # localhost only: the page shows queue contents
+
+
 def _listen_address(t: _Table, name: str) -> tuple[str, int] | None:
     text = t.string(name, None)
     if text is None:
+        return DEFAULT_METRICS_LISTEN if not t.has(name) else None
+    if text == "off":
         return None
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        t.report(name, "must be HOST:PORT", 'write e.g. "127.0.0.1:9464"')
+        t.report(name, "must be HOST:PORT or \"off\"", 'write e.g. "127.0.0.1:9464"')
         return None
     return host.strip("[]"), int(port)

@@ -6,54 +6,83 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
-
-from prometheus_client import start_http_server
 
 from agent.backends import open_backend
 from agent.crypto import load_edge_keys
-from agent.errors import QuotaExceededError
+from agent.errors import QuotaExceededError, SkyferryError
 from agent.gate import Clock, Gate
-from agent.pipeline import IngestRequest, IngestResult, Pipeline
+from agent.pipeline import BatchRequest, IngestRequest, IngestResult, Pipeline
+from agent.reload import plan_reload
 from agent.settings import Settings
+from agent.sources.mqtt import MqttSource
 from agent.sources.put import PutServer
 from agent.sources.spool import SpoolSource
 from agent.store import Eviction, Store
-from agent.telemetry.logs import log_event
+from agent.telemetry.logs import log_event, set_log_level
 from agent.telemetry.metrics import Metrics
+from agent.telemetry.notify import Notifier
+from agent.telemetry.service import ServiceTelemetry
 from agent.uplink import Uplink
-from agent.windows.schedule import Schedule
+from agent.windows.runtime import WindowRuntime
 
 T = TypeVar("T")
 log = logging.getLogger("skyferry.daemon")
 
 
+MQTT_DRAIN_S = 20.0  # at most this long making received messages durable at SIGTERM
+
+
 class Daemon:
-    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+    def __init__(self, settings: Settings, clock: Clock = time.time,
+                 notifier: Notifier | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.metrics = Metrics()
         self.keys = load_edge_keys(settings.keys.recipient_public, settings.keys.signing_key,
                                    settings.keys.dedup_key)
-        self.backend = open_backend(settings.backend.url)
+        self.backend = open_backend(settings.backend)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="skyferry-io")
         self.store = Store(settings.site.state_dir, settings.classes,
                            settings.store.quota_bytes)
         self.pipeline = Pipeline(settings.site.id, self.keys, self.store, settings.chunking,
                                  settings.compression)
-        anchor = clock()
+        anchor = self.anchor = clock()
         # `skyferry status` needs the anchor to tell where a simulated cycle stands.
         self.store.set_meta("cycle_anchor", repr(anchor))
-        self.gate = Gate(Schedule(settings.windows, anchor=anchor), clock)
+        # Forecast (schedule, timetable, passes), link monitor, learned model, window budget.
+        self.windows = WindowRuntime(settings, self.store, self.backend, clock, anchor,
+                                     self.metrics)
+        self.gate = Gate(self.windows.schedule, clock)
+        self.windows.attach(self.gate)
         self.uplink = Uplink(settings.site.id, self.store, self.backend, self.gate,
-                             settings.uplink, self.run_blocking, self.metrics, clock)
+                             settings.uplink, self.run_blocking, self.metrics, clock,
+                             self.windows.admission)
         self.spools = [SpoolSource(s, self.ingest) for s in settings.spools]
         self.put_server = PutServer(settings.put.socket, self.ingest,
                                     [c.name for c in settings.classes])
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self.mqtt = self._mqtt_source(settings)
+        self.service = ServiceTelemetry(
+            settings, store=self.store, gate=self.gate, wake_uplink=self.uplink.notify,
+            run_blocking=self.run_blocking, metrics=self.metrics,
+            notifier=notifier or Notifier(None), environ=self.environ, clock=clock)
+        self.service.mqtt_source = self.mqtt
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def _mqtt_source(self, settings: Settings) -> MqttSource | None:
+        if settings.mqtt is None or not settings.mqtt.subscriptions:
+            return None
+        return MqttSource(settings.mqtt, self.ingest_batch, self.run_blocking, self.metrics,
+                          self.environ)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -72,6 +101,21 @@ class Daemon:
             self.metrics.ingested_objects.labels(req.priority).inc()
             self.metrics.stored_bytes.labels(req.priority).inc(result.stored_bytes)
             self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
+        self.uplink.notify()
+        return result
+
+    async def ingest_batch(self, req: BatchRequest) -> IngestResult:
+        """Like `ingest`, for an in-memory batch (MQTT)."""
+        try:
+            result = await self.run_blocking(self.pipeline.ingest_batch, req)
+        except QuotaExceededError:
+            self.metrics.refusals.labels(req.priority).inc()
+            raise
+        self._count_evictions(result.evicted)
+        self.metrics.ingested_bytes.labels(req.priority).inc(result.size)
+        self.metrics.ingested_objects.labels(req.priority).inc()
+        self.metrics.stored_bytes.labels(req.priority).inc(result.stored_bytes)
+        self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
         self.uplink.notify()
         return result
 
@@ -97,43 +141,164 @@ class Daemon:
                 was_open = is_open
             await asyncio.sleep(0.2)
 
-    def _serve_metrics(self) -> None:
-        listen = self.settings.telemetry.metrics_listen
-        if listen is not None:
-            start_http_server(listen[1], addr=listen[0], registry=self.metrics.registry)
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        assert self._tg is not None
+        self._tasks[name] = self._tg.create_task(coro, name=name)
+
+    async def _cancel(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._serve_metrics()
+        self.service.start_server()
         log_event(log, logging.INFO, "started", "skyferry started", site=self.settings.site.id,
                   pending=self.store.pending_objects())
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self.gate.run(), name="gate"),
-                    tg.create_task(self.uplink.run(), name="uplink"),
-                    tg.create_task(self.put_server.run(), name="put"),
-                    tg.create_task(self._housekeeping(), name="housekeeping"),
-                    *(tg.create_task(s.run(), name=f"spool-{s.settings.name}")
-                      for s in self.spools),
-                ]
+                self._tg = tg
+                self._spawn("gate", self.gate.run())
+                self._spawn("uplink", self.uplink.run())
+                self._spawn("put", self.put_server.run())
+                self._spawn("housekeeping", self._housekeeping())
+                for name, coro in self.windows.tasks(self.run_blocking):
+                    self._spawn(name, coro)
+                for s in self.spools:
+                    self._spawn(f"spool-{s.settings.name}", s.run())
+                if self.mqtt is not None:
+                    self._spawn("mqtt", self.mqtt.run())
+                for name, coro in self.service.tasks():
+                    self._spawn(name, coro)
+                await self.service.ready()
                 await stop.wait()
-                log_event(log, logging.INFO, "stopping", "stopping: in-flight uploads are "
-                          "released and will be re-sent next time")
-                for t in tasks:
+                log_event(log, logging.INFO, "stopping", "stopping: received MQTT messages are "
+                          "made durable, in-flight uploads are released and re-sent next time")
+                await self._drain()
+                for t in self._tasks.values():
                     t.cancel()
         finally:
             await self.uplink.drain_acks()
+            self.windows.save()  # the learned link model, before the store closes
             self.executor.shutdown(wait=True)
             self.store.close()
+            self.service.close()
             self.settings.put.socket.unlink(missing_ok=True)
             log_event(log, logging.INFO, "stopped", "skyferry stopped")
 
+    async def _drain(self) -> None:
+        """SIGTERM: finish what was accepted from producers, abandon what was not."""
+        await self.service.stopping()
+        self.pipeline.stopping.set()  # a file half-read stays in its spool for next time
+        if self.mqtt is not None:
+            try:
+                async with asyncio.timeout(MQTT_DRAIN_S):
+                    await self.mqtt.drain()
+            except TimeoutError:
+                log_event(log, logging.WARNING, "mqtt_drain_timeout",
+                          "MQTT messages not yet durable are left to the broker to re-send",
+                          pending=self.mqtt.pending)
 
-async def run_daemon(settings: Settings) -> None:
+    async def reload(self, config: Path) -> None:
+        """SIGHUP: re-read the file and apply windows, sources, rates; the queue stays."""
+        from agent.config import load_settings
+
+        self.service.notifier.reloading()
+        try:
+            new = await self.run_blocking(load_settings, config)
+        except SkyferryError as e:
+            self.metrics.errors.labels("reload").inc()
+            log_event(log, logging.ERROR, "reload_failed",
+                      f"configuration not reloaded, still running the previous one: {e}")
+            self.service.notifier.ready("running (reload failed)")
+            return
+        plan = plan_reload(self.settings, new)
+        for what in plan.needs_restart:
+            log_event(log, logging.WARNING, "reload_needs_restart",
+                      f"{what} changed: it takes effect only after a restart", setting=what)
+        if plan.windows:
+            # In a thread: new element files mean predicting passes, which takes a moment.
+            self.gate.set_schedule(await self.run_blocking(self.windows.reload, new.windows))
+        if plan.rate:
+            self.uplink.limiter.set_rate(new.uplink.rate_bps)
+            self.windows.admission.uplink_rate_bps = new.uplink.rate_bps
+        if plan.log_level:
+            set_log_level(new.telemetry.log_level)
+        if plan.spools:
+            await self._replace_spools(plan.settings)
+        if plan.mqtt:
+            await self._replace_mqtt(plan.settings)
+        self.settings = plan.settings
+        log_event(log, logging.INFO, "reloaded", "configuration reloaded: "
+                  + (", ".join(plan.changes) or "nothing changed"), changed=list(plan.changes))
+        self.service.notifier.ready("running (reloaded)")
+
+    async def _replace_spools(self, settings: Settings) -> None:
+        keep = {s.settings: s for s in self.spools}
+        wanted = set(settings.spools)
+        for s in self.spools:
+            if s.settings not in wanted:
+                await self._cancel(f"spool-{s.settings.name}")
+        self.spools = [keep.get(sp) or SpoolSource(sp, self.ingest) for sp in settings.spools]
+        for s in self.spools:
+            if s.settings not in keep:
+                self._spawn(f"spool-{s.settings.name}", s.run())
+
+    async def _replace_mqtt(self, settings: Settings) -> None:
+        new = settings.mqtt
+        if (self.mqtt is not None and new is not None and new.subscriptions
+                and self.mqtt.can_update(new)):
+            await self.mqtt.update(new)  # same connection: nothing in flight is re-sent
+        else:
+            await self._reconnect_mqtt(settings)
+        await self._cancel("mqtt-status")
+        status = await self.service.replace_mqtt_status(settings)
+        if status is not None:
+            self._spawn("mqtt-status", status)
+
+    async def _reconnect_mqtt(self, settings: Settings) -> None:
+        # Received messages are made durable (and acknowledged) before the old connection
+        # closes; the new one resumes the same broker session, so nothing is lost.
+        if self.mqtt is not None:
+            await self.mqtt.drain()
+            await self._cancel("mqtt")
+        self.mqtt = self._mqtt_source(settings)
+        self.service.mqtt_source = self.mqtt
+        if self.mqtt is not None:
+            self._spawn("mqtt", self.mqtt.run())
+
+
+def _test_hooks(loop: asyncio.AbstractEventLoop, environ: Mapping[str, str]) -> None:
+    """TEST ONLY, off unless SKYFERRY_TEST_HOOKS=1: SIGUSR2 blocks the event loop for
+    $SKYFERRY_TEST_BLOCK_S seconds, so a test can prove the watchdog notices a stuck loop."""
+    if environ.get("SKYFERRY_TEST_HOOKS") != "1":
+        return
+    block_s = float(environ.get("SKYFERRY_TEST_BLOCK_S", "3"))
+
+    def block() -> None:
+        log_event(log, logging.WARNING, "test_block_loop", f"TEST HOOK: blocking {block_s}s")
+        time.sleep(block_s)
+
+    loop.add_signal_handler(signal.SIGUSR2, block)
+
+
+async def run_daemon(settings: Settings, config: Path | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    daemon = Daemon(settings)
+    environ = os.environ
+    notifier = Notifier.from_environ(environ, os.getpid())
+    daemon = Daemon(settings, notifier=notifier, environ=environ)
+    reloads: set[asyncio.Task[None]] = set()
+    if config is not None:
+        def reload() -> None:
+            task = loop.create_task(daemon.reload(config))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    _test_hooks(loop, environ)
     with contextlib.suppress(asyncio.CancelledError):
         await daemon.run(stop)

@@ -48,9 +48,22 @@ class StoreLockedError(StoreError):
 class BackendError(SkyferryError):
     """The object storage backend failed or refused an operation."""
 
+    def __init__(self, message: str, kind: str = "backend") -> None:
+        super().__init__(message)
+        # What metrics count it as: timeout, connection, throttled, server_error, auth, ...
+        self.kind = kind
+
+
+class TransientBackendError(BackendError):
+    """Retrying may help: a timeout, a reset connection, a 5xx answer, throttling (429/503)."""
+
 
 class PermanentBackendError(BackendError):
     """Retrying cannot help: credentials, permissions, missing bucket/container."""
+
+
+class ObjectConflictError(BackendError):
+    """An object already sits under the key with other content: someone must look at it."""
 
 
 class RestoreError(SkyferryError):
@@ -63,6 +76,10 @@ class UnsafePathError(RestoreError):
 
 class SourceError(SkyferryError):
     """A data source (spool folder, MQTT, put) cannot ingest."""
+
+
+class IngestStoppedError(SourceError):
+    """The daemon is stopping: an ingest was abandoned; its data stays at the source."""
 
 
 class ObjectNotFoundError(BackendError):

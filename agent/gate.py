@@ -20,6 +20,7 @@ class GateState:
     next_change: float | None
     paused: bool
     link_up: bool
+    flushing: bool = False
 
 
 class Gate:
@@ -30,6 +31,7 @@ class Gate:
         self.clock = clock
         self.tick_s = tick_s
         self.paused = False
+        self.flushing = False  # operator's `flush`: open outside windows while the link is up
         self.link_up = True
         self._open = asyncio.Event()
         self._closed = asyncio.Event()
@@ -43,14 +45,15 @@ class Gate:
         return GateState(
             open=self._open.is_set(), window=window,
             next_change=self.schedule.next_change(now), paused=self.paused, link_up=self.link_up,
+            flushing=self.flushing,
         )
 
     def is_open(self) -> bool:
         return self._open.is_set()
 
     def _evaluate(self) -> None:
-        should = (self.schedule.window_at(self.clock()) is not None and self.link_up
-                  and not self.paused)
+        in_window = self.flushing or self.schedule.window_at(self.clock()) is not None
+        should = in_window and self.link_up and not self.paused
         if should and not self._open.is_set():
             self.windows_opened += 1
             self._closed.clear()
@@ -65,6 +68,24 @@ class Gate:
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
+        if paused:
+            self.flushing = False
+        self._evaluate()
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """New windows from a configuration reload (SIGHUP)."""
+        self.schedule = schedule
+        self._evaluate()
+
+    def flush(self) -> bool:
+        """Open now if the link is up, window or not, until `end_flush` or a pause."""
+        self.paused = False
+        self.flushing = True
+        self._evaluate()
+        return self.is_open()
+
+    def end_flush(self) -> None:
+        self.flushing = False
         self._evaluate()
 
     async def wait_open(self) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 from agent.errors import FormatError, UnsafePathError
 
 MANIFEST_VERSION = 1
+KIND_FILE = "file"
+KIND_MQTT_BATCH = "mqtt-batch"  # JSON Lines of MQTT messages (docs/FORMAT.md)
 
 
 def uuid7() -> str:
@@ -39,7 +41,7 @@ class Manifest:
     object_id: str
     site: str
     source: str
-    kind: str  # "file" (MQTT batches arrive with the MQTT issue)
+    kind: str  # KIND_FILE or KIND_MQTT_BATCH
     name: str  # relative POSIX path, as given by the source
     size: int
     mtime_ns: int

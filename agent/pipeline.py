@@ -20,9 +20,17 @@ from pyfastcdc import FastCDC
 
 from agent import crypto
 from agent.crypto import EdgeKeys
-from agent.errors import FormatError, SourceError, UnsafePathError
+from agent.errors import FormatError, IngestStoppedError, SourceError, UnsafePathError
 from agent.fsio import write_durable
-from agent.manifest import ChunkRef, Manifest, check_name, now_iso, uuid7
+from agent.manifest import (
+    KIND_FILE,
+    KIND_MQTT_BATCH,
+    ChunkRef,
+    Manifest,
+    check_name,
+    now_iso,
+    uuid7,
+)
 from agent.settings import ChunkingSettings, CompressionSettings
 from agent.store import Eviction, StagedChunk, StagedObject, Store
 
@@ -35,6 +43,20 @@ class IngestRequest:
     source: str
     name: str  # relative POSIX name kept in the manifest
     priority: str
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """An in-memory object (a batch of MQTT messages as JSON Lines), sealed like a file."""
+
+    data: bytes
+    source: str
+    priority: str
+    name_prefix: str  # the name is name_prefix + object id + name_suffix
+    name_suffix: str
+    mtime_ns: int  # receive time of the newest message
+    kind: str = KIND_MQTT_BATCH
     meta: dict[str, str] = field(default_factory=dict)
 
 
@@ -111,6 +133,9 @@ class Pipeline:
         self.chunking = chunking
         self.compressor = Compressor(compression)
         self._local = threading.local()
+        # Set at shutdown: a file being read is abandoned at the next chunk (it stays at its
+        # source), so SIGTERM is not held up by a 50 GB ingest.
+        self.stopping = threading.Event()
 
     def source_key(self, source: str, name: str, size: int, mtime_ns: int) -> str:
         """Identity of one version of a source item, keyed so it reveals nothing."""
@@ -189,6 +214,9 @@ class Pipeline:
             whole = blake3.blake3()
             offset = 0
             for data in self._pieces(req.path, st.st_size):
+                if self.stopping.is_set():
+                    raise IngestStoppedError(f"{req.path}: ingest interrupted by shutdown; the "
+                                             "file stays at its source and is taken next start")
                 ref = self._stage_chunk(staged, stage, data, offset)
                 whole.update(data)
                 refs.append(ref)
@@ -202,12 +230,12 @@ class Pipeline:
                     "once it stops changing"
                 )
             manifest = Manifest(
-                object_id=object_id, site=self.site, source=req.source, kind="file",
+                object_id=object_id, site=self.site, source=req.source, kind=KIND_FILE,
                 name=req.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
                 hash=whole.hexdigest(), priority=req.priority, created=now_iso(),
                 chunks=tuple(refs), meta=dict(req.meta),
             )
-            staged.manifest_bytes = self._stage_manifest(stage, manifest)
+            staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, manifest)
             self.store.commit_object(staged)
         except BaseException:
             self.store.abandon(object_id)
@@ -219,6 +247,51 @@ class Pipeline:
             sum(c.sealed_size for c in staged.new_chunks.values()) + staged.manifest_bytes,
             evicted=tuple(evicted),
         )
+
+    def ingest_batch(self, req: BatchRequest) -> IngestResult:
+        """Seal an in-memory object into the store. Returns only after it is durable."""
+        size = len(req.data)
+        reserved, evicted = self.store.reserve(size, req.priority, self.chunking.max_size)
+        object_id = uuid7()
+        name = f"{req.name_prefix}{object_id}{req.name_suffix}"
+        check_name(name)
+        stage = self.store.staging_path(object_id)
+        try:
+            stage.mkdir()
+            staged = StagedObject(object_id, req.source, None, req.priority, size)
+            refs: list[ChunkRef] = []
+            offset = 0
+            for data in self._pieces_of(req.data):
+                refs.append(self._stage_chunk(staged, stage, data, offset))
+                offset += len(data)
+            manifest = Manifest(
+                object_id=object_id, site=self.site, source=req.source, kind=req.kind,
+                name=name, size=size, mtime_ns=req.mtime_ns,
+                hash=crypto.content_hash(req.data), priority=req.priority, created=now_iso(),
+                chunks=tuple(refs), meta=dict(req.meta),
+            )
+            staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, manifest)
+            self.store.commit_object(staged)
+        except BaseException:
+            self.store.abandon(object_id)
+            raise
+        finally:
+            self.store.release(reserved)
+        return IngestResult(
+            object_id, size, len(refs), len(staged.new_chunks),
+            sum(c.sealed_size for c in staged.new_chunks.values()) + staged.manifest_bytes,
+            evicted=tuple(evicted),
+        )
+
+    def _pieces_of(self, data: bytes) -> Iterator[memoryview]:
+        """Content-defined pieces of an in-memory object (one piece when it is small)."""
+        view = memoryview(data)
+        if len(data) <= self.chunking.min_size:
+            if data:
+                yield view
+            return
+        for piece in self._cutter().cut_buf(view):
+            yield view[piece.offset:piece.offset + piece.length]
 
     def _stage_chunk(self, staged: StagedObject, stage: Path, data: memoryview,
                      offset: int) -> ChunkRef:
@@ -234,10 +307,10 @@ class Pipeline:
         staged.new_chunks[cid] = StagedChunk(cid, len(blob), len(data), crypto.content_hash(blob))
         return ref
 
-    def _stage_manifest(self, stage: Path, manifest: Manifest) -> int:
+    def _stage_manifest(self, stage: Path, manifest: Manifest) -> tuple[int, str]:
         body = crypto.sign_manifest(manifest.to_json(), self.keys.signing_key)
         compression, payload = self.compressor.compress(body)
         blob = crypto.seal(payload, self.keys.recipient_public, kind=crypto.KIND_MANIFEST,
                            compression=compression, plaintext_len=len(body))
         write_durable(stage / "manifest", blob, sync_dir=False)
-        return len(blob)
+        return len(blob), crypto.content_hash(blob)

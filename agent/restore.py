@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import crypto, layout
-from agent.backends import Backend
+from agent.backends import Backend, retrying
 from agent.errors import (
     BackendError,
     CryptoError,
@@ -27,7 +27,7 @@ from agent.errors import (
     RestoreError,
     UnsafePathError,
 )
-from agent.manifest import Manifest, check_name
+from agent.manifest import KIND_MQTT_BATCH, Manifest, check_name
 from agent.pipeline import decompress
 from agent.units import format_size
 
@@ -123,8 +123,8 @@ class Restorer:
 
     async def sites(self) -> list[str]:
         seen: set[str] = set()
-        async for info in self.backend.list(""):
-            parts = info.key.split("/")
+        for key in await self._keys(""):
+            parts = key.split("/")
             if len(parts) >= 3 and parts[1] == "manifests":
                 seen.add(parts[0])
         return sorted(seen)
@@ -132,7 +132,7 @@ class Restorer:
     async def load_manifests(self, site: str, since: datetime | None,
                              report: RestoreReport) -> list[Manifest]:
         """Fetch, decrypt and verify every manifest of a site; problems go in the report."""
-        keys = [i.key async for i in self.backend.list(layout.manifests_prefix(site))]
+        keys = await self._keys(layout.manifests_prefix(site))
         if since is not None:
             day = since.astimezone(UTC).strftime("%Y/%m/%d")
             keys = [k for k in keys if _key_day(k) >= day]
@@ -141,7 +141,7 @@ class Restorer:
         async def one(key: str) -> None:
             try:
                 m = await self.load_manifest(key)
-            except (CryptoError, FormatError, UnsafePathError, KeyFileError) as e:
+            except (CryptoError, FormatError, UnsafePathError, KeyFileError, BackendError) as e:
                 report.problems.append(Problem(key, str(e)))
                 return
             if since is None or m.created_at >= since:
@@ -151,8 +151,16 @@ class Restorer:
         report.manifests += len(keys)
         return out
 
+    async def _keys(self, prefix: str) -> list[str]:
+        """Every key under prefix; a listing cut half-way is started again."""
+
+        async def listing() -> list[str]:
+            return [i.key async for i in self.backend.list(prefix)]
+
+        return await retrying(listing)
+
     async def load_manifest(self, key: str) -> Manifest:
-        blob = await self.backend.get(key)
+        blob = await retrying(lambda: self.backend.get(key))
         header, payload = await asyncio.to_thread(crypto.open_sealed, blob, self.recipient)
         if header.kind != crypto.KIND_MANIFEST:
             raise FormatError(f"{key} holds a chunk, not a manifest")
@@ -173,7 +181,7 @@ class Restorer:
         ref = m.chunks[index]
         async with self._fetch_slots:
             try:
-                blob = await self.backend.get(layout.chunk_key(m.site, ref.id))
+                blob = await retrying(lambda: self.backend.get(layout.chunk_key(m.site, ref.id)))
             except ObjectNotFoundError:
                 raise RestoreError(f"chunk {ref.id} (#{index}) is missing from the cloud") from None
         return await asyncio.to_thread(self._open_chunk, blob, m, index)
@@ -217,7 +225,7 @@ class Restorer:
             raise RestoreError("reassembled object does not match the manifest's hash")
 
     async def restore_object(self, m: Manifest, target: Path, progress: Progress | None) -> None:
-        dest = target / m.site / m.source / safe_relative(m.name)
+        dest = restore_path(target, m)
         _check_inside(target, dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         _check_inside(target, dest)
@@ -262,6 +270,17 @@ class Restorer:
         await _bounded(4, [one(m) for m in chosen])
         progress.close()
         return report
+
+
+def restore_path(target: Path, m: Manifest) -> Path:
+    """Files go to <site>/<source>/<name>; MQTT batches to <site>/mqtt/<source>/<name>.
+
+    Batch names start with the UTC receive time of their first message, so listing a folder
+    in name order gives the messages of each topic in the order they arrived.
+    """
+    if m.kind == KIND_MQTT_BATCH:
+        return target / m.site / "mqtt" / m.source / safe_relative(m.name)
+    return target / m.site / m.source / safe_relative(m.name)
 
 
 def _newest_per_name(manifests: list[Manifest], report: RestoreReport) -> list[Manifest]:

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS objects (
     rank INTEGER NOT NULL,
     size INTEGER NOT NULL,
     manifest_bytes INTEGER NOT NULL,
+    manifest_hash TEXT,
     created REAL NOT NULL,
     state TEXT NOT NULL,
     chunks_left INTEGER NOT NULL,
@@ -94,6 +95,7 @@ class StagedObject:
     chunk_ids: list[str] = field(default_factory=list)  # in order, with repeats
     new_chunks: dict[str, StagedChunk] = field(default_factory=dict)
     manifest_bytes: int = 0
+    manifest_hash: str = ""  # BLAKE3 of the sealed manifest file
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class ManifestWork:
     created: float
     priority: str
     manifest_bytes: int = 0
+    manifest_hash: str = ""
 
 
 Work = ChunkWork | ManifestWork
@@ -167,6 +170,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
         self._check_schema_version()
         self._reconcile()
 
@@ -183,6 +187,12 @@ class Store:
                 "(normally the running daemon); stop it or talk to it through its socket"
             ) from None
         self._lock_fd = fd
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after schema 1 shipped; old rows keep NULL (checked by size only)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(objects)")}
+        if "manifest_hash" not in have:
+            self._db.execute("ALTER TABLE objects ADD COLUMN manifest_hash TEXT")
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -434,10 +444,11 @@ class Store:
                 != "uploaded"
             )
             db.execute(
-                "INSERT INTO objects (id, source, source_key, class, rank, size, manifest_bytes,"
-                " created, state, chunks_left) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                "INSERT INTO objects (id, source, source_key, class, rank, size, manifest_hash,"
+                " manifest_bytes, created, state, chunks_left)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
                 (staged.object_id, staged.source, staged.source_key, cls.name, cls.rank,
-                 staged.size, staged.manifest_bytes, time.time(), left),
+                 staged.size, staged.manifest_hash, staged.manifest_bytes, time.time(), left),
             )
             db.executemany(
                 "INSERT INTO object_chunks (object_id, seq, chunk_id) VALUES (?, ?, ?)",
@@ -495,14 +506,16 @@ class Store:
         exclude = f"AND id NOT IN ({marks})" if inflight else ""
         fits = "" if max_bytes is None else f"AND manifest_bytes <= {int(max_bytes)}"
         row = self._db.execute(
-            f"SELECT id, created, class, manifest_bytes FROM objects WHERE state='queued' "
+            f"SELECT id, created, class, manifest_bytes, manifest_hash FROM objects "
+            f"WHERE state='queued' "
             f"AND chunks_left=0 {exclude} {fits} ORDER BY rank, created LIMIT 1",
             inflight,
         ).fetchone()
         if row is None:
             return None
         self._manifests_inflight.add(row[0])
-        return ManifestWork(row[0], self.manifest_path(row[0]), row[1], row[2], int(row[3]))
+        return ManifestWork(row[0], self.manifest_path(row[0]), row[1], row[2], int(row[3]),
+                            row[4] or "")
 
     def _next_chunk(self, now: float, aging_s: float,
                     max_bytes: int | None = None) -> ChunkWork | None:
@@ -572,6 +585,17 @@ class Store:
         for o, chunk_ids in freed.items():
             self._remove_object_files(o, chunk_ids)
         return objs
+
+    def mark_manifest_corrupt(self, object_id: str) -> None:
+        """The local manifest file is damaged: the object can never be committed."""
+        freed: list[str] = []
+        with self._txn() as db:
+            cur = db.execute("UPDATE objects SET state='damaged', finished=? WHERE id=? AND "
+                             "state='queued'", (time.time(), object_id))
+            if cur.rowcount:  # else evicted meanwhile: its bytes were already given back
+                freed = self._drop_unneeded_chunks(db, object_id, drop_unsent=True)
+            self._manifests_inflight.discard(object_id)
+        self._remove_object_files(object_id, freed)
 
     def mark_committed(self, object_id: str) -> None:
         """The cloud acknowledged the manifest: only now may the local copies go."""

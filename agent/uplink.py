@@ -5,20 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import blake3
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, retry_if_exception, stop_never
 
 from agent import layout
-from agent.backends import Backend
+from agent.backends import Backend, backoff, is_transient
+from agent.budget import Admission
 from agent.errors import BackendError, CorruptChunkError, PermanentBackendError
 from agent.gate import Clock, Gate
 from agent.ratelimit import TokenBucket
@@ -32,31 +29,32 @@ RunBlocking = Callable[..., Awaitable[Any]]
 log = logging.getLogger("skyferry.uplink")
 
 
-def _transient(e: BaseException) -> bool:
-    return isinstance(e, BackendError) and not isinstance(e, PermanentBackendError)
+def read_verified(path: Path, size: int, sealed_hash: str, what: str) -> bytes:
+    """Read a sealed file and check it against the index before it leaves the site.
 
-
-def read_verified(path: Path, size: int, sealed_hash: str, chunk_id: str) -> bytes:
-    """Read a sealed chunk file and check it against the index before it leaves the site."""
+    `what` names it in errors: a chunk id, or "manifest of object <id>". An empty hash (a
+    manifest recorded before hashes were kept) is checked by size only.
+    """
+    kind = "manifest file" if what.startswith("manifest") else "chunk file"
+    label = what if what.startswith("manifest") else f"chunk {what}"
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CorruptChunkError(f"chunk file {path} is missing (chunk {chunk_id})") from None
+        raise CorruptChunkError(f"{kind} {path} is missing ({label})") from None
     if len(data) != size:
         raise CorruptChunkError(
-            f"chunk file {path} is {len(data)} bytes, the index recorded {size}: truncated or "
-            f"overwritten (chunk {chunk_id})")
-    if blake3.blake3(data).hexdigest() != sealed_hash:
+            f"{kind} {path} is {len(data)} bytes, the index recorded {size}: truncated or "
+            f"overwritten ({label})")
+    if sealed_hash and blake3.blake3(data).hexdigest() != sealed_hash:
         raise CorruptChunkError(
-            f"chunk file {path} does not match its recorded hash: damaged on disk "
-            f"(chunk {chunk_id})")
+            f"{kind} {path} does not match its recorded hash: damaged on disk ({label})")
     return data
 
 
 class Uplink:
     def __init__(self, site: str, store: Store, backend: Backend, gate: Gate,
                  settings: UplinkSettings, run_blocking: RunBlocking, metrics: Metrics,
-                 clock: Clock) -> None:
+                 clock: Clock, admission: Admission | None = None) -> None:
         self.site = site
         self.store = store
         self.backend = backend
@@ -69,6 +67,15 @@ class Uplink:
         self.in_flight: set[str] = set()
         self.limiter = TokenBucket(settings.rate_bps)
         self._acks: set[asyncio.Task[None]] = set()
+        # A permanent refusal (credentials, missing container) pauses every worker until this
+        # monotonic time, and is logged once per kind instead of once per chunk and worker.
+        self._paused_until = 0.0
+        self._refusal: str | None = None
+        # Window byte budget, rate cap and stream count (agent/budget.py): work is claimed
+        # through it so nothing is begun that cannot finish before the window ends.
+        self.admission = admission or Admission(
+            lambda t: gate.schedule.window_at(t), clock, uplink_rate_bps=settings.rate_bps,
+            max_streams=settings.streams)
 
     async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run bookkeeping that must finish even when the worker is cancelled."""
@@ -94,18 +101,42 @@ class Uplink:
     async def _worker(self, index: int) -> None:
         while True:
             await self.gate.wait_open()
-            work: Work | None = await self.run_blocking(
-                self.store.next_work, self.clock(), self.settings.aging_s)
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+                continue
+            if index >= self.admission.streams_wanted():
+                await asyncio.sleep(0.5)  # parked: fewer streams already fill this link
+                continue
+            now = self.clock()
+            cap = self.admission.cap(now)  # the window's or timetable's rate
+            if cap != self.limiter.rate:
+                self.limiter.set_rate(cap)
+            work: Work | None
+            work, budget = await self.run_blocking(
+                self.admission.claim, self.store, now, self.settings.aging_s)
             if work is None:
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives just as the event fires (shutdown would hang).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
                 continue
+            if budget.rate_bps is not None and isinstance(work, ChunkWork):
+                log_event(log, logging.DEBUG, "upload_admitted", "chunk fits the window",
+                          chunk=work.chunk_id, bytes=work.sealed_size,
+                          manifest_bytes=work.manifest_bytes, at=now,
+                          window_end=None if budget.window is None else budget.window.end,
+                          rate_bps=budget.rate_bps, rate_source=budget.rate_source,
+                          in_flight_bytes=budget.in_flight_bytes)
             try:
                 ok = await self._until_gate_closes(work)
             except asyncio.CancelledError:
                 self._release(work)
                 raise
+            finally:
+                self.admission.finished(work)
             if not ok:
                 await asyncio.sleep(self.settings.retry_initial_s)
 
@@ -147,7 +178,13 @@ class Uplink:
                 await self._send_manifest(work)
             return True
         except CorruptChunkError as e:
-            assert isinstance(work, ChunkWork)
+            if isinstance(work, ManifestWork):
+                await self.run_blocking(self.store.mark_manifest_corrupt, work.object_id)
+                self.metrics.errors.labels("corrupt_manifest").inc()
+                log_event(log, logging.ERROR, "manifest_corrupt",
+                          f"{e}; object {work.object_id} marked damaged and not sent; "
+                          "re-ingest it from its source", object=work.object_id)
+                return True
             objects = await self.run_blocking(self.store.mark_chunk_corrupt, work.chunk_id)
             self.metrics.errors.labels("corrupt_chunk").inc()
             log_event(log, logging.ERROR, "chunk_corrupt",
@@ -155,36 +192,83 @@ class Uplink:
                       "re-ingest them from their source", chunk=work.chunk_id)
             return True
         except BackendError as e:
-            self.metrics.errors.labels(
-                "backend_permanent" if isinstance(e, PermanentBackendError) else "backend"
-            ).inc()
-            log_event(log, logging.WARNING, "upload_failed", str(e), object=work.object_id)
+            # Counted by kind where the attempt failed (_with_retries); the work goes back in
+            # line untouched: nothing about a refused upload changes the queue.
             await self.run_blocking(self._release, work)
             if isinstance(e, PermanentBackendError):
+                self._refused(e)
+            else:  # an object in the way (ObjectConflictError): this chunk only
+                log_event(log, logging.ERROR, "upload_failed", str(e), object=work.object_id)
                 await asyncio.sleep(self.settings.retry_max_s)
             return False
 
-    async def _with_retries(self, fn: Callable[[], Awaitable[T]]) -> T:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(self.settings.retry_initial_s, self.settings.retry_max_s),
-            stop=stop_after_attempt(5),
+    def _refused(self, e: PermanentBackendError) -> None:
+        """Credentials, permissions or a missing container: retrying now cannot help."""
+        self._paused_until = time.monotonic() + self.settings.retry_max_s
+        if self._refusal != e.kind:
+            self._refusal = e.kind
+            log_event(log, logging.ERROR, "backend_refused",
+                      f"{e}; uploads pause and are tried again every "
+                      f"{self.settings.retry_max_s:g}s; the queue is kept", kind=e.kind)
+
+    def _recovered(self) -> None:
+        if self._refusal is not None:
+            self._refusal = None
+            log_event(log, logging.INFO, "backend_recovered", "the backend accepts uploads again")
+
+    async def _gate_aware_sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        # If the window closed meanwhile, wait for the next one instead of spending an attempt
+        # against a dead link. (A closing gate also cancels the upload outright; this covers
+        # the moment between the close and that cancellation.)
+        await self.gate.wait_open()
+
+    async def _with_retries(self, fn: Callable[[int], Awaitable[T]]) -> T:
+        """Retry transient failures (timeouts, resets, 5xx, 429) with backoff and jitter.
+
+        No attempt limit: giving up would only put the chunk back in line and restart the
+        backoff from its shortest delay: more requests against a struggling service, not
+        fewer. The chunk leaves this loop on success, on a permanent error, or when the gate
+        closes and cancels it. obstore's Retry-After is not visible to us (it drops response
+        headers), so throttling gets the same capped exponential backoff.
+        """
+        attempts = AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=backoff(self.settings.retry_initial_s, self.settings.retry_max_s),
+            stop=stop_never,
+            sleep=self._gate_aware_sleep,
             reraise=True,
-        ):
+        )
+        async for attempt in attempts:
             with attempt:
-                return await fn()
+                try:
+                    result = await fn(attempt.retry_state.attempt_number)
+                except BackendError as e:
+                    self.metrics.errors.labels(f"backend_{e.kind}").inc()
+                    if is_transient(e):
+                        log_event(log, logging.DEBUG, "upload_retry", str(e), kind=e.kind,
+                                  attempt=attempt.retry_state.attempt_number)
+                    raise
+                self._recovered()
+                return result
         raise AssertionError("unreachable")
 
     async def _send_chunk(self, work: ChunkWork) -> None:
         data: bytes = await self.run_blocking(
             read_verified, work.path, work.sealed_size, work.sealed_hash, work.chunk_id)
         key = layout.chunk_key(self.site, work.chunk_id)
+        started = time.monotonic()  # delivered rate includes waiting for the rate limit
         await self.limiter.acquire(len(data))
         self.in_flight.add(work.chunk_id)
         try:
-            written = await self._with_retries(lambda: self.backend.put_if_absent(key, data))
+            # From the second attempt on, look before sending: the previous attempt may have
+            # been stored with only its acknowledgement lost.
+            written = await self._with_retries(
+                lambda n: self.backend.put_if_absent(key, data, probe_first=n > 1))
         finally:
             self.in_flight.discard(work.chunk_id)
+        if written:  # an object already there says nothing about the link's rate
+            self.admission.record_transfer(len(data), started, time.monotonic())
         # Shielded: once the cloud has acknowledged, the index and the log must say so even
         # if shutdown cancels this worker right now.
         await self._shielded(self._chunk_acknowledged(work, len(data), written))
@@ -197,9 +281,12 @@ class Uplink:
                   object=work.object_id, bytes=nbytes, sent=written)
 
     async def _send_manifest(self, work: ManifestWork) -> None:
-        data: bytes = await self.run_blocking(work.path.read_bytes)
+        data: bytes = await self.run_blocking(
+            read_verified, work.path, work.manifest_bytes, work.manifest_hash,
+            f"manifest of object {work.object_id}")
         key = layout.manifest_key(self.site, work.created, work.object_id)
-        await self._with_retries(lambda: self.backend.put_if_absent(key, data))
+        await self._with_retries(
+            lambda n: self.backend.put_if_absent(key, data, probe_first=n > 1))
         await self._shielded(self._manifest_acknowledged(work, len(data)))
 
     async def _manifest_acknowledged(self, work: ManifestWork, nbytes: int) -> None:

@@ -23,3 +23,7 @@ def make_site(tmp_path: Path) -> Iterator[Callable[..., Site]]:
     yield make
     for s in made:
         s.close()
+
+
+# Object-store emulators (Azurite, moto), started once per session, and per-test clouds.
+from tests.emulators import azurite, make_cloud, moto  # noqa: E402, F401

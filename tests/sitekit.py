@@ -145,10 +145,11 @@ class Site:
                                  f"{r.stdout}\n{r.stderr}")
         return r
 
-    def start(self) -> None:
+    def start(self, wrap: tuple[str, ...] = ()) -> None:
+        """Start the daemon; `wrap` prefixes the command (e.g. `ip netns exec NS`)."""
         assert self.proc is None or self.proc.poll() is not None
         log = open(self.log_path, "ab")  # noqa: SIM115 - the daemon owns it
-        self.proc = subprocess.Popen([PYTHON, "-m", "agent", "run", "-c", str(self.config)],
+        self.proc = subprocess.Popen([*wrap, PYTHON, "-m", "agent", "run", "-c", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
 

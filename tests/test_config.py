@@ -307,7 +307,7 @@ BAD_VALUES = [
     ({"spool": {"name": "s", "path": "/s"}}, "spool", "{'name'"),
     ({"put": {"priority": "asap"}}, "put.priority", "'asap'"),
     ({"put": {"socket": "/" + "x" * 120}}, "put.socket", "'/xxx"),
-    ({"backend": {"url": "s3://bucket/prefix"}}, "backend.url", "'s3://bucket/prefix'"),
+    ({"backend": {"url": "ftp://bucket/prefix"}}, "backend.url", "'ftp://bucket/prefix'"),
     ({"backend": {"url": "file://relative/dir"}}, "backend.url", "'file://relative/dir'"),
     ({"backend": {"url": "file:relative/dir"}}, "backend.url", "'file:relative/dir'"),
     ({"backend": {"url": "/srv/cloud"}}, "backend.url", "'/srv/cloud'"),
@@ -422,11 +422,14 @@ def test_missing_required_key_is_named(changes: dict[str, Any], key: str) -> Non
     assert len(problems) == 1, problems
 
 
-def test_backend_schemes_for_later_say_not_supported_yet() -> None:
-    for url in ("s3://b/p", "azure://c/p", "gs://b/p"):
-        problem = problem_for(problems_of(with_changes({"backend": {"url": url}})), "backend.url")
-        assert "not supported yet" in problem
-        assert "file://" in problem
+def test_cloud_backend_urls_are_accepted() -> None:
+    for backend in ({"url": "s3://bucket/p"}, {"url": "azure://container/p", "account": "acct"},
+                    {"url": "gs://bucket"}):
+        assert validate(with_changes({"backend": backend}), Path("/c.toml")).backend.url == (
+            backend["url"])
+    problem = problem_for(problems_of(with_changes({"backend": {"url": "gcs://b/p"}})),
+                          "backend.url")
+    assert "gs://bucket/prefix" in problem
 
 
 def test_relative_file_url_says_relative_is_not_allowed() -> None:
@@ -490,7 +493,7 @@ path = "/srv/spool/sensors"
 priority = "urgent"
 
 [backend]
-url = "s3://bucket"
+url = "ftp://bucket"
 
 [uplink]
 streams = 100
@@ -586,7 +589,7 @@ def test_check_config_prints_every_problem_and_returns_2(
         tmp_path,
         '[site]\nid = "camp-alpha"\nstate_dir = "s"\n'
         '[keys]\nrecipient_public = "r"\nsigning_key = "s"\ndedup_key = "d"\n'
-        '[backend]\nurl = "gs://bucket"\n[uplink]\nstreams = 0\naging = "later"\n',
+        '[backend]\nurl = "gcs://bucket"\n[uplink]\nstreams = 0\naging = "later"\n',
     )
     assert check_config_main(path) == 2
     captured = capsys.readouterr()

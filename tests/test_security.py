@@ -447,7 +447,8 @@ def test_damaged_local_chunk_is_quarantined_not_uploaded(
     assert set(cloud_objects(site)) == keys
 
 
-def test_damaged_local_manifest_is_named_by_verify(make_site: MakeSite, tmp_path: Path) -> None:
+def test_damaged_local_manifest_is_caught_before_upload(make_site: MakeSite,
+                                                        tmp_path: Path) -> None:
     site = make_site()
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -458,14 +459,18 @@ def test_damaged_local_manifest_is_named_by_verify(make_site: MakeSite, tmp_path
     site.start()
     site.wait_drained(expect_objects=1)
     site.stop()
-    v = site.verify(check=False)
-    assert v.returncode == 1
-    rep = report(v)
-    # Whether or not the edge uploaded it, a damaged manifest never passes as good data.
-    assert rep["objects_ok"] == 1
-    assert all(ids["a.txt"] in p["what"] for p in rep["problems"]), rep
+    # The edge checks the manifest file against the hash it recorded: one clear error, the
+    # object is marked damaged and its manifest never reaches the cloud.
+    events = [e for e in site.log_events() if e.get("event") == "manifest_corrupt"]
+    assert len(events) == 1 and ids["a.txt"] in events[0]["msg"], events
+    assert events[0]["level"] == "error"
+    assert ids["a.txt"] not in {m.object_id for _k, m in cloud_manifests(site).values()}
+    assert index_rows(site, "SELECT state FROM objects WHERE id=?", ids["a.txt"]) == [
+        ("damaged",)]
+    rep = report(site.verify())
+    assert rep["ok"] and rep["objects_ok"] == 1, rep
     out = tmp_path / "out"
-    site.restore(out, check=False)
+    site.restore(out)
     assert sorted(p.name for p in (out / site.site_id / "put").iterdir()) == ["b.txt"]
 
 

@@ -1,4 +1,4 @@
-"""Data sources: spool folders, `skyferry put` (MQTT comes with issue 5)."""
+"""Data sources: spool folders, `skyferry put`, MQTT subscriptions (sources/mqtt.py)."""
 
 from __future__ import annotations
 

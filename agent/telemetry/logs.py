@@ -42,10 +42,35 @@ def setup_logging(level: str, fmt: str) -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler.set_name("stdout")
+    handler.setLevel(level.upper())
     root = logging.getLogger("skyferry")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # paho logs every packet at debug level: far too much for a journal, and costly.
+    logging.getLogger("skyferry.mqtt.paho").setLevel(logging.WARNING)
+
+
+def set_log_level(level: str) -> None:
+    """Change what reaches stdout (SIGHUP); taps keep seeing everything they asked for."""
+    root = logging.getLogger("skyferry")
+    for h in root.handlers:
+        if h.get_name() == "stdout":
+            h.setLevel(level.upper())
+    if not any(h.get_name() != "stdout" for h in root.handlers):
+        root.setLevel(level.upper())
+
+
+def attach_tap(handler: logging.Handler) -> None:
+    """Add a handler that also sees debug events (delivery events), whatever goes to stdout."""
+    root = logging.getLogger("skyferry")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+
+
+def detach_tap(handler: logging.Handler) -> None:
+    logging.getLogger("skyferry").removeHandler(handler)
 
 
 def log_event(logger: logging.Logger, level: int, event: str, msg: str, **fields: Any) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from agent.settings import WindowSettings
-from agent.windows import Contact
+from agent.windows import Contact, ContactSource
 
 _DAY = 86400.0
 
@@ -14,9 +15,12 @@ _DAY = 86400.0
 class Schedule:
     """Answers "is a window open at t, and when does that change?" from the settings."""
 
-    def __init__(self, settings: WindowSettings, anchor: float) -> None:
+    def __init__(self, settings: WindowSettings, anchor: float,
+                 extra: Sequence[ContactSource] = ()) -> None:
         self.settings = settings
         self.anchor = anchor  # where a simulated cycle starts (normally process start)
+        # Windows computed elsewhere (timetable, predicted passes): see agent/windows/forecast.py
+        self.extra = tuple(extra)
 
     @property
     def always(self) -> bool:
@@ -50,6 +54,8 @@ class Schedule:
                 if a + s.cycle.open_s > start:
                     found.append(Contact(a, a + s.cycle.open_s, None, "cycle"))
                 k += 1
+        for source in self.extra:
+            found.extend(source.contacts(start, end))
         return merge(found)
 
     def window_at(self, t: float, horizon_s: float = 8 * _DAY) -> Contact | None:
@@ -87,8 +93,12 @@ def merge(contacts: list[Contact]) -> list[Contact]:
         if out and c.start <= out[-1].end:
             last = out[-1]
             rates = [r for r in (last.rate_bps, c.rate_bps) if r is not None]
+            peaks = [e for e in (last.max_elevation_deg, c.max_elevation_deg) if e is not None]
+            names = [n for n in (last.detail, c.detail) if n]
             out[-1] = Contact(last.start, max(last.end, c.end), min(rates) if rates else None,
-                              last.source if last.source == c.source else "merged")
+                              last.source if last.source == c.source else "merged",
+                              max(peaks) if peaks else None,
+                              ", ".join(dict.fromkeys(", ".join(names).split(", "))) or None)
         else:
             out.append(c)
     return out

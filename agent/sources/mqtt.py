@@ -1,0 +1,518 @@
+"""MQTT in: subscribe on the site broker, batch messages per class, acknowledge once durable.
+
+How "acknowledge only after durable" is kept
+--------------------------------------------
+aiomqtt (2.5) drives paho-mqtt from the event loop but always lets paho acknowledge a QoS 1
+message as soon as it is read. paho-mqtt 2.2 itself can wait: with `manual_ack` on, a QoS 1
+PUBACK is sent only when `ack(mid, 1)` is called. `_Paho` below reaches the paho client
+aiomqtt wraps (its `_client` attribute: aiomqtt is pinned to 2.5.x in pyproject.toml and
+`tests/test_mqtt.py::test_unacknowledged_messages_come_back` proves the contract against a
+real Mosquitto), turns manual acknowledgement on and records the CONNACK's session-present
+flag. Everything runs on the event loop, so no locking is needed.
+
+QoS 2 is not subscribed to: paho sends PUBREC (after which the broker discards its copy) as
+soon as the PUBLISH arrives, before the message could be made durable. Subscriptions are at
+QoS 1 at most, so QoS 2 publications are delivered to us as QoS 1 and acknowledged (PUBACK)
+only once durable; the price is a possible duplicate after a crash, never a loss.
+
+The broker keeps unacknowledged and new messages while the agent is away because the client id
+is fixed and the session persists (`clean_session=False` in 3.1.1; in 5, `clean_start=False`
+with a session expiry). In MQTT 5 the agent also sets Receive Maximum to `max_inflight`, which
+is how many unacknowledged messages the broker may have outstanding: a batch can never hold
+more (3.1.1 brokers apply their own `max_inflight_messages`, 20 in Mosquitto).
+
+Acknowledgements go out in the order the messages arrived (MQTT 3.1.1 and 5, section 4.6), and
+only on the connection that delivered them: after a reconnect the broker re-sends what was not
+acknowledged, and acknowledging an old packet id on the new connection could acknowledge a
+different message that reuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.errors import QuotaExceededError, SkyferryError, SourceError
+from agent.pipeline import BatchRequest, IngestResult
+from agent.settings import MqttSettings, SecretRef
+from agent.telemetry.logs import log_event
+from agent.telemetry.metrics import Metrics
+
+log = logging.getLogger("skyferry.mqtt")
+IngestBatch = Callable[[BatchRequest], Awaitable[IngestResult]]
+RunBlocking = Callable[..., Awaitable[Any]]
+_TICK_S = 0.05
+_MAX_COMMITS = 2  # batches being made durable at once: overlaps fsync with receiving
+
+
+def read_secret(ref: SecretRef, environ: Mapping[str, str]) -> str:
+    """The secret a SecretRef points at: a file's first line, or an environment variable."""
+    if ref.source == "env":
+        value = environ.get(ref.where)
+        if value is None:
+            raise SourceError(f"environment variable {ref.where} (the MQTT password) is not "
+                              "set; set it in the unit's environment or use password_file")
+        return value
+    path = Path(ref.where)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as e:
+        raise SourceError(f"cannot read the MQTT password file {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise SourceError(f"{path} (the MQTT password) is readable by other users; "
+                          f"chmod 600 {path}")
+    return text.splitlines()[0] if text else ""
+
+
+@dataclass(slots=True)
+class Received:
+    """One message between receipt and acknowledgement."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    received_ns: int
+    mid: int
+    generation: int  # connection that delivered it; acks go only to that connection
+    durable: bool = False
+
+
+def encode_jsonl(records: list[Received]) -> bytes:
+    """The object body: one JSON object per message, in the order they arrived."""
+    lines = []
+    for r in records:
+        obj: dict[str, Any] = {"topic": r.topic, "qos": r.qos, "retain": r.retain,
+                               "received": _iso(r.received_ns)}
+        try:
+            obj["payload"] = r.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            obj["payload_base64"] = base64.b64encode(r.payload).decode("ascii")
+        lines.append(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+    return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def batch_name_prefix(first_ns: int) -> str:
+    """Fixed-width UTC time of the batch's first message: names sort in arrival order."""
+    return datetime.fromtimestamp(first_ns / 1e9, UTC).strftime("%Y%m%dT%H%M%S.%fZ-")
+
+
+@dataclass
+class _Batch:
+    cls: str
+    started: float  # loop time of the first message
+    records: list[Received] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class _Paho:
+    """The paho client inside aiomqtt: manual acknowledgement and the session-present flag."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        inner = getattr(client, "_client", None)
+        if not isinstance(inner, paho.Client):
+            raise SkyferryError(
+                "this aiomqtt does not wrap a paho-mqtt client where skyferry expects it; "
+                "install the aiomqtt version pinned in pyproject.toml")
+        self.client = inner
+        self.session_present = False
+        inner.manual_ack_set(True)
+        wrapped: Any = inner.on_connect  # aiomqtt's handler (paho types it loosely)
+
+        def on_connect(c: paho.Client, userdata: Any, flags: paho.ConnectFlags,
+                       reason: Any, properties: Any = None) -> None:
+            self.session_present = bool(flags.session_present)
+            if wrapped is not None:
+                wrapped(c, userdata, flags, reason, properties)
+
+        inner.on_connect = on_connect
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.client.ack(mid, qos)
+
+    def flush(self) -> None:
+        """Write queued acknowledgements now instead of on the next loop iteration: every
+        millisecond between "durable" and "acknowledged" is a window for duplicates."""
+        if self.client.want_write():
+            self.client.loop_write()
+
+
+class MqttSource:
+    """Subscribes, batches per class by size/count/age, commits, then acknowledges."""
+
+    def __init__(self, settings: MqttSettings, ingest_batch: IngestBatch,
+                 run_blocking: RunBlocking, metrics: Metrics,
+                 environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.ingest_batch = ingest_batch
+        self.run_blocking = run_blocking
+        self.metrics = metrics
+        self.environ = environ
+        self.connected = False
+        self.generation = 0
+        self._paho: _Paho | None = None
+        self._client_now: aiomqtt.Client | None = None
+        self._batches: dict[str, _Batch] = {}
+        self._acks: collections.deque[Received] = collections.deque()
+        self._limbo: list[Received] = []  # unacked when a connection dropped (see _on_connect)
+        self._commits: set[asyncio.Task[None]] = set()
+        self._commit_slots = asyncio.Semaphore(_MAX_COMMITS)
+        # One commit at a time per class, in sealing order (asyncio.Lock wakes waiters FIFO):
+        # batches then become durable in arrival order and acknowledgements are never held
+        # behind an older batch of the same class, which keeps duplicates after a crash few.
+        self._class_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._class_of: dict[str, str] = {}
+        self._stop = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.last_error: str | None = None
+
+    # ---- topics and classes -----------------------------------------------------------------
+
+    def class_for(self, topic: str) -> str:
+        """The class of the first subscription (in config order) whose filter matches."""
+        cls = self._class_of.get(topic)
+        if cls is None:
+            cls = next((s.priority for s in self.settings.subscriptions
+                        if paho.topic_matches_sub(s.topic, topic)), "normal")
+            if len(self._class_of) > 10_000:  # many distinct topics: keep memory bounded
+                self._class_of.clear()
+            self._class_of[topic] = cls
+        return cls
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet durable."""
+        return sum(len(b.records) for b in self._batches.values()) + len(self._limbo)
+
+    # ---- the connection loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, consume, reconnect with backoff; returns once `drain` has finished."""
+        delay = self.settings.reconnect_initial_s
+        tick = asyncio.create_task(self._age_ticker(), name="mqtt-batch-ages")
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._connection()
+                    delay = self.settings.reconnect_initial_s
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a broker problem must never take the daemon down
+                    self._lost_connection(e)
+                if self._stop.is_set():
+                    break
+                wait = delay * random.uniform(0.5, 1.0)
+                delay = min(self.settings.reconnect_max_s, delay * 2)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._stop.wait()
+            await self._finish()
+        finally:
+            tick.cancel()
+            self._stopped.set()
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        props = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = int(min(s.session_expiry_s, 0xFFFFFFFF))
+            props.ReceiveMaximum = s.max_inflight
+        password = read_secret(s.password, self.environ) if s.password else None
+        return aiomqtt.Client(
+            s.host, s.port, identifier=s.client_id, username=s.username, password=password,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else False,
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY, properties=props,
+            keepalive=int(s.keepalive_s), timeout=max(5.0, s.keepalive_s),
+            tls_context=tls_context(s), tls_insecure=bool(s.tls and s.tls.insecure) or None,
+            logger=logging.getLogger("skyferry.mqtt.paho"),
+        )
+
+    async def _connection(self) -> None:
+        client = self._client()
+        paho_access = _Paho(client)
+        async with asyncio.timeout(max(10.0, 2 * self.settings.keepalive_s)):
+            await client.__aenter__()
+        try:
+            self.generation += 1
+            self._paho = paho_access
+            self._client_now = client
+            self.connected = True
+            self.last_error = None
+            self.metrics.mqtt_connected.set(1)
+            self._on_connect(paho_access.session_present)
+            await self._subscribe(client)
+            consume = asyncio.create_task(self._consume(client))
+            stop = asyncio.create_task(self._stop.wait())
+            try:
+                await asyncio.wait({consume, stop}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                consume.cancel()
+                raise
+            finally:
+                stop.cancel()
+            if not consume.done():  # stopping: make everything durable and acknowledge it
+                consume.cancel()
+                await self._finish()
+            else:
+                consume.result()  # raises MqttError when the broker went away
+        finally:
+            self.connected = False
+            self._client_now = None
+            self.metrics.mqtt_connected.set(0)
+            with contextlib.suppress(Exception):  # the connection is gone anyway
+                await client.__aexit__(None, None, None)
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        if not self.settings.subscriptions:
+            return
+        topics = [(s.topic, min(s.qos, 1)) for s in self.settings.subscriptions]
+        granted = await client.subscribe(topics)
+        for (topic, _), code in zip(topics, granted, strict=False):
+            value = code if isinstance(code, int) else int(cast(ReasonCode, code).value)
+            if value >= 0x80:
+                log_event(log, logging.ERROR, "mqtt_subscribe_refused",
+                          f"the broker refused the subscription to {topic!r} (code {value}); "
+                          "check its ACL for this user", topic=topic)
+
+    def _on_connect(self, session_present: bool) -> None:
+        s = self.settings
+        log_event(log, logging.INFO, "mqtt_connected",
+                  f"connected to MQTT broker {s.host}:{s.port}", client_id=s.client_id,
+                  session_present=session_present, generation=self.generation)
+        limbo, self._limbo = self._limbo, []
+        if not limbo:
+            return
+        if session_present:
+            # The broker kept our session: it re-sends every message we did not acknowledge.
+            log_event(log, logging.INFO, "mqtt_redelivery",
+                      f"{len(limbo)} unacknowledged messages will be re-sent by the broker",
+                      messages=len(limbo))
+            return
+        # The broker lost the session (restarted without persistence, or it expired): what we
+        # hold is the only copy, so it is kept, made durable and never acknowledged.
+        log_event(log, logging.WARNING, "mqtt_session_lost",
+                  f"broker has no session for {s.client_id}; keeping {len(limbo)} messages "
+                  "received before the disconnect", messages=len(limbo))
+        for r in limbo:
+            self._add(r, track_ack=False)
+
+    def _lost_connection(self, e: BaseException) -> None:
+        if self.generation and not self._stop.is_set():
+            self.metrics.mqtt_reconnects.inc()
+        self.last_error = str(e) or type(e).__name__
+        self.metrics.errors.labels("mqtt").inc()
+        log_event(log, logging.WARNING, "mqtt_disconnected",
+                  f"MQTT broker {self.settings.host}:{self.settings.port} unavailable: "
+                  f"{self.last_error}; retrying", pending=self.pending)
+        # Messages not yet made durable go to limbo: whether the broker re-sends them is
+        # known only from the next CONNACK. QoS 0 ones are never re-sent: keep them batched.
+        for cls, batch in list(self._batches.items()):
+            keep = [r for r in batch.records if r.qos == 0]
+            self._limbo.extend(r for r in batch.records if r.qos > 0)
+            if keep:
+                batch.records = keep
+                batch.nbytes = sum(len(r.payload) + len(r.topic) for r in keep)
+            else:
+                del self._batches[cls]
+        self._acks.clear()  # nothing of that connection can be acknowledged any more
+        self._paho = None
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            payload = msg.payload
+            if not isinstance(payload, bytes | bytearray):
+                payload = str(payload).encode()
+            r = Received(str(msg.topic), bytes(payload), msg.qos, bool(msg.retain),
+                         time.time_ns(), msg.mid, self.generation)
+            self._add(r, track_ack=r.qos > 0)
+
+    # ---- batching -----------------------------------------------------------------------------
+
+    def _add(self, r: Received, *, track_ack: bool) -> None:
+        cls = self.class_for(r.topic)
+        batch = self._batches.get(cls)
+        if batch is None:
+            batch = self._batches[cls] = _Batch(cls, asyncio.get_running_loop().time())
+        batch.records.append(r)
+        batch.nbytes += len(r.payload) + len(r.topic)
+        if track_ack:
+            self._acks.append(r)
+        else:
+            r.generation = -1  # never acknowledged
+        self.metrics.mqtt_messages.labels(cls).inc()
+        limits = self.settings.batching_for(cls)
+        if batch.nbytes >= limits.max_bytes or len(batch.records) >= limits.max_messages:
+            self._seal(cls)
+        elif self._open_count() >= self.settings.max_inflight // 2:
+            # Half the broker's window waits on open batches: seal them all now, or the
+            # broker stops sending until the oldest reaches max_age.
+            for name in list(self._batches):
+                self._seal(name)
+
+    def _open_count(self) -> int:
+        return sum(len(b.records) for b in self._batches.values())
+
+    async def _age_ticker(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK_S)
+            now = asyncio.get_running_loop().time()
+            for cls, batch in list(self._batches.items()):
+                if now - batch.started >= self.settings.batching_for(cls).max_age_s:
+                    self._seal(cls)
+            if not self._commits and len(self._acks) >= self.settings.max_inflight * 3 // 4:
+                # The window is nearly full of durable messages queued behind an older one
+                # in another class's open batch: seal it, or acks wait for its max_age.
+                for cls in list(self._batches):
+                    self._seal(cls)
+            self.metrics.mqtt_pending.set(self.pending)
+
+    def _seal(self, cls: str) -> None:
+        batch = self._batches.pop(cls, None)
+        if batch is None or not batch.records:
+            return
+        task = asyncio.create_task(self._commit(batch), name=f"mqtt-commit-{cls}")
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+
+    async def _commit(self, batch: _Batch) -> None:
+        """Make one batch durable (retrying while the quota refuses it), then acknowledge."""
+        records = batch.records
+        refused_logged = False
+        async with self._class_locks[batch.cls], self._commit_slots:
+            data: bytes = await self.run_blocking(encode_jsonl, records)
+            req = BatchRequest(
+                data=data, source=self.settings.source, priority=batch.cls,
+                name_prefix=batch_name_prefix(records[0].received_ns), name_suffix=".jsonl",
+                mtime_ns=records[-1].received_ns,
+                meta={"messages": str(len(records))},
+            )
+            delay = 0.5
+            while True:
+                try:
+                    result = await self.ingest_batch(req)
+                    break
+                except QuotaExceededError as e:
+                    # Not acknowledged: the broker stops sending once its window is full,
+                    # which is the back-pressure the quota asks for.
+                    if not refused_logged:
+                        refused_logged = True
+                        log_event(log, logging.WARNING, "ingest_refused",
+                                  f"MQTT batch of {len(records)} messages not accepted: {e}",
+                                  source=self.settings.source, **{"class": batch.cls})
+                except SkyferryError as e:
+                    self.metrics.errors.labels("mqtt_ingest").inc()
+                    log_event(log, logging.ERROR, "ingest_failed",
+                              f"MQTT batch could not be stored: {e}; retrying",
+                              source=self.settings.source, **{"class": batch.cls})
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+        for r in records:
+            r.durable = True
+        acked = self._ack_ready()
+        self.metrics.mqtt_batches.labels(batch.cls).inc()
+        log_event(log, logging.INFO, "mqtt_batch_accepted",
+                  f"{len(records)} MQTT messages stored as one object",
+                  source=self.settings.source, object=result.object_id, bytes=result.size,
+                  messages=len(records), acked=acked, **{"class": batch.cls})
+
+    def _ack_ready(self) -> int:
+        """Acknowledge, in arrival order, every message that is durable; returns how many."""
+        acked = 0
+        while self._acks and self._acks[0].durable:
+            r = self._acks.popleft()
+            if self._paho is not None and r.generation == self.generation:
+                self._paho.ack(r.mid, r.qos)
+                acked += 1
+        if acked and self._paho is not None:
+            self._paho.flush()
+            self.metrics.mqtt_acked.inc(acked)
+        return acked
+
+    # ---- reloading ----------------------------------------------------------------------------
+
+    def can_update(self, new: MqttSettings) -> bool:
+        """True when `new` changes only what `update` applies on the live connection."""
+        return dataclasses.replace(
+            new, subscriptions=self.settings.subscriptions, batching=self.settings.batching,
+            class_batching=self.settings.class_batching, status=self.settings.status,
+            source=self.settings.source) == self.settings
+
+    async def update(self, new: MqttSettings) -> None:
+        """SIGHUP: new subscriptions and batching on the same connection and session.
+
+        Reconnecting would make the broker re-send what is in flight (duplicates); changing
+        subscriptions in place does not. Open batches keep the class they were started in.
+        """
+        old_topics = {(s.topic, min(s.qos, 1)) for s in self.settings.subscriptions}
+        new_topics = {(s.topic, min(s.qos, 1)) for s in new.subscriptions}
+        self.settings = new
+        self._class_of.clear()
+        client = self._client_now
+        if client is None:
+            return  # the next connection subscribes from the new settings
+        gone = sorted({t for t, _ in old_topics} - {t for t, _ in new_topics})
+        added = sorted(new_topics - old_topics)
+        if gone:
+            await client.unsubscribe(gone)
+        if added:
+            await client.subscribe(added)
+
+    # ---- stopping -----------------------------------------------------------------------------
+
+    async def _finish(self) -> None:
+        """Seal every open batch (and limbo), wait until durable, acknowledge what we can."""
+        for r in self._limbo:
+            self._add(r, track_ack=False)
+        self._limbo = []
+        for cls in list(self._batches):
+            self._seal(cls)
+        while self._commits:
+            await asyncio.gather(*list(self._commits), return_exceptions=True)
+        self._ack_ready()
+
+    async def drain(self) -> None:
+        """Stop receiving; return once every received message is durable (and acknowledged
+        where the connection still stands)."""
+        self._stop.set()
+        await self._stopped.wait()
+
+
+def tls_context(s: MqttSettings) -> ssl.SSLContext | None:
+    """An SSL context from [mqtt.tls], or None for plain TCP."""
+    if s.tls is None:
+        return None
+    ctx = ssl.create_default_context(
+        cafile=str(s.tls.ca_file) if s.tls.ca_file else None)
+    if s.tls.cert_file and s.tls.key_file:
+        ctx.load_cert_chain(str(s.tls.cert_file), str(s.tls.key_file))
+    if s.tls.insecure:
+        ctx.check_hostname = False
+    return ctx

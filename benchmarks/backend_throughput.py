@@ -1,0 +1,143 @@
+"""Upload throughput to an object-store emulator through a 40 ms RTT, 20 Mbit/s link.
+
+The daemon uploads a pre-queued payload of random (incompressible) bytes to moto (S3) or Azurite
+(Azure Blob) through `tests.faultproxy.FaultProxy`, which adds 20 ms each way and caps the
+upstream rate. Goodput is the sealed bytes stored in the bucket divided by the time between the
+first and the last upstream byte leaving the capped link; the target is at least 90 % of the cap.
+
+    python -m benchmarks.backend_throughput [--size 64MiB] [--backend moto|azurite]
+        [--rtt 40ms] [--rate 20Mbit/s] [--streams 4] [--no-write]
+
+prints the figures and records them in the `backend_throughput` section of
+benchmarks/RESULTS.md; exits 1 when the goodput is below 90 % of the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.units import format_size, parse_duration, parse_rate, parse_size
+from tests.emulators import Emulator, new_cloud, start_azurite, start_moto
+from tests.sitekit import Site
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+SECTION = "backend_throughput"
+TARGET = 0.90
+
+
+@dataclass(frozen=True)
+class Measurement:
+    backend: str
+    payload: int  # plaintext bytes queued
+    stored: int  # sealed bytes in the bucket (what had to cross the link)
+    link_bytes: int  # every upstream byte over the capped link (HTTP heads, re-sends included)
+    busy_s: float  # from the first to the last upstream byte leaving the capped link
+    cap_bps: float  # bytes per second
+    rtt_s: float
+    streams: int
+
+    @property
+    def goodput_bps(self) -> float:
+        return self.stored / self.busy_s
+
+    @property
+    def utilisation(self) -> float:
+        return self.goodput_bps / self.cap_bps
+
+    def summary(self) -> str:
+        mbit = 8 / 1e6
+        return (f"{format_size(self.payload)} to {self.backend} over {self.rtt_s * 1000:.0f} ms "
+                f"RTT, cap {self.cap_bps * mbit:.1f} Mbit/s, {self.streams} streams: goodput "
+                f"{self.goodput_bps * mbit:.2f} Mbit/s = {self.utilisation:.1%} of the cap "
+                f"({self.stored} sealed bytes in {self.busy_s:.1f} s; "
+                f"{self.link_bytes - self.stored} bytes of HTTP overhead)")
+
+
+def measure(emulator: Emulator, workdir: Path, size: int, rtt_s: float = 0.04,
+            cap_bps: float = 20e6 / 8, streams: int = 4, seed: int = 40) -> Measurement:
+    """Queue `size` random bytes without the daemon, then time the daemon's upload."""
+    cloud = new_cloud(workdir / "cloud", emulator, proxy=True)
+    proxy = cloud.proxy
+    assert proxy is not None
+    try:
+        proxy.delay_s = rtt_s / 2
+        proxy.rate_bps = cap_bps
+        site = Site(workdir / "site", backend=cloud.table,
+                    extra={"uplink": {"streams": streams}})
+        src = workdir / "payload.bin"
+        src.write_bytes(random.Random(seed).randbytes(size))
+        site.cli("put", "-c", str(site.config), str(src))  # no daemon: queued directly
+        proxy.reset_counters()
+        site.start()
+        try:
+            site.wait_drained(timeout=60 + 4 * size / cap_bps, expect_objects=1)
+        finally:
+            site.stop()
+            site.close()
+        first, last = proxy.first_delivered_at, proxy.last_delivered_at
+        assert first is not None and last is not None
+        return Measurement(emulator.kind, size, sum(cloud.objects().values()),
+                           proxy.delivered_up, last - first, cap_bps, rtt_s, streams)
+    finally:
+        proxy.stop()
+
+
+def write_results(m: Measurement, path: Path = RESULTS) -> None:
+    """Replace (or add) only this benchmark's section of RESULTS.md."""
+    start, end = f"<!-- {SECTION} -->", f"<!-- /{SECTION} -->"
+    body = "\n".join([
+        start,
+        "## Backend upload throughput (`python -m benchmarks.backend_throughput`)",
+        "",
+        f"{m.summary()}; target >= {TARGET:.0%} of the cap.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {platform.machine()}, Python "
+        f"{platform.python_version()}, through tests/faultproxy.py (delay and token-bucket "
+        "rate cap in user space).",
+        end,
+    ])
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    if start in text and end in text:
+        text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.backend_throughput",
+                                 description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--size", default="64MiB", help="payload size (default 64MiB)")
+    ap.add_argument("--backend", choices=("moto", "azurite"), default="moto")
+    ap.add_argument("--rtt", default="40ms", help="round-trip time added (default 40ms)")
+    ap.add_argument("--rate", default="20Mbit/s", help="upstream cap (default 20Mbit/s)")
+    ap.add_argument("--streams", type=int, default=4, help="upload streams (default 4)")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="skyferry-throughput-") as tmp:
+        work = Path(tmp)
+        (work / "emulator").mkdir()
+        start = start_moto if args.backend == "moto" else start_azurite
+        emulator = start(work / "emulator")
+        try:
+            began = time.monotonic()
+            m = measure(emulator, work / "run", parse_size(args.size), parse_duration(args.rtt),
+                        parse_rate(args.rate), args.streams)
+        finally:
+            emulator.stop()
+    print(m.summary())
+    print(f"(whole run {time.monotonic() - began:.1f} s)")
+    if not args.no_write:
+        write_results(m)
+    return 0 if m.utilisation >= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
