@@ -136,7 +136,7 @@ def _batch_values(t: _Table, d: MqttBatching) -> MqttBatching:
     nbytes = t.size("max_bytes", d.max_bytes)
     t.positive("max_bytes", nbytes, 'give a size such as "1MiB"')
     count = t.integer("max_messages", d.max_messages)
-    t.ensure("max_messages", count >= 1, "must be at least 1", "e.g. 5000")
+    t.ensure("max_messages", count >= 1, "must be at least 1", "e.g. 200")
     age = t.duration("max_age", d.max_age_s)
     t.positive("max_age", age, 'give a duration such as "5s"')
     return MqttBatching(max_bytes=nbytes, max_messages=count, max_age_s=age)

@@ -223,7 +223,7 @@ class MqttBatching:
     """When a class's batch of messages is sealed into one object: whichever comes first."""
 
     max_bytes: int = 1 << 20
-    max_messages: int = 1000
+    max_messages: int = 200  # bounds what a crash can duplicate (unacked at the kill)
     max_age_s: float = 5.0
 
 
