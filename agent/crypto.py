@@ -12,6 +12,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import blake3
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -74,7 +75,7 @@ def _raw_public(key: X25519PublicKey) -> bytes:
 
 
 def seal(
-    payload: bytes,
+    payload: bytes | memoryview,
     recipient: X25519PublicKey,
     *,
     kind: int,
@@ -253,50 +254,40 @@ def _read_key_file(path: Path, what: str) -> bytes:
         raise KeyFileError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def load_recipient_public(path: Path) -> X25519PublicKey:
-    data = _read_key_file(path, "recipient public key")
+def _load_pem(path: Path, what: str, expected: type, label: str, *, private: bool) -> object:
+    """Read a PEM key that must be an instance of `expected`; private ones must be 0600."""
+    data = _read_key_file(path, what)
+    if private:
+        check_private_permissions(path)
     try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        raise KeyFileError(f"{path} is not a PEM public key") from None
-    if not isinstance(key, X25519PublicKey):
-        raise KeyFileError(f"{path} is not an X25519 public key (wrong file?)")
+        key: object = (serialization.load_pem_private_key(data, password=None) if private
+                       else serialization.load_pem_public_key(data))
+    except (ValueError, TypeError):
+        form = "an unencrypted PEM private key" if private else "a PEM public key"
+        raise KeyFileError(f"{path} is not {form}") from None
+    if not isinstance(key, expected):
+        raise KeyFileError(f"{path} is not an {label} (wrong file?)")
     return key
+
+
+def load_recipient_public(path: Path) -> X25519PublicKey:
+    return cast(X25519PublicKey, _load_pem(path, "recipient public key", X25519PublicKey,
+                                           "X25519 public key", private=False))
 
 
 def load_recipient_private(path: Path) -> X25519PrivateKey:
-    data = _read_key_file(path, "recipient private key")
-    check_private_permissions(path)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise KeyFileError(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, X25519PrivateKey):
-        raise KeyFileError(f"{path} is not an X25519 private key (wrong file?)")
-    return key
+    return cast(X25519PrivateKey, _load_pem(path, "recipient private key", X25519PrivateKey,
+                                            "X25519 private key", private=True))
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    data = _read_key_file(path, "site signing key")
-    check_private_permissions(path)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise KeyFileError(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} is not an Ed25519 private key (wrong file?)")
-    return key
+    return cast(Ed25519PrivateKey, _load_pem(path, "site signing key", Ed25519PrivateKey,
+                                             "Ed25519 private key", private=True))
 
 
 def load_verify_key(path: Path) -> Ed25519PublicKey:
-    data = _read_key_file(path, "site public key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        raise KeyFileError(f"{path} is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} is not an Ed25519 public key (wrong file?)")
-    return key
+    return cast(Ed25519PublicKey, _load_pem(path, "site public key", Ed25519PublicKey,
+                                            "Ed25519 public key", private=False))
 
 
 def load_dedup_key(path: Path) -> bytes:

@@ -272,7 +272,7 @@ def test_broker_restart_agent_reconnects_and_loses_nothing(
 def test_sigterm_makes_open_batches_durable_and_acknowledges_them(
         make_site: Callable[..., Site], broker: Broker, tmp_path: Path) -> None:
     # A long max_age: without the drain, these messages would sit in an open batch at exit.
-    site = mqtt_site(make_site, broker, batch={"max_age": "10m"})
+    site = mqtt_site(make_site, broker, batch={"max_age": "10m", "max_messages": 1000})
     start_and_connect(site)
     pub = Publisher(broker.port, TOPICS[:4], 50).start()
     assert pub.done.wait(30) and pub.error is None
