@@ -118,6 +118,8 @@ def test_editing_1mib_of_200mib_resends_under_10_percent(make_site: Callable[...
     site.wait_drained(timeout=180, expect_objects=2)
     site.stop()
     resent = cloud_bytes(site) - first
+    print(f"1 MiB edit of a 200 MiB file re-sent {resent} bytes "
+          f"({100 * resent / len(edited):.1f}%)")
     assert resent < 0.10 * len(edited), f"re-sent {resent} bytes for a 1 MiB edit"
 
     out = tmp_path / "out"
