@@ -83,6 +83,20 @@ def seal(
     plaintext_len: int,
 ) -> bytes:
     """Encrypt `payload` (already compressed if `compression` says so) to `recipient`."""
+    header, body = seal_parts(payload, recipient, kind=kind, compression=compression,
+                              plaintext_len=plaintext_len)
+    return header + body
+
+
+def seal_parts(
+    payload: bytes | memoryview,
+    recipient: X25519PublicKey,
+    *,
+    kind: int,
+    compression: int,
+    plaintext_len: int,
+) -> tuple[bytes, bytes]:
+    """`seal` as (header, ciphertext and tag): a writer that takes both spares a 16 MiB join."""
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = _raw_public(ephemeral.public_key())
     key = _derive_key(ephemeral.exchange(recipient), ephemeral_public, _raw_public(recipient))
@@ -91,7 +105,7 @@ def seal(
         MAGIC, FORMAT_VERSION, kind, ALG_AES256GCM, compression, plaintext_len,
         ephemeral_public, nonce,
     )
-    return header + AESGCM(key).encrypt(nonce, payload, header)
+    return header, AESGCM(key).encrypt(nonce, payload, header)
 
 
 def parse_header(blob: bytes | memoryview) -> SealedHeader:
@@ -157,9 +171,12 @@ def chunk_id(dedup_key: bytes, data: bytes | memoryview) -> str:
     return blake3.blake3(data, key=dedup_key, max_threads=1).hexdigest()
 
 
-def content_hash(data: bytes | memoryview) -> str:
-    """Unkeyed BLAKE3, recorded inside (encrypted) manifests for end-to-end verification."""
-    return blake3.blake3(data).hexdigest()
+def content_hash(*parts: bytes | memoryview) -> str:
+    """Unkeyed BLAKE3 (of the parts joined), recorded inside manifests for end-to-end checks."""
+    h = blake3.blake3()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
 
 
 # ---- key files -------------------------------------------------------------------------------

@@ -14,15 +14,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, data: bytes | memoryview, *, sync_dir: bool = True) -> None:
-    """Atomically replace `path` with `data`; after return the bytes survive a power cut."""
+def write_durable(path: Path, *parts: bytes | memoryview, sync_dir: bool = True) -> None:
+    """Atomically replace `path` with the parts joined; after return they survive a power cut."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -467,7 +467,9 @@ class Store:
                 continue
             else:
                 dest = self.chunk_path(f.name)
-                dest.parent.mkdir(exist_ok=True)
+                if not dest.parent.is_dir():
+                    dest.parent.mkdir(exist_ok=True)
+                    touched.add(self.chunks_dir)  # the new sub-folder's own entry must persist
             os.replace(f, dest)
             touched.add(dest.parent)
         for d in touched:

@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "windows_predict": ("benchmarks.windows_predict", [], []),
     "backend_throughput": ("benchmarks.backend_throughput", [], []),
     "mqtt_ingest": ("benchmarks.mqtt_ingest", [], []),
+    "ingest": ("benchmarks.ingest", [], ["--size", "64MiB", "--runs", "1"]),
     "crash_trials": ("benchmarks.crash_trials", ["--trials", "200", "--seed", "13"],
                      ["--trials", "20", "--seed", "13"]),
 }

@@ -1,0 +1,395 @@
+"""Ingest and wire bytes: skyferry vs `restic backup` vs `zstd -3 -T2`, on the same corpus.
+
+Ingest: every file of the corpus (benchmarks/corpus.py) becomes sealed chunks and a manifest in
+a fresh skyferry store (agent.pipeline at default settings, files ingested by `--workers`
+threads, in a child process so its peak RSS is measurable); `restic backup` into a fresh local
+repository (default compression); `zstd -3 -T2` on a tar of the corpus. Each tool runs `--runs`
+times, interleaved; the median of wall time, CPU time and peak RSS (from GNU time) is reported,
+with throughput as corpus bytes over wall time.
+
+Wire: the sealed bytes skyferry would upload (chunk and manifest files) vs restic's repository
+size vs an `rclone copy` to a `crypt` remote over a local folder; then 1 % of the files are
+edited (benchmarks.corpus.edit) and the edited corpus is ingested again, as a new source, into
+the same store / repository: the bytes added are what a re-send costs after dedup.
+
+    python -m benchmarks.ingest [--size 1GiB] [--runs 3] [--workers 2] [--workdir DIR]
+        [--no-write] [--keep]
+
+Peers missing from PATH are skipped with a line saying so (`sh benchmarks/setup.sh` installs
+them). Writes the `ingest` section of benchmarks/RESULTS.md; exits 1 when an acceptance line of
+issue 6 does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.units import format_size, parse_size
+from benchmarks import corpus
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+SECTION = "ingest"
+SITE = "bench-site"
+RESTIC_PASSWORD = "skyferry-bench-not-a-secret"
+
+# Acceptance (issue 6).
+VS_RESTIC = 2.5
+VS_ZSTD = 0.85
+MAX_RSS = 150 * (1 << 20)
+MAX_RESEND = 0.03
+
+
+@dataclass(frozen=True)
+class Run:
+    wall_s: float
+    cpu_s: float
+    rss: int  # peak resident bytes of the child
+    out_bytes: int
+    info: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Tool:
+    name: str
+    command: str  # shown in RESULTS.md
+    note: str = ""
+    runs: list[Run] = field(default_factory=list)
+    skipped: str | None = None
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in self.runs))
+
+
+# ---- the skyferry child ----------------------------------------------------------------------
+
+def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, source: str, workers: int) -> dict[
+        str, int]:
+    """Seal every file below root into the store at state_dir; return counts (child side)."""
+    from agent import crypto
+    from agent.config import DEFAULT_CLASSES
+    from agent.pipeline import IngestRequest, Pipeline
+    from agent.settings import ChunkingSettings, CompressionSettings
+    from agent.store import Store
+
+    keys = crypto.load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
+                                 keys_dir / "dedup.key")
+    store = Store(state_dir, DEFAULT_CLASSES)
+    pipeline = Pipeline(SITE, keys, store, ChunkingSettings(), CompressionSettings())
+    paths = corpus.files(root)
+
+    def one(p: Path) -> tuple[int, int, int, int]:
+        r = pipeline.ingest_file(IngestRequest(p, source, p.relative_to(root).as_posix(),
+                                               "bulk"))
+        return r.size, r.chunks, r.new_chunks, r.stored_bytes
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one, paths))
+    finally:
+        store.close()
+    return {"files": len(results), "bytes": sum(r[0] for r in results),
+            "chunks": sum(r[1] for r in results), "new_chunks": sum(r[2] for r in results),
+            "stored": sum(r[3] for r in results)}
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, str]:
+    """Run cmd to completion: (wall s, user+sys CPU s, peak RSS bytes, stdout).
+
+    CPU and peak RSS come from GNU time when it is installed: Linux carries the RSS high-water
+    mark of a process across fork and exec, so `wait4` on a child forked from a large parent
+    (pytest) reports the parent's size. GNU time is small, and the tool is its child.
+    """
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    stats = Path(tempfile.mkstemp(prefix="skyferry-bench-")[1])
+    full = [gnu_time, "-f", "%U %S %M", "-o", str(stats), *cmd] if gnu_time else cmd
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(full, capture_output=True, env={**os.environ, **(env or {})})
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                               f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        if gnu_time:
+            user, system, rss_kib = stats.read_text().split()[-3:]
+            cpu, rss = float(user) + float(system), int(rss_kib) * 1024
+        else:
+            # Without GNU time: CPU by difference; RSS is the largest of any child so far.
+            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = ru.ru_utime + ru.ru_stime - before.ru_utime - before.ru_stime
+            rss = ru.ru_maxrss * 1024
+    finally:
+        stats.unlink(missing_ok=True)
+    return wall, cpu, rss, proc.stdout.decode()
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files below path (what an upload of it would carry)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def store_bytes(state_dir: Path) -> int:
+    """Sealed chunk and manifest bytes in a store: what uplink would put on the wire."""
+    return tree_bytes(state_dir / "chunks") + tree_bytes(state_dir / "manifests")
+
+
+def fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+class Bench:
+    def __init__(self, workdir: Path, size: int, seed: int, workers: int) -> None:
+        self.workdir = workdir
+        self.workers = workers
+        self.corpus = workdir / f"corpus-{size}-{seed}"
+        self.specs = corpus.generate(self.corpus, size, seed)
+        self.corpus_bytes = sum(s.size for s in self.specs)
+        self.keys = workdir / "keys"
+        if not (self.keys / "edge" / "dedup.key").exists():
+            fresh(self.keys)
+            from agent import crypto
+            crypto.generate_keys(self.keys, SITE)
+        self.restic = shutil.which("restic")
+        self.zstd = shutil.which("zstd")
+        self.rclone = shutil.which("rclone")
+        self.tar = workdir / f"corpus-{size}-{seed}.tar"
+        stamp = self.corpus / corpus.STAMP
+        if self.zstd and (not self.tar.exists()
+                          or self.tar.stat().st_mtime_ns < stamp.stat().st_mtime_ns):
+            tmp = self.tar.with_suffix(".tmp")
+            subprocess.run(["tar", "-cf", str(tmp), "-C", str(self.corpus), "."], check=True)
+            tmp.rename(self.tar)
+
+    # One run of each tool. Each leaves its output in workdir for the wire comparison.
+
+    def skyferry(self, state: Path, root: Path | None = None, source: str = "corpus") -> Run:
+        cmd = [sys.executable, "-m", "benchmarks.ingest", "--child", str(root or self.corpus),
+               str(state), str(self.keys / "edge"), source, str(self.workers)]
+        before = store_bytes(state) if state.exists() else 0
+        wall, cpu, rss, out = measure(cmd)
+        info = json.loads(out.strip().splitlines()[-1])
+        return Run(wall, cpu, rss, store_bytes(state) - before, info)
+
+    def restic_env(self, repo: Path) -> dict[str, str]:
+        return {"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": RESTIC_PASSWORD,
+                "RESTIC_CACHE_DIR": str(self.workdir / "restic-cache")}
+
+    def restic_init(self, repo: Path) -> None:
+        assert self.restic
+        if repo.exists():
+            shutil.rmtree(repo)
+        shutil.rmtree(self.workdir / "restic-cache", ignore_errors=True)
+        measure([self.restic, "init", "--quiet"], self.restic_env(repo))
+
+    def restic_backup(self, repo: Path, root: Path | None = None) -> Run:
+        assert self.restic
+        before = tree_bytes(repo)
+        wall, cpu, rss, _ = measure([self.restic, "backup", "--quiet", str(root or self.corpus)],
+                                    self.restic_env(repo))
+        return Run(wall, cpu, rss, tree_bytes(repo) - before)
+
+    def zstd_tar(self, out: Path) -> Run:
+        assert self.zstd
+        wall, cpu, rss, _ = measure([self.zstd, "-3", "-T2", "-q", "-f", str(self.tar),
+                                     "-o", str(out)])
+        return Run(wall, cpu, rss, out.stat().st_size)
+
+    def rclone_crypt(self, dest: Path) -> Run:
+        assert self.rclone
+        fresh(dest)
+        obscured = subprocess.run([self.rclone, "obscure", RESTIC_PASSWORD], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        env = {"RCLONE_CONFIG": "/dev/null", "RCLONE_CONFIG_BENCHCRYPT_TYPE": "crypt",
+               "RCLONE_CONFIG_BENCHCRYPT_REMOTE": str(dest),
+               "RCLONE_CONFIG_BENCHCRYPT_PASSWORD": obscured}
+        wall, cpu, rss, _ = measure([self.rclone, "copy", str(self.corpus), "benchcrypt:"], env)
+        return Run(wall, cpu, rss, tree_bytes(dest))
+
+
+@dataclass
+class Report:
+    tools: dict[str, Tool]
+    corpus_bytes: int
+    description: str
+    wire: dict[str, int]  # tool -> bytes for the corpus
+    resend: dict[str, int]  # tool -> bytes added by the edited corpus
+    edit: corpus.EditReport | None
+    verdicts: list[tuple[str, bool | None, str]]  # line, held (None: not measured), figure
+
+
+def run(workdir: Path, size: int, seed: int = 6, runs: int = 3, workers: int = 2,
+        keep: bool = False, peers: bool = True) -> Report:
+    """Measure ingest (interleaved runs) and wire bytes; return the figures."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    b = Bench(workdir, size, seed, workers)
+    tools = {
+        "skyferry": Tool("skyferry", f"python -m benchmarks.ingest --child CORPUS STATE KEYS "
+                                     f"corpus {workers}", f"agent.pipeline, default settings, "
+                                     f"{workers} ingest threads, fresh store"),
+        "restic": Tool("restic", "restic backup --quiet CORPUS",
+                       "fresh repository, default compression"),
+        "zstd": Tool("zstd", "zstd -3 -T2 -q -f CORPUS.tar -o OUT.zst"),
+    }
+    for name, found, pkg in (("restic", b.restic, "restic"), ("zstd", b.zstd, "zstd")):
+        if not peers:
+            tools[name].skipped = "peers not run (--skyferry-only)"
+        elif not found:
+            tools[name].skipped = f"`{pkg}` is not installed (sh benchmarks/setup.sh)"
+    sky_state, repo = workdir / "sky-state", workdir / "restic-repo"
+    for _ in range(runs):
+        tools["skyferry"].runs.append(b.skyferry(fresh(sky_state)))
+        if not tools["restic"].skipped:
+            b.restic_init(repo)
+            tools["restic"].runs.append(b.restic_backup(repo))
+        if not tools["zstd"].skipped:
+            tools["zstd"].runs.append(b.zstd_tar(workdir / "corpus.tar.zst"))
+
+    wire = {"skyferry": tools["skyferry"].runs[-1].out_bytes}
+    if tools["restic"].runs:
+        wire["restic"] = tools["restic"].runs[-1].out_bytes
+    if peers and b.rclone:
+        wire["rclone crypt"] = b.rclone_crypt(workdir / "rclone-crypt").out_bytes
+        shutil.rmtree(workdir / "rclone-crypt", ignore_errors=True)
+
+    # Re-send after a 1 % edit: a copy of the corpus, edited, ingested as a new source into
+    # the store (and repository) that already holds the original.
+    edited = workdir / "corpus-edited"
+    if edited.exists():
+        shutil.rmtree(edited)
+    shutil.copytree(b.corpus, edited)
+    edit = corpus.edit(edited)
+    resend = {"skyferry": b.skyferry(sky_state, edited, "corpus-edited").out_bytes}
+    if tools["restic"].runs:
+        resend["restic"] = b.restic_backup(repo, edited).out_bytes
+    if not keep:
+        for p in (edited, sky_state, repo, workdir / "corpus.tar.zst",
+                  workdir / "restic-cache"):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    report = Report(tools, b.corpus_bytes, corpus.describe(b.specs), wire, resend, edit, [])
+    report.verdicts = verdicts(report)
+    return report
+
+
+def verdicts(r: Report) -> list[tuple[str, bool | None, str]]:
+    sky = r.tools["skyferry"]
+    wall = sky.median("wall_s")
+    out: list[tuple[str, bool | None, str]] = []
+    for peer, need in (("restic", VS_RESTIC), ("zstd", VS_ZSTD)):
+        t = r.tools[peer]
+        if t.runs:
+            ratio = t.median("wall_s") / wall
+            out.append((f"ingest throughput >= {need}x {peer}", ratio >= need, f"{ratio:.2f}x"))
+        else:
+            out.append((f"ingest throughput >= {need}x {peer}", None, "not measured"))
+    rss = sky.median("rss")
+    out.append(("skyferry peak RSS <= 150 MiB", rss <= MAX_RSS, f"{rss / (1 << 20):.0f} MiB"))
+    if "restic" in r.wire:
+        frac = r.wire["skyferry"] / r.wire["restic"]
+        out.append(("wire bytes <= restic repository", frac <= 1.0, f"{frac:.3f}x"))
+    else:
+        out.append(("wire bytes <= restic repository", None, "not measured"))
+    frac = r.resend["skyferry"] / r.corpus_bytes
+    out.append(("1%-edited re-send <= 3% of corpus bytes", frac <= MAX_RESEND, f"{frac:.2%}"))
+    return out
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f}"
+
+
+def render(r: Report, argv: list[str]) -> str:
+    sky_wall = r.tools["skyferry"].median("wall_s")
+    lines = [
+        f"## Ingest and wire bytes (`python -m benchmarks.ingest{''.join(' ' + a for a in argv)}`)",
+        "",
+        f"Corpus (benchmarks/corpus.py): {r.description}. Measured "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()} ({os.cpu_count()} "
+        f"cores), Python {platform.python_version()}; page cache warm; median of "
+        f"{len(r.tools['skyferry'].runs)} interleaved runs; CPU and peak RSS from GNU time.",
+        "",
+        "| tool | command | wall s | MiB/s | CPU s | peak RSS MiB | output MiB | "
+        "skyferry speed-up |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in r.tools.values():
+        if t.skipped:
+            lines.append(f"| {t.name} | skipped: {t.skipped} | | | | | | |")
+            continue
+        wall = t.median("wall_s")
+        note = f" ({t.note})" if t.note else ""
+        lines.append(
+            f"| {t.name} | `{t.command}`{note} | {wall:.2f} | {_mib(r.corpus_bytes / wall)} | "
+            f"{t.median('cpu_s'):.2f} | {_mib(t.median('rss'))} | "
+            f"{_mib(t.runs[-1].out_bytes)} | {wall / sky_wall:.2f}x |")
+    lines += ["", "Wire bytes for the corpus (what each tool would upload):", "",
+              "| tool | bytes | of corpus |", "| --- | ---: | ---: |"]
+    for name, n in r.wire.items():
+        lines.append(f"| {name} | {n:,} | {n / r.corpus_bytes:.1%} |")
+    if r.edit:
+        lines += ["", f"Re-send after editing 1% of the files ({r.edit.files} files, one "
+                  f"{format_size(r.edit.bytes_changed // max(1, r.edit.files))} region each, "
+                  f"in every size class), ingested as a new source into the same store / "
+                  f"repository:", "", "| tool | bytes added | of corpus |",
+                  "| --- | ---: | ---: |"]
+        for name, n in r.resend.items():
+            lines.append(f"| {name} | {n:,} | {n / r.corpus_bytes:.2%} |")
+    lines += ["", "Acceptance (issue 6):", ""]
+    for line, held, figure in r.verdicts:
+        mark = "not measured" if held is None else ("holds" if held else "**misses**")
+        lines.append(f"- {line}: {figure} — {mark}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        root, state, keys, source, workers = argv[1:6]
+        print(json.dumps(ingest_tree(Path(root), Path(state), Path(keys), source,
+                                     int(workers))))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--seed", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="ingest threads (default 2)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/skyferry-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep stores and repositories")
+    ap.add_argument("--skyferry-only", action="store_true", help="do not run the peers")
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = ap.parse_args(argv)
+    r = run(args.workdir, parse_size(args.size), args.seed, args.runs, args.workers,
+            args.keep, peers=not args.skyferry_only)
+    body = render(r, argv)
+    print(body)
+    if not args.no_write:
+        from benchmarks.run import write_section
+        write_section(SECTION, body, RESULTS)
+    return 0 if all(held is not False for _, held, _ in r.verdicts) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
