@@ -90,26 +90,32 @@ class Daemon:
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
     async def ingest(self, req: IngestRequest) -> IngestResult:
-        """Seal a file into the store (spool, put); returns once it is durable."""
-        return await self._ingest(self.pipeline.ingest_file, req, req.priority)
-
-    async def ingest_batch(self, req: BatchRequest) -> IngestResult:
-        """Like `ingest`, for an in-memory batch (MQTT)."""
-        return await self._ingest(self.pipeline.ingest_batch, req, req.priority)
-
-    async def _ingest(self, seal: Callable[[Any], IngestResult], req: object,
-                      priority: str) -> IngestResult:
         try:
-            result = await self.run_blocking(seal, req)
+            result = await self.run_blocking(self.pipeline.ingest_file, req)
         except QuotaExceededError:
-            self.metrics.refusals.labels(priority).inc()
+            self.metrics.refusals.labels(req.priority).inc()
             raise
         self._count_evictions(result.evicted)
         if result.duplicate_of is None:
-            self.metrics.ingested_bytes.labels(priority).inc(result.size)
-            self.metrics.ingested_objects.labels(priority).inc()
-            self.metrics.stored_bytes.labels(priority).inc(result.stored_bytes)
+            self.metrics.ingested_bytes.labels(req.priority).inc(result.size)
+            self.metrics.ingested_objects.labels(req.priority).inc()
+            self.metrics.stored_bytes.labels(req.priority).inc(result.stored_bytes)
             self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
+        self.uplink.notify()
+        return result
+
+    async def ingest_batch(self, req: BatchRequest) -> IngestResult:
+        """Like `ingest`, for an in-memory batch (MQTT)."""
+        try:
+            result = await self.run_blocking(self.pipeline.ingest_batch, req)
+        except QuotaExceededError:
+            self.metrics.refusals.labels(req.priority).inc()
+            raise
+        self._count_evictions(result.evicted)
+        self.metrics.ingested_bytes.labels(req.priority).inc(result.size)
+        self.metrics.ingested_objects.labels(req.priority).inc()
+        self.metrics.stored_bytes.labels(req.priority).inc(result.stored_bytes)
+        self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
         self.uplink.notify()
         return result
 

@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ import pytest
 from agent.backends import AZURITE_ACCOUNT, AZURITE_KEY, Backend, open_backend
 from agent.config import load_backend_settings
 from tests.faultproxy import FaultProxy
-from tests.sitekit import render_toml
+from tests.sitekit import free_port, render_toml
 
 EMULATOR_DIR = Path(__file__).parent / "emulators"
 AZURITE_BIN = EMULATOR_DIR / "node_modules" / ".bin" / "azurite-blob"
@@ -43,13 +42,6 @@ MOTO_BIN = Path(sys.executable).parent / "moto_server"
 S3_KEY_ID = "test"
 S3_SECRET_ENV = "SKYFERRY_TEST_S3_SECRET"  # moto accepts any key pair; this one goes by env
 START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def install_azurite() -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, site: Site) -> float:
+    """Poll until cond() holds, failing early if the daemon died; return the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if cond():
+            return time.monotonic() - start
+        if site.proc is not None and site.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {site.proc.returncode}:\n{site.log_tail()}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{site.log_tail()}")
 
 
 def toml_value(v: Any) -> str:

@@ -18,7 +18,7 @@ import obstore
 import pytest
 
 from tests.emulators import Cloud
-from tests.sitekit import Site, drop_file, tree_digest
+from tests.sitekit import Site, drop_file, tree_digest, wait_for
 
 MIB = 1 << 20
 # The largest sealed chunk: chunking max_size (16 MiB) plus the sealed header and AEAD tag.
@@ -28,16 +28,6 @@ FAST_RETRY = {"retry_initial": "200ms", "retry_max": "3s"}
 
 def events(site: Site, name: str) -> list[dict[str, Any]]:
     return [e for e in site.log_events() if e.get("event") == name]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, site: Site) -> float:
-    """Poll until cond() holds; return the seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if cond():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{site.log_tail()}")
 
 
 def restored_equals(site: Site, out: Path, files: dict[str, bytes], spool: str = "files") -> None:

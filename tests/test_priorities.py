@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.sitekit import Site, drop_file
+from tests.sitekit import Site, drop_file, free_port, wait_for
 
 SMALL_CHUNKS = {"min_size": "256KiB", "avg_size": "1MiB", "max_size": "2MiB"}
 
@@ -26,15 +25,6 @@ def window_from_now(delay_s: float, length_s: float = 3600) -> dict[str, Any]:
 
 def committed_events(site: Site) -> list[dict[str, Any]]:
     return [e for e in site.log_events() if e.get("event") == "object_committed"]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, site: Site) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}:\n{site.log_tail()}")
 
 
 def test_closed_window_sends_nothing_then_drains_by_class(make_site: Callable[..., Site]) -> None:
@@ -82,12 +72,6 @@ def test_critical_overtakes_a_large_bulk_upload(make_site: Callable[..., Site],
     out = tmp_path / "out"
     assert json.loads(site.restore(out).stdout)["objects_ok"] == 2
     assert (out / site.site_id / "bulk" / "survey.bin").read_bytes() == big
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def metric(port: int, name: str) -> float:

@@ -27,22 +27,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.mqttkit import Broker, free_port
-from tests.sitekit import PYTHON, Site, drop_file, render_toml
+from tests.sitekit import PYTHON, Site, drop_file, render_toml, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, site: Site) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        if site.proc is not None and site.proc.poll() is not None:
-            raise AssertionError(f"daemon exited {site.proc.returncode}:\n{site.log_tail()}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{site.log_tail()}")
 
 
 def start(site: Site, **env: str) -> None:

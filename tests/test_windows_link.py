@@ -6,13 +6,13 @@ refused) and silences (a black hole: connections accepted, never answered)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.settings import BackendSettings, LinkSettings
 from agent.windows.linkmonitor import FolderProbe, TcpProbe, auto_target, make_probe
+from tests.sitekit import free_port
 from tests.windowkit import JumpClock, RunningDaemon, site_settings, until
 
 INTERVAL = 1.0
@@ -50,12 +50,6 @@ class Endpoint:
         assert self.server is not None
         self.server.close()
         self.server = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_link_loss_closes_the_gate_and_only_in_flight_chunks_are_resent(
