@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -91,7 +92,19 @@ def seq_payload(topic: str, seq: int, pad: int = 60) -> bytes:
 
 class Publisher:
     """Publishes `per_topic` QoS 1 messages with sequence numbers on each topic, round robin,
-    in a thread; `done` is set once the broker acknowledged every one of them."""
+    in a thread; `done` is set once the broker acknowledged every one of them.
+
+    It keeps each topic's order on the wire across broker restarts, as MQTT 4.6 asks of a
+    publisher, so the order the agent stores is the order it was published. paho-mqtt 2.2 does
+    not by itself: `publish()` called from another thread while a reconnect's CONNECT awaits its
+    CONNACK goes straight onto the socket, ahead of the messages paho queued while offline and
+    re-sends only once the CONNACK arrives (seen: seq 295 on the wire before 106..294, so the
+    broker, and any subscriber, got them in that order). Here one thread runs paho's network
+    loop and publishes only while connected, after the CONNACK and its re-sends; what falls due
+    meanwhile goes out in order once the connection is back. `wire_problems` lists any
+    per-connection reordering paho's own log still shows, to tell a harness fault from an
+    agent fault.
+    """
 
     def __init__(self, port: int, topics: list[str], per_topic: int,
                  client_id: str = "seq-publisher", rate: float | None = None) -> None:
@@ -101,16 +114,21 @@ class Publisher:
         self.published = 0
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.wire_problems: list[str] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   clean_session=False)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.05, 0.5)
         self.acked = 0
-        self._acked_lock = threading.Lock()
         self.client.on_publish = self._on_publish
+        self.client.on_log = self._on_log
+        self._sending: tuple[str, int] = ("", -1)  # the message publish() is writing now
+        self._mid_seq: dict[int, tuple[str, int]] = {}
+        self._wire_last: dict[str, int] = {}  # per topic, on the current connection
+        self._closing = threading.Event()
+        self._retry_at = 0.0
+        self._backoff = _RECONNECT_MIN_S
         self.client.connect("127.0.0.1", port, keepalive=10)
-        self.client.loop_start()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = 0.0
         self.finished = 0.0
@@ -122,37 +140,88 @@ class Publisher:
     def _run(self) -> None:
         try:
             self.started = time.monotonic()
-            n = 0
-            for seq in range(self.per_topic):
-                for t in self.topics:
-                    self.client.publish(t, seq_payload(t, seq), qos=1)
-                    n += 1
-                    self.published = n
-                    if self.rate:
-                        lag = self.started + n / self.rate - time.monotonic()
-                        if lag > 0:
-                            time.sleep(lag)
-            # Counted from PUBACKs rather than wait_for_publish(): a message published while
-            # the broker restarts is kept by paho and sent after it reconnects.
             total = len(self.topics) * self.per_topic
-            deadline = time.monotonic() + 120
-            while self.acked < total:
-                if time.monotonic() > deadline:
+            n = 0
+            deadline = None
+            while self.acked < total and not self._closing.is_set():
+                due = total if self.rate is None else int(
+                    (time.monotonic() - self.started) * self.rate) + 1
+                # Only while connected: `is_connected()` turns true while paho handles the
+                # CONNACK in this thread, after which its re-sends are already queued.
+                burst = 0
+                while n < min(due, total) and self.client.is_connected() and burst < 100:
+                    seq, i = divmod(n, len(self.topics))
+                    self._publish(self.topics[i], seq)
+                    n += 1
+                    burst += 1
+                    self.published = n
+                if n == total and deadline is None:
+                    # Counted from PUBACKs: what is published while the broker restarts is
+                    # sent after the reconnect.
+                    deadline = time.monotonic() + 120
+                if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"broker acknowledged {self.acked} of {total}")
-                time.sleep(0.01)
+                self._network(0.0 if n < min(due, total) else 0.002)
             self.finished = time.monotonic()
             self.done.set()
+            while not self._closing.is_set():  # answer pings until closed
+                self._network(0.1)
         except BaseException as e:  # surfaced by the test
             self.error = e
             self.done.set()
 
-    def _on_publish(self, *_args: Any) -> None:
-        with self._acked_lock:
-            self.acked += 1
+    def _publish(self, topic: str, seq: int) -> None:
+        self._sending = (topic, seq)
+        info = self.client.publish(topic, seq_payload(topic, seq), qos=1)
+        self._mid_seq[info.mid] = (topic, seq)
+        self._sending = ("", -1)
+
+    def _network(self, timeout: float) -> None:
+        """One turn of paho's loop; reconnect with backoff (as loop_forever would)."""
+        if self.client.loop(timeout) == mqtt.MQTT_ERR_SUCCESS:
+            if self.client.is_connected():
+                self._backoff = _RECONNECT_MIN_S
+            return
+        now = time.monotonic()
+        if now < self._retry_at:
+            time.sleep(min(0.01, self._retry_at - now))
+            return
+        try:
+            self.client.reconnect()
+        except OSError:
+            self._retry_at = now + self._backoff
+            self._backoff = min(_RECONNECT_MAX_S, self._backoff * 2)
+
+    def _on_log(self, _c: Any, _u: Any, _level: int, msg: str) -> None:
+        if msg.startswith("Sending CONNECT"):
+            self._wire_last.clear()
+            return
+        m = _SENDING_PUBLISH.match(msg)
+        if m is None:
+            return
+        mid = int(m.group(1))
+        topic, seq = self._mid_seq.get(mid) or self._sending
+        if not topic:
+            return
+        last = self._wire_last.get(topic, -1)
+        if seq <= last:
+            self.wire_problems.append(f"{topic}: seq {seq} written after {last} (mid {mid})")
+        self._wire_last[topic] = max(seq, last)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, *_args: Any) -> None:
+        self._mid_seq.pop(mid, None)
+        self.acked += 1
 
     def close(self) -> None:
-        self.client.loop_stop()
+        self._closing.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
         self.client.disconnect()
+
+
+_RECONNECT_MIN_S = 0.05
+_RECONNECT_MAX_S = 0.5
+_SENDING_PUBLISH = re.compile(r"Sending PUBLISH \(d\d, q\d, r\d, m(\d+)\)")
 
 
 def read_restored_messages(root: Path) -> Iterator[dict[str, Any]]:

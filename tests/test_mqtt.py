@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import validate
 from agent.errors import ConfigError
+from agent.reconnect import keep_connected
 from agent.sources.mqtt import _Paho, encode_jsonl
 from tests.mqttkit import (
     MOSQUITTO,
@@ -137,6 +139,66 @@ def test_unacknowledged_messages_come_back(broker: Broker) -> None:
     assert not present1 and present2, "the broker did not keep the session"
 
 
+def test_keep_connected_backs_off_reports_each_loss_and_stops() -> None:
+    """The reconnect loop both MQTT connections run: waits between half and all of
+    initial * 2^n (capped), reports every failure, runs no session once stopped."""
+
+    async def scenario() -> tuple[list[float], list[str]]:
+        stop = asyncio.Event()
+        lost: list[str] = []
+        starts: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def session() -> None:
+            starts.append(loop.time())
+            if len(starts) == 6:
+                stop.set()
+            raise ConnectionRefusedError(f"attempt {len(starts)}")
+
+        await asyncio.wait_for(
+            keep_connected(session, stop, 0.05, 0.2, lambda e: lost.append(str(e))), 10)
+        return starts, lost
+
+    starts, lost = asyncio.run(scenario())
+    assert lost == [f"attempt {i}" for i in range(1, 7)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    for gap, delay in zip(gaps, [0.05, 0.1, 0.2, 0.2, 0.2], strict=True):
+        assert delay / 2 - 0.01 <= gap <= delay + 0.15, (gaps, delay)
+
+
+def test_keep_connected_stop_cuts_the_wait_and_cancel_propagates() -> None:
+    async def scenario() -> tuple[float, int, list[str]]:
+        stop = asyncio.Event()
+        lost: list[str] = []
+        calls = 0
+
+        async def failing() -> None:
+            nonlocal calls
+            calls += 1
+            raise OSError("refused")
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        loop.call_later(0.1, stop.set)  # during the first wait (30 to 60 s)
+        await asyncio.wait_for(keep_connected(failing, stop, 60, 60, lambda e: None), 10)
+        waited = loop.time() - t0
+
+        async def serving() -> None:
+            await asyncio.Event().wait()  # connected until cancelled
+
+        task = asyncio.create_task(keep_connected(serving, asyncio.Event(), 0.01, 0.01,
+                                                  lambda e: lost.append(str(e))))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return waited, calls, lost
+
+    waited, calls, lost = asyncio.run(scenario())
+    assert calls == 1 and waited < 5, (calls, waited)
+    assert lost == [], "a cancel (shutdown) is not a lost connection"
+
+
 def test_records_are_json_lines_with_text_or_base64() -> None:
     from agent.sources.mqtt import Received
 
@@ -195,7 +257,11 @@ def test_kill9_twice_every_sequence_in_order(make_site: Callable[..., Site], bro
             time.sleep(0.3)  # the publisher keeps going: the broker queues for the session
             start_and_connect(site, len(connections(site)))
         assert pub.done.wait(120) and pub.error is None, pub.error
-        settle(site, total, 90)
+        # The count comes from the log, and a kill can land after a batch was made durable and
+        # (partly) acknowledged but before its log line: up to one batch a kill is then never
+        # counted (seen: 49,997 of 50,000 counted, all 50,000 restored). Restore below is the
+        # real check; here, wait for the stream to go quiet.
+        settle(site, total - 2 * 200, 90)
         elapsed = time.monotonic() - started
     finally:
         pub.close()
@@ -210,6 +276,7 @@ def test_kill9_twice_every_sequence_in_order(make_site: Callable[..., Site], bro
                                      PER_TOPIC)
     print(f"mqtt kill-9 x2: {total} messages, {dups} duplicates ({dups / total:.3%}), "
           f"{report['objects_ok']} objects, {elapsed:.1f}s")
+    assert not pub.wire_problems, pub.wire_problems[:5]
     assert not problems, problems[:10]
     assert dups < total / 100, f"{dups} duplicates is not under 1% of {total}"
     assert len([e for e in site.log_events() if e.get("event") == "started"]) == 4
@@ -246,20 +313,17 @@ def test_broker_restart_agent_reconnects_and_loses_nothing(
     events = site.log_events()
     assert any(e.get("event") == "mqtt_disconnected" for e in events)
     assert connections(site)[1]["session_present"] is True
+    # The publisher itself kept each topic's order on the wire across its own reconnect: an
+    # order problem below is then the agent's (see Publisher on what paho does otherwise).
+    assert not pub.wire_problems, pub.wire_problems[:5]
     site.restore(tmp_path / "out")
     dups, problems = check_sequences(read_restored_messages(tmp_path / "out"), TOPICS[:10],
                                      per_topic)
     # Duplicates are allowed here: acknowledgements in flight when the broker stopped, and the
-    # publisher's own QoS 1 re-sends after it reconnects, come back. Nothing may be missing.
-    missing = [p for p in problems if "missing" in p]
-    assert not missing, missing[:10]
+    # publisher's own QoS 1 re-sends after it reconnects, come back (the first copy is in its
+    # place). Nothing may be missing, and each topic is in the order it was published.
     print(f"broker restart: {per_topic * 10} messages, {dups} duplicates")
-    if problems:
-        # KNOWN BUG (open, see the issue 5 closing note): after a broker restart a message can
-        # be restored out of order within its topic (seen: one seq from ~190 later placed
-        # between two neighbours), in some runs. Nothing is lost; the order is wrong. Shown as
-        # xfail with the evidence until it is fixed, so it is neither hidden nor a false pass.
-        pytest.xfail(f"per-topic order broken after broker restart: {problems[:5]}")
+    assert not problems, problems[:10]
 
 
 # ---- SIGTERM: what was received is made durable and acknowledged before exit -----------------

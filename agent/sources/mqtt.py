@@ -25,6 +25,15 @@ Acknowledgements go out in the order the messages arrived (MQTT 3.1.1 and 5, sec
 only on the connection that delivered them: after a reconnect the broker re-sends what was not
 acknowledged, and acknowledging an old packet id on the new connection could acknowledge a
 different message that reuses it.
+
+Order: within a topic, restore yields messages in the order the broker delivered them, which
+MQTT (4.6) makes the order one publisher sent them at one QoS. Batches of a class are made
+durable one after another, each in arrival order, and named by their first message's receive
+time. A broker re-send after a reconnect can repeat a message later on (at least once); it
+never moves the first copy. What the publisher's client itself puts on the wire out of order
+(paho-mqtt 2.2 writes a PUBLISH made while its reconnect awaits the CONNACK ahead of the ones it
+queued offline; see tests/mqttkit.py `Publisher`) reaches the broker, and so skyferry, in that
+order: nothing here can restore an order the broker never saw.
 """
 
 from __future__ import annotations
@@ -36,7 +45,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,6 +61,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import QuotaExceededError, SkyferryError, SourceError
 from agent.pipeline import BatchRequest, IngestResult
+from agent.reconnect import keep_connected
 from agent.settings import MqttSettings, SecretRef
 from agent.telemetry.logs import log_event
 from agent.telemetry.metrics import Metrics
@@ -212,25 +221,11 @@ class MqttSource:
 
     async def run(self) -> None:
         """Connect, consume, reconnect with backoff; returns once `drain` has finished."""
-        delay = self.settings.reconnect_initial_s
         tick = asyncio.create_task(self._age_ticker(), name="mqtt-batch-ages")
         try:
-            while not self._stop.is_set():
-                try:
-                    await self._connection()
-                    delay = self.settings.reconnect_initial_s
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # a broker problem must never take the daemon down
-                    self._lost_connection(e)
-                if self._stop.is_set():
-                    break
-                wait = delay * random.uniform(0.5, 1.0)
-                delay = min(self.settings.reconnect_max_s, delay * 2)
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._stop.wait()
+            # A broker problem never takes the daemon down: it is logged and retried.
+            await keep_connected(self._connection, self._stop, self.settings.reconnect_initial_s,
+                                 self.settings.reconnect_max_s, self._lost_connection)
             await self._finish()
         finally:
             tick.cancel()

@@ -16,13 +16,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiomqtt
 
+from agent.reconnect import keep_connected
 from agent.settings import MqttSettings
 from agent.sources.mqtt import read_secret, tls_context
 from agent.telemetry.commands import Commands
@@ -82,28 +82,18 @@ class MqttStatus:
         self._loop = asyncio.get_running_loop()
         if self.settings.status.publish:
             self.tap.listeners.append(self._on_event)
-        delay = self.settings.reconnect_initial_s
         try:
-            while not self._stop.is_set():
-                try:
-                    await self._connection()
-                    delay = self.settings.reconnect_initial_s
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # the broker being away must not stop the agent
-                    log_event(log, logging.DEBUG, "mqtt_status_disconnected",
-                              f"status connection to the broker lost: {e}")
-                if self._stop.is_set():
-                    break
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay * random.uniform(0.5, 1)):
-                        await self._stop.wait()
-                delay = min(self.settings.reconnect_max_s, delay * 2)
+            # The broker being away must not stop the agent: it is logged and retried.
+            await keep_connected(self._connection, self._stop, self.settings.reconnect_initial_s,
+                                 self.settings.reconnect_max_s, self._lost_connection)
         finally:
             self._finished.set()
             with contextlib.suppress(ValueError):
                 self.tap.listeners.remove(self._on_event)
+
+    def _lost_connection(self, e: Exception) -> None:
+        log_event(log, logging.DEBUG, "mqtt_status_disconnected",
+                  f"status connection to the broker lost: {e}")
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
