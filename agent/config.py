@@ -251,7 +251,9 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
     store = _store(root.table("store", ("quota",)))
     classes = _classes(root)
     class_names = _class_names(root)
-    chunking = _chunking(root.table("chunking", ("min_size", "avg_size", "max_size")))
+    chunking = _chunking(root.table("chunking", (
+        "min_size", "avg_size", "max_size", "pack_below", "pack_size", "pack_files",
+        "pack_avg_size")))
     compression = _compression(root.table("compression", ("level", "sample_size", "min_ratio")))
     spools = _spools(root, base, class_names)
     put = _put(root.table("put", ("socket", "priority")), base, site.state_dir, class_names)
@@ -482,7 +484,21 @@ def _chunking(t: _Table) -> ChunkingSettings:
     high = t.size("max_size", defaults.max_size)
     if len(t.problems) == before:
         _check_chunk_bounds(t, low, avg, high)
-    return ChunkingSettings(min_size=low, avg_size=avg, max_size=high)
+    below = t.size("pack_below", defaults.pack_below)
+    t.ensure("pack_below", below <= CDC_MAX_CEILING, "must be at most 16MiB",
+             'files this small are packed together; "0B" turns packing off')
+    pack_size = t.size("pack_size", defaults.pack_size)
+    t.ensure("pack_size", pack_size >= below, f"must be at least pack_below ({below} bytes)",
+             "raise pack_size or lower pack_below")
+    pack_files = t.integer("pack_files", defaults.pack_files)
+    t.ensure("pack_files", 1 <= pack_files <= 100_000, "must be between 1 and 100000",
+             "give how many files one pack may hold, e.g. 4096")
+    pack_avg = t.size("pack_avg_size", defaults.pack_avg_size)
+    t.ensure("pack_avg_size", 128 << 10 <= pack_avg <= 4 << 20,
+             "must be between 128KiB and 4MiB",
+             "smaller chunks re-send less after an edit, larger ones compress better")
+    return ChunkingSettings(min_size=low, avg_size=avg, max_size=high, pack_below=below,
+                            pack_size=pack_size, pack_files=pack_files, pack_avg_size=pack_avg)
 
 
 def _check_chunk_bounds(t: _Table, low: int, avg: int, high: int) -> None:

@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 from agent.backends import open_backend
 from agent.crypto import load_edge_keys
-from agent.errors import QuotaExceededError, SkyferryError
+from agent.errors import DiskFullError, QuotaExceededError, SkyferryError
 from agent.gate import Clock, Gate
-from agent.pipeline import BatchRequest, IngestRequest, IngestResult, Pipeline
+from agent.pipeline import BatchRequest, IngestRequest, IngestResult, PackResult, Pipeline
 from agent.reload import plan_reload
-from agent.settings import Settings
+from agent.settings import Settings, SpoolSettings
 from agent.sources.mqtt import MqttSource
 from agent.sources.put import PutServer
 from agent.sources.spool import SpoolSource
@@ -36,6 +36,7 @@ T = TypeVar("T")
 log = logging.getLogger("skyferry.daemon")
 
 
+INGEST_WORKERS = 2  # objects sealed at once per spool: the edge boxes have two cores or more
 MQTT_DRAIN_S = 20.0  # at most this long making received messages durable at SIGTERM
 
 
@@ -65,7 +66,7 @@ class Daemon:
         self.uplink = Uplink(settings.site.id, self.store, self.backend, self.gate,
                              settings.uplink, self.run_blocking, self.metrics, clock,
                              self.windows.admission)
-        self.spools = [SpoolSource(s, self.ingest) for s in settings.spools]
+        self.spools = [self._spool(s) for s in settings.spools]
         self.put_server = PutServer(settings.put.socket, self.ingest,
                                     [c.name for c in settings.classes])
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
@@ -92,8 +93,8 @@ class Daemon:
     async def ingest(self, req: IngestRequest) -> IngestResult:
         try:
             result = await self.run_blocking(self.pipeline.ingest_file, req)
-        except QuotaExceededError:
-            self.metrics.refusals.labels(req.priority).inc()
+        except QuotaExceededError as e:
+            self._count_refusal(req.priority, e)
             raise
         self._count_evictions(result.evicted)
         if result.duplicate_of is None:
@@ -104,12 +105,34 @@ class Daemon:
         self.uplink.notify()
         return result
 
+    def _spool(self, spool: SpoolSettings) -> SpoolSource:
+        return SpoolSource(spool, self.ingest, self.ingest_pack, self.settings.chunking,
+                           workers=INGEST_WORKERS)
+
+    async def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
+        """Like `ingest`, for small files sealed together (one pack)."""
+        try:
+            result = await self.run_blocking(self.pipeline.ingest_pack, reqs)
+        except QuotaExceededError as e:
+            self._count_refusal(reqs[0].priority, e)
+            raise
+        self._count_evictions(result.evicted)
+        if result.object_id is not None:
+            priority = reqs[0].priority
+            fresh = sum(1 for r in result.accepted.values() if r.duplicate_of is None)
+            self.metrics.ingested_bytes.labels(priority).inc(result.size)
+            self.metrics.ingested_objects.labels(priority).inc(fresh)
+            self.metrics.stored_bytes.labels(priority).inc(result.stored_bytes)
+            self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
+            self.uplink.notify()
+        return result
+
     async def ingest_batch(self, req: BatchRequest) -> IngestResult:
         """Like `ingest`, for an in-memory batch (MQTT)."""
         try:
             result = await self.run_blocking(self.pipeline.ingest_batch, req)
-        except QuotaExceededError:
-            self.metrics.refusals.labels(req.priority).inc()
+        except QuotaExceededError as e:
+            self._count_refusal(req.priority, e)
             raise
         self._count_evictions(result.evicted)
         self.metrics.ingested_bytes.labels(req.priority).inc(result.size)
@@ -118,6 +141,11 @@ class Daemon:
         self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
         self.uplink.notify()
         return result
+
+    def _count_refusal(self, priority: str, e: QuotaExceededError) -> None:
+        self.metrics.refusals.labels(priority).inc()
+        if isinstance(e, DiskFullError):  # the disk, not the quota: worth its own alert
+            self.metrics.errors.labels("disk_full").inc()
 
     def _count_evictions(self, evicted: tuple[Eviction, ...] | list[Eviction]) -> None:
         for ev in evicted:
@@ -240,7 +268,7 @@ class Daemon:
         for s in self.spools:
             if s.settings not in wanted:
                 await self._cancel(f"spool-{s.settings.name}")
-        self.spools = [keep.get(sp) or SpoolSource(sp, self.ingest) for sp in settings.spools]
+        self.spools = [keep.get(sp) or self._spool(sp) for sp in settings.spools]
         for s in self.spools:
             if s.settings not in keep:
                 self._spawn(f"spool-{s.settings.name}", s.run())

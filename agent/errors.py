@@ -41,6 +41,11 @@ class QuotaExceededError(StoreError):
     """Accepting this data would exceed the state_dir quota and the class policy is `refuse`."""
 
 
+class DiskFullError(QuotaExceededError):
+    """The filesystem holding state_dir has no room: refused like a full quota (sources back
+    off and keep their data) until uploads free space or the filesystem grows."""
+
+
 class StoreLockedError(StoreError):
     """Another process (normally the running daemon) holds the store."""
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
+import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+# ENOSPC: the filesystem is full; EDQUOT: the user's disk quota is; EFBIG is not (one file).
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def fsync_dir(path: Path) -> None:
@@ -14,8 +23,56 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = None
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except (OSError, AttributeError):  # not Linux/glibc: fdatasync alone still makes it durable
+    _sync_file_range = None
+
+
+def write_new(path: Path, *parts: bytes | memoryview) -> None:
+    """Create `path` (it must not exist) with the parts joined and start writing it to disk.
+
+    Not yet durable: the caller makes a batch of such files durable at once (`sync_files`),
+    by which time the disk has mostly caught up, so sealing and disk writes overlap. On
+    failure the file is removed: nothing half-written is left behind.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        if _sync_file_range is not None:
+            _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # start writeback, don't wait
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    os.close(fd)
+
+
+def sync_files(folder: Path, names: Iterable[str]) -> None:
+    """Make files written by `write_new` in `folder`, and the folder's entries, durable."""
+    for name in names:
+        fd = os.open(folder / name, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(folder)
+
+
 def write_durable(path: Path, *parts: bytes | memoryview, sync_dir: bool = True) -> None:
-    """Atomically replace `path` with the parts joined; after return they survive a power cut."""
+    """Atomically replace `path` with the parts joined; after return they survive a power cut.
+
+    On failure (a full disk, most often) the temporary file is removed: nothing half-written
+    is left behind, and its blocks go back to the filesystem at once.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -25,8 +82,32 @@ def write_durable(path: Path, *parts: bytes | memoryview, sync_dir: bool = True)
                 written = os.write(fd, view)
                 view = view[written:]
         os.fsync(fd)
-    finally:
+    except BaseException as e:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.filename is None:  # os.write/fsync name no file
+            raise OSError(e.errno, e.strerror, str(tmp)) from e
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for a write refused because the filesystem (or the user's disk quota) is full."""
+    if isinstance(e, OSError):
+        return e.errno in _FULL_ERRNOS
+    if isinstance(e, sqlite3.OperationalError):
+        # SQLITE_FULL: "database or disk is full"; an I/O error with ENOSPC underneath
+        # surfaces as SQLITE_IOERR_WRITE/FSYNC, which SQLite does not tell apart.
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+            "database or disk is full" in str(e))
+    return False
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

@@ -6,7 +6,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
@@ -16,6 +16,7 @@ from agent.errors import FormatError, UnsafePathError
 MANIFEST_VERSION = 1
 KIND_FILE = "file"
 KIND_MQTT_BATCH = "mqtt-batch"  # JSON Lines of MQTT messages (docs/FORMAT.md)
+KIND_FILE_PACK = "file-pack"  # small files of one source, one after another (docs/FORMAT.md)
 
 
 def uuid7() -> str:
@@ -37,11 +38,22 @@ class ChunkRef:
 
 
 @dataclass(frozen=True)
+class PackEntry:
+    """One file of a file pack: bytes [offset, offset + size) of the pack's content."""
+
+    name: str  # relative POSIX path, as given by the source
+    offset: int
+    size: int
+    mtime_ns: int
+    hash: str  # unkeyed BLAKE3 of the file
+
+
+@dataclass(frozen=True)
 class Manifest:
     object_id: str
     site: str
     source: str
-    kind: str  # KIND_FILE or KIND_MQTT_BATCH
+    kind: str  # KIND_FILE, KIND_FILE_PACK or KIND_MQTT_BATCH
     name: str  # relative POSIX path, as given by the source
     size: int
     mtime_ns: int
@@ -51,14 +63,23 @@ class Manifest:
     chunks: tuple[ChunkRef, ...]
     meta: dict[str, str] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    entries: tuple[PackEntry, ...] = ()  # the files of a KIND_FILE_PACK, in content order
 
     @property
     def created_at(self) -> datetime:
         return datetime.fromisoformat(self.created)
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        data["chunks"] = [asdict(c) for c in self.chunks]
+        # Built by hand: dataclasses.asdict deep-copies, ~60 us per entry of a 4096-file pack.
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["meta"] = dict(self.meta)
+        data["chunks"] = [{"id": c.id, "offset": c.offset, "length": c.length, "hash": c.hash}
+                          for c in self.chunks]
+        if self.entries:
+            data["entries"] = [{"name": e.name, "offset": e.offset, "size": e.size,
+                                "mtime_ns": e.mtime_ns, "hash": e.hash} for e in self.entries]
+        else:
+            del data["entries"]  # single objects keep the original field set
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -81,9 +102,15 @@ class Manifest:
             if not isinstance(c, dict):
                 raise FormatError("manifest chunk entries must be objects")
             _check_types(c, _CHUNK_TYPES, "chunk")
+        entries = data.pop("entries", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise FormatError("manifest field 'entries' must be a list of objects")
+        for entry in entries:
+            _check_types(entry, _ENTRY_TYPES, "entry")
         try:
             chunks = tuple(ChunkRef(**_only(c, ChunkRef)) for c in data.pop("chunks"))
-            m = cls(chunks=chunks, **_only(data, cls))
+            packed = tuple(PackEntry(**_only(x, PackEntry)) for x in entries)
+            m = cls(chunks=chunks, entries=packed, **_only(data, cls))
         except (TypeError, KeyError) as e:
             raise FormatError(f"manifest is missing or has malformed fields: {e}") from None
         m.check()
@@ -103,6 +130,22 @@ class Manifest:
             raise FormatError(
                 f"manifest {self.object_id}: chunks cover {pos} bytes but size is {self.size}"
             )
+        if (self.kind == KIND_FILE_PACK) != bool(self.entries):
+            raise FormatError(f"manifest {self.object_id}: only a {KIND_FILE_PACK} has entries, "
+                              "and it must have at least one")
+        pos = 0
+        for i, e in enumerate(self.entries):
+            if e.offset != pos or e.size < 0:
+                raise FormatError(f"manifest {self.object_id}: entry {i} at offset {e.offset} "
+                                  f"size {e.size} does not continue at {pos}")
+            try:
+                check_name(e.name)
+            except UnsafePathError as err:
+                raise FormatError(f"manifest {self.object_id}: entry {i}: {err}") from None
+            pos += e.size
+        if self.entries and pos != self.size:
+            raise FormatError(
+                f"manifest {self.object_id}: entries cover {pos} bytes but size is {self.size}")
 
 
 def check_name(name: str) -> PurePosixPath:
@@ -124,6 +167,8 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "mtime_ns": int, "hash": str, "priority": str, "created": str, "meta": dict, "version": int,
 }
 _CHUNK_TYPES: dict[str, type] = {"id": str, "offset": int, "length": int, "hash": str}
+_ENTRY_TYPES: dict[str, type] = {"name": str, "offset": int, "size": int, "mtime_ns": int,
+                                 "hash": str}
 
 
 def _check_types(data: dict[str, Any], types: dict[str, Any], what: str) -> None:

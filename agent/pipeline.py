@@ -6,13 +6,14 @@ executor, never on the event loop.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import blake3
 import zstandard
@@ -21,20 +22,20 @@ from pyfastcdc import FastCDC
 from agent import crypto
 from agent.crypto import EdgeKeys
 from agent.errors import FormatError, IngestStoppedError, SourceError, UnsafePathError
-from agent.fsio import write_durable
+from agent.fsio import is_disk_full, sync_files, write_new
 from agent.manifest import (
     KIND_FILE,
+    KIND_FILE_PACK,
     KIND_MQTT_BATCH,
     ChunkRef,
     Manifest,
+    PackEntry,
     check_name,
     now_iso,
     uuid7,
 )
 from agent.settings import ChunkingSettings, CompressionSettings
 from agent.store import Eviction, StagedChunk, StagedObject, Store
-
-_READ_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,85 @@ def decompress(compression: int, payload: bytes, plaintext_len: int) -> bytes:
     return data
 
 
-def _read_all(f: BinaryIO) -> bytes:
-    parts = []
-    while block := f.read(_READ_BLOCK):
-        parts.append(block)
-    return b"".join(parts)
+class _Readable(Protocol):
+    def readinto(self, view: memoryview, /) -> int | None: ...
+
+
+class _MemberChanged(Exception):
+    """A file of a pack changed, shrank or vanished while it was read."""
+
+    def __init__(self, index: int, why: str) -> None:
+        super().__init__(why)
+        self.index = index
+
+
+class _PackReader:
+    """The files of a pack read one after another as one stream, each hashed on the way.
+
+    Reads stop at each file's size as it was when the pack was planned, and the file is checked
+    afterwards: one that changed is reported, so the pack is sealed again without it.
+    """
+
+    def __init__(self, members: list[tuple[IngestRequest, os.stat_result]]) -> None:
+        self.members = members
+        self.hashes: list[str] = []
+        self._i = 0
+        self._f: io.FileIO | None = None
+        self._left = 0
+        self._hash = blake3.blake3()
+
+    def readinto(self, view: memoryview, /) -> int:
+        while self._i < len(self.members):
+            req, st = self.members[self._i]
+            if self._f is None:
+                try:
+                    self._f = io.FileIO(req.path, "rb")
+                except OSError as e:
+                    raise _MemberChanged(self._i, f"could not be read: {e}") from None
+                self._left, self._hash = st.st_size, blake3.blake3()
+            n = self._f.readinto(view[:self._left]) if self._left else 0
+            if n:
+                self._hash.update(view[:n])
+                self._left -= n
+                return n
+            self._finish_member(st)
+        return 0
+
+    def _finish_member(self, st: os.stat_result) -> None:
+        assert self._f is not None
+        try:
+            after = os.fstat(self._f.fileno())
+        finally:
+            self._f.close()
+            self._f = None
+        if self._left or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise _MemberChanged(self._i, "changed while it was being read")
+        self.hashes.append(self._hash.hexdigest())
+        self._i += 1
+
+    def finish(self) -> None:
+        """After the last byte: check the files not yet checked (the last, empty ones)."""
+        if self.readinto(memoryview(bytearray(1))):
+            raise _MemberChanged(self._i, "grew while it was being read")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What became of each file offered to `ingest_pack`, by name."""
+
+    object_id: str | None  # the new pack, None when nothing new was sealed
+    accepted: dict[str, IngestResult]  # sealed into the pack, or accepted before
+    failed: dict[str, SourceError]  # left at the source, with the reason
+    size: int = 0  # bytes sealed into the pack
+    chunks: int = 0
+    new_chunks: int = 0
+    stored_bytes: int = 0
+    evicted: tuple[Eviction, ...] = ()
 
 
 class Pipeline:
@@ -144,55 +219,106 @@ class Pipeline:
         ident = f"{source}\0{name}\0{size}\0{mtime_ns}".encode()
         return crypto.chunk_id(self.keys.dedup_key, ident)
 
-    def _cutter(self) -> FastCDC:
-        c = self.chunking
-        # pyfastcdc's average excludes the minimum (cut-point skipping), hence avg - min.
-        return FastCDC(c.avg_size - c.min_size, min_size=c.min_size, max_size=c.max_size)
+    def is_packed(self, size: int) -> bool:
+        """Files below `pack_below` are sealed together in packs (`ingest_pack`)."""
+        return size < self.chunking.pack_below
 
-    def _buffer(self) -> bytearray:
-        # One reusable buffer per thread: pyfastcdc's cut_stream zero-fills a fresh one per
-        # file, which cost ~35 ms a file; mmap (cut_file) would SIGBUS on a truncated file.
-        buf: bytearray | None = getattr(self._local, "buf", None)
-        # Cuts do not depend on the size as long as it exceeds max_size (each pass restarts
-        # at a cut); max + 2 avg instead of 2 max saved 16 MiB of peak RSS at the same speed.
-        want = self.chunking.max_size + 2 * self.chunking.avg_size
-        if buf is None or len(buf) != want:
-            buf = bytearray(want)
-            self._local.buf = buf
+    def _buffer(self, want: int) -> bytearray:
+        # One reusable buffer per thread and size: pyfastcdc's cut_stream zero-fills a fresh
+        # one per file, which cost ~35 ms a file; mmap (cut_file) would SIGBUS on a truncated
+        # file. Cuts do not depend on the size as long as it exceeds max_size (each pass
+        # restarts at a cut); max + 2 avg instead of 2 max saved 16 MiB of peak RSS.
+        bufs: dict[int, bytearray] | None = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        buf = bufs.get(want)
+        if buf is None:
+            buf = bufs[want] = bytearray(want)
         return buf
 
-    def _pieces(self, path: Path, size: int) -> Iterator[memoryview]:
-        """Content-defined pieces of the file; each view is valid until the next is yielded."""
+    def _cut(self, f: _Readable, size: int, low: int, avg: int, high: int
+             ) -> Iterator[memoryview]:
+        """Content-defined pieces of a stream; each view is valid until the next is yielded."""
         if size == 0:
             return
-        with open(path, "rb", buffering=0) as f:
-            if size <= self.chunking.min_size:  # FastCDC never cuts below min_size
-                yield memoryview(_read_all(f))
+        if size <= low:  # FastCDC never cuts below min_size
+            data = bytearray(size)
+            view = memoryview(data)
+            filled = 0
+            while filled < size and (n := f.readinto(view[filled:])):
+                filled += n
+            yield view[:filled]
+            return
+        buf = self._buffer(high + 2 * avg)
+        view = memoryview(buf)
+        # pyfastcdc's average excludes the minimum (cut-point skipping), hence avg - min.
+        cutter = FastCDC(avg - low, min_size=low, max_size=high)
+        filled, eof = 0, False
+        while True:
+            while not eof and filled < len(buf):
+                n = f.readinto(view[filled:])
+                eof = not n
+                filled += n or 0
+            start = 0
+            for piece in cutter.cut_buf(view[:filled]):
+                end = piece.offset + piece.length
+                if end == filled and not eof:
+                    break  # may be cut short by the buffer's end: cut again with more data
+                yield view[piece.offset:end]
+                start = end
+            if eof and start == filled:
                 return
-            buf = self._buffer()
-            view = memoryview(buf)
-            cutter = self._cutter()
-            filled, eof = 0, False
-            while True:
-                while not eof and filled < len(buf):
-                    n = f.readinto(view[filled:])
-                    eof = not n
-                    filled += n or 0
-                start = 0
-                for piece in cutter.cut_buf(view[:filled]):
-                    end = piece.offset + piece.length
-                    if end == filled and not eof:
-                        break  # may be cut short by the buffer's end: cut again with more data
-                    yield view[piece.offset:end]
-                    start = end
-                if eof and start == filled:
-                    return
-                tail = filled - start
-                buf[:tail] = buf[start:filled]
-                filled = tail
+            tail = filled - start
+            buf[:tail] = buf[start:filled]
+            filled = tail
 
-    def ingest_file(self, req: IngestRequest) -> IngestResult:
-        """Seal one file into the store. Returns only after it is durable (accepted)."""
+    def _file_pieces(self, f: _Readable, size: int) -> Iterator[memoryview]:
+        c = self.chunking
+        return self._cut(f, size, c.min_size, c.avg_size, c.max_size)
+
+    def _pack_pieces(self, f: _Readable, size: int) -> Iterator[memoryview]:
+        c = self.chunking
+        return self._cut(f, size, c.pack_min_size, c.pack_avg_size, c.pack_max_size)
+
+    def _seal(self, staged: StagedObject, pieces: Iterable[memoryview],
+              manifest: Callable[[tuple[ChunkRef, ...]], Manifest], stoppable: str | None
+              ) -> tuple[ChunkRef, ...]:
+        """Stage the pieces as chunks, then the manifest, and commit: the object is accepted.
+
+        `stoppable` names what is read when shutdown may abandon it (its data stays at the
+        source); in-memory batches (None) are always finished.
+        """
+        stage = self.store.staging_path(staged.object_id)
+        try:
+            stage.mkdir()
+            refs: list[ChunkRef] = []
+            offset = 0
+            for data in pieces:
+                if stoppable is not None and self.stopping.is_set():
+                    raise IngestStoppedError(f"{stoppable}: ingest interrupted by shutdown; it "
+                                             "stays at its source and is taken next start")
+                refs.append(self._stage_chunk(staged, stage, data, offset))
+                offset += len(data)
+            m = manifest(tuple(refs))
+            staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, m)
+            sync_files(stage, [*staged.new_chunks, "manifest"])
+            self.store.commit_object(staged)
+        except BaseException as e:
+            self.store.abandon(staged.object_id)
+            if is_disk_full(e):  # ENOSPC while staging: a refusal like a full quota
+                raise self.store.disk_full_error(e) from e
+            raise
+        return tuple(refs)
+
+    def _result(self, staged: StagedObject, refs: tuple[ChunkRef, ...],
+                evicted: list[Eviction]) -> IngestResult:
+        return IngestResult(
+            staged.object_id, staged.size, len(refs), len(staged.new_chunks),
+            sum(c.sealed_size for c in staged.new_chunks.values()) + staged.manifest_bytes,
+            evicted=tuple(evicted),
+        )
+
+    def _stat_source(self, req: IngestRequest) -> os.stat_result:
         try:
             check_name(req.name)
         except UnsafePathError as e:
@@ -204,98 +330,149 @@ class Pipeline:
             raise SourceError(f"{req.path} disappeared before it could be ingested") from None
         if not stat.S_ISREG(st.st_mode):
             raise SourceError(f"{req.path} is not a regular file; only regular files are ingested")
+        return st
+
+    def ingest_file(self, req: IngestRequest) -> IngestResult:
+        """Seal one file into the store. Returns only after it is durable (accepted)."""
+        st = self._stat_source(req)
         key = self.source_key(req.source, req.name, st.st_size, st.st_mtime_ns)
         previous = self.store.accepted_source_key(key)
         if previous is not None:
             return IngestResult(previous, st.st_size, 0, 0, 0, duplicate_of=previous)
         reserved, evicted = self.store.reserve(st.st_size, req.priority, self.chunking.max_size)
-        object_id = uuid7()
-        stage = self.store.staging_path(object_id)
-        try:
-            stage.mkdir()
-            staged = StagedObject(object_id, req.source, key, req.priority, st.st_size)
-            refs: list[ChunkRef] = []
-            whole = blake3.blake3()
-            offset = 0
-            for data in self._pieces(req.path, st.st_size):
-                if self.stopping.is_set():
-                    raise IngestStoppedError(f"{req.path}: ingest interrupted by shutdown; the "
-                                             "file stays at its source and is taken next start")
-                ref = self._stage_chunk(staged, stage, data, offset)
-                whole.update(data)
-                refs.append(ref)
-                offset += len(data)
+        staged = StagedObject(uuid7(), req.source, key, req.priority, st.st_size)
+        whole = blake3.blake3()
+        changed = SourceError(f"{req.path} changed while it was being read; it will be "
+                              "ingested again once it stops changing")
+
+        def pieces() -> Iterator[memoryview]:
+            with open(req.path, "rb", buffering=0) as f:
+                for data in self._file_pieces(f, st.st_size):
+                    whole.update(data)
+                    yield data
             after = os.stat(req.path, follow_symlinks=False)
-            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or (
-                offset != st.st_size
-            ):
-                raise SourceError(
-                    f"{req.path} changed while it was being read; it will be ingested again "
-                    "once it stops changing"
-                )
-            manifest = Manifest(
-                object_id=object_id, site=self.site, source=req.source, kind=KIND_FILE,
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                raise changed
+
+        def manifest(refs: tuple[ChunkRef, ...]) -> Manifest:
+            if sum(r.length for r in refs) != st.st_size:
+                raise changed
+            return Manifest(
+                object_id=staged.object_id, site=self.site, source=req.source, kind=KIND_FILE,
                 name=req.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
                 hash=whole.hexdigest(), priority=req.priority, created=now_iso(),
-                chunks=tuple(refs), meta=dict(req.meta),
+                chunks=refs, meta=dict(req.meta),
             )
-            staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, manifest)
-            self.store.commit_object(staged)
-        except BaseException:
-            self.store.abandon(object_id)
-            raise
+
+        try:
+            refs = self._seal(staged, pieces(), manifest, str(req.path))
         finally:
             self.store.release(reserved)
-        return IngestResult(
-            object_id, st.st_size, len(refs), len(staged.new_chunks),
-            sum(c.sealed_size for c in staged.new_chunks.values()) + staged.manifest_bytes,
-            evicted=tuple(evicted),
-        )
+        return self._result(staged, refs, evicted)
 
     def ingest_batch(self, req: BatchRequest) -> IngestResult:
         """Seal an in-memory object into the store. Returns only after it is durable."""
         size = len(req.data)
         reserved, evicted = self.store.reserve(size, req.priority, self.chunking.max_size)
-        object_id = uuid7()
-        name = f"{req.name_prefix}{object_id}{req.name_suffix}"
+        staged = StagedObject(uuid7(), req.source, None, req.priority, size)
+        name = f"{req.name_prefix}{staged.object_id}{req.name_suffix}"
         check_name(name)
-        stage = self.store.staging_path(object_id)
-        try:
-            stage.mkdir()
-            staged = StagedObject(object_id, req.source, None, req.priority, size)
-            refs: list[ChunkRef] = []
-            offset = 0
-            for data in self._pieces_of(req.data):
-                refs.append(self._stage_chunk(staged, stage, data, offset))
-                offset += len(data)
-            manifest = Manifest(
-                object_id=object_id, site=self.site, source=req.source, kind=req.kind,
+
+        def manifest(refs: tuple[ChunkRef, ...]) -> Manifest:
+            return Manifest(
+                object_id=staged.object_id, site=self.site, source=req.source, kind=req.kind,
                 name=name, size=size, mtime_ns=req.mtime_ns,
                 hash=crypto.content_hash(req.data), priority=req.priority, created=now_iso(),
-                chunks=tuple(refs), meta=dict(req.meta),
+                chunks=refs, meta=dict(req.meta),
             )
-            staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, manifest)
-            self.store.commit_object(staged)
-        except BaseException:
-            self.store.abandon(object_id)
-            raise
+
+        try:
+            refs = self._seal(staged, self._file_pieces(io.BytesIO(req.data), size), manifest,
+                              None)
         finally:
             self.store.release(reserved)
-        return IngestResult(
-            object_id, size, len(refs), len(staged.new_chunks),
-            sum(c.sealed_size for c in staged.new_chunks.values()) + staged.manifest_bytes,
-            evicted=tuple(evicted),
-        )
+        return self._result(staged, refs, evicted)
 
-    def _pieces_of(self, data: bytes) -> Iterator[memoryview]:
-        """Content-defined pieces of an in-memory object (one piece when it is small)."""
-        view = memoryview(data)
-        if len(data) <= self.chunking.min_size:
-            if data:
-                yield view
-            return
-        for piece in self._cutter().cut_buf(view):
-            yield view[piece.offset:piece.offset + piece.length]
+    def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
+        """Seal small files of one source and class together as one object (a file pack).
+
+        One manifest, one commit and one set of fsyncs for up to thousands of files, and chunks
+        cut across file boundaries, so they compress as well as one big file. Each file keeps
+        its own name, mtime, hash and source key (a re-scan does not duplicate it). A file that
+        is unsafe, gone or changing is left at its source and named in `failed`; the rest are
+        sealed without it. Returns only after the pack is durable.
+        """
+        accepted: dict[str, IngestResult] = {}
+        failed: dict[str, SourceError] = {}
+        members: list[tuple[IngestRequest, os.stat_result]] = []
+        keys: dict[str, str] = {}
+        for req in reqs:
+            try:
+                st = self._stat_source(req)
+            except SourceError as e:
+                failed[req.name] = e
+                continue
+            key = self.source_key(req.source, req.name, st.st_size, st.st_mtime_ns)
+            previous = self.store.accepted_source_key(key)
+            if previous is not None:
+                accepted[req.name] = IngestResult(previous, st.st_size, 0, 0, 0,
+                                                  duplicate_of=previous)
+            elif req.name not in keys:
+                keys[req.name] = key
+                members.append((req, st))
+        if len({(r.source, r.priority) for r, _ in members}) > 1:
+            raise ValueError("a pack holds files of one source and one class")
+        members.sort(key=lambda m: m[0].name)  # the same files give the same content and cuts
+        while members:
+            try:
+                return self._seal_pack(members, keys, accepted, failed)
+            except _MemberChanged as e:
+                req = members.pop(e.index)[0]
+                failed[req.name] = SourceError(f"{req.path} {e}; it will be ingested again "
+                                               "once it stops changing")
+        return PackResult(None, accepted, failed)
+
+    def _seal_pack(self, members: list[tuple[IngestRequest, os.stat_result]],
+                   keys: dict[str, str], accepted: dict[str, IngestResult],
+                   failed: dict[str, SourceError]) -> PackResult:
+        first = members[0][0]
+        size = sum(st.st_size for _, st in members)
+        reserved, evicted = self.store.reserve(size, first.priority, self.chunking.pack_max_size)
+        staged = StagedObject(uuid7(), first.source, None, first.priority, size,
+                              member_keys=[keys[r.name] for r, _ in members])
+        reader = _PackReader(members)
+        whole = blake3.blake3()
+
+        def pieces() -> Iterator[memoryview]:
+            for data in self._pack_pieces(reader, size):
+                whole.update(data)
+                yield data
+            reader.finish()
+
+        def manifest(refs: tuple[ChunkRef, ...]) -> Manifest:
+            entries, offset = [], 0
+            for (req, st), digest in zip(members, reader.hashes, strict=True):
+                entries.append(PackEntry(req.name, offset, st.st_size, st.st_mtime_ns, digest))
+                offset += st.st_size
+            return Manifest(
+                object_id=staged.object_id, site=self.site, source=first.source,
+                kind=KIND_FILE_PACK, name=f"{staged.object_id}.pack", size=size,
+                mtime_ns=max(st.st_mtime_ns for _, st in members), hash=whole.hexdigest(),
+                priority=first.priority, created=now_iso(), chunks=refs,
+                entries=tuple(entries),
+            )
+
+        try:
+            refs = self._seal(staged, pieces(), manifest,
+                              f"a pack of {len(members)} files from {first.source}")
+        finally:
+            reader.close()
+            self.store.release(reserved)
+        one = self._result(staged, refs, evicted)
+        for req, st in members:
+            accepted[req.name] = IngestResult(staged.object_id, st.st_size, 0, 0, 0)
+        return PackResult(staged.object_id, accepted, failed, size, one.chunks, one.new_chunks,
+                          one.stored_bytes, one.evicted)
 
     def _stage_chunk(self, staged: StagedObject, stage: Path, data: memoryview,
                      offset: int) -> ChunkRef:
@@ -311,7 +488,7 @@ class Pipeline:
                                          kind=crypto.KIND_CHUNK, compression=compression,
                                          plaintext_len=len(data))
         del payload
-        write_durable(stage / cid, header, body, sync_dir=False)
+        write_new(stage / cid, header, body)
         staged.new_chunks[cid] = StagedChunk(cid, len(header) + len(body), len(data),
                                              crypto.content_hash(header, body))
         return ref
@@ -321,5 +498,5 @@ class Pipeline:
         compression, payload = self.compressor.compress(body)
         blob = crypto.seal(payload, self.keys.recipient_public, kind=crypto.KIND_MANIFEST,
                            compression=compression, plaintext_len=len(body))
-        write_durable(stage / "manifest", blob, sync_dir=False)
+        write_new(stage / "manifest", blob)
         return len(blob), crypto.content_hash(blob)

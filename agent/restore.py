@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -27,7 +27,7 @@ from agent.errors import (
     RestoreError,
     UnsafePathError,
 )
-from agent.manifest import KIND_MQTT_BATCH, Manifest, check_name
+from agent.manifest import KIND_MQTT_BATCH, Manifest, PackEntry, check_name
 from agent.pipeline import decompress
 from agent.units import format_size
 
@@ -110,6 +110,114 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             self.stream.write("\n")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One thing a user gets back: a whole object, or one file of a pack."""
+
+    m: Manifest
+    entry: PackEntry | None = None
+    index: int = 0  # of the entry in its pack
+
+    @property
+    def name(self) -> str:
+        return self.m.name if self.entry is None else self.entry.name
+
+    @property
+    def size(self) -> int:
+        return self.m.size if self.entry is None else self.entry.size
+
+    @property
+    def label(self) -> str:
+        pack = "" if self.entry is None else " in pack"
+        return f"{self.m.site}/{self.m.source}/{self.name} (object {self.m.object_id}{pack})"
+
+
+def _items(manifests: list[Manifest]) -> list[_Item]:
+    out: list[_Item] = []
+    for m in manifests:
+        out += [_Item(m, e, i) for i, e in enumerate(m.entries)] if m.entries else [_Item(m)]
+    return out
+
+
+class _PackSplitter:
+    """Cuts a pack's content stream back into its files, checking each file's own hash.
+
+    With a target, wanted files are written to a temporary name and renamed into place only
+    once whole and verified; the others (superseded by a newer version) are only checked.
+    """
+
+    def __init__(self, m: Manifest, target: Path | None, wanted: set[int]) -> None:
+        self.m, self.target, self.wanted = m, target, wanted
+        self.ok: list[int] = []  # entries restored (or checked), by index
+        self.bad: list[tuple[int, str]] = []
+        self._i = -1
+        self._left = 0
+        self._hash = blake3.blake3()
+        self._out: BinaryIO | None = None
+        self._tmp: Path | None = None
+        self._next()
+
+    def _next(self) -> None:
+        """Finish the current file (if any), then open the next ones (empty ones at once)."""
+        while True:
+            if self._i >= 0:
+                self._finish(self._i)
+            self._i += 1
+            if self._i >= len(self.m.entries):
+                return
+            e = self.m.entries[self._i]
+            self._left, self._hash = e.size, blake3.blake3()
+            if self.target is not None and self._i in self.wanted:
+                dest = _entry_path(self.target, self.m, e)
+                _check_inside(self.target, dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _check_inside(self.target, dest)
+                self._tmp = dest.with_name(f".{dest.name}.skyferry-tmp")
+                self._out = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/abort
+            if e.size:
+                return
+
+    def _finish(self, i: int) -> None:
+        e = self.m.entries[i]
+        out, tmp = self._out, self._tmp
+        self._out = self._tmp = None
+        if self._hash.hexdigest() != e.hash:
+            if out is not None and tmp is not None:
+                out.close()
+                tmp.unlink(missing_ok=True)
+            self.bad.append((i, "does not match its hash in the pack's manifest"))
+            return
+        if out is not None and tmp is not None:
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+            os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
+            os.replace(tmp, _entry_path(self.target or Path(), self.m, e))
+        self.ok.append(i)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            take = view[:self._left]
+            self._hash.update(take)
+            if self._out is not None:
+                self._out.write(take)
+            self._left -= len(take)
+            view = view[len(take):]
+            if not self._left:
+                self._next()
+
+    def abort(self) -> None:
+        if self._out is not None and self._tmp is not None:
+            self._out.close()
+            self._tmp.unlink(missing_ok=True)
+        self._out = self._tmp = None
+
+
+def _entry_path(target: Path, m: Manifest, e: PackEntry) -> Path:
+    return target / m.site / m.source / safe_relative(e.name)
 
 
 class Restorer:
@@ -242,19 +350,43 @@ class Restorer:
         os.utime(tmp, ns=(m.mtime_ns, m.mtime_ns))
         os.replace(tmp, dest)
 
+    async def restore_pack(self, m: Manifest, target: Path | None, wanted: set[int],
+                           progress: Progress | None) -> _PackSplitter:
+        """Stream a pack once, writing its wanted files below target (or only checking)."""
+        splitter = _PackSplitter(m, target, wanted)
+        try:
+            await self.stream_object(m, splitter.write, progress)
+        finally:
+            splitter.abort()
+        return splitter
+
     async def run(self, target: Path | None, sites: list[str] | None = None,
                   since: datetime | None = None, show_progress: bool | None = None
                   ) -> RestoreReport:
-        """Restore into `target`, or only verify everything when target is None."""
+        """Restore into `target`, or only verify everything when target is None.
+
+        The report counts files and MQTT batches (the files of a pack one by one).
+        """
         report = RestoreReport()
         manifests: list[Manifest] = []
         for site in sites or await self.sites():
             manifests.extend(await self.load_manifests(site, since, report))
-        chosen = manifests if target is None else _newest_per_name(manifests, report)
-        progress = Progress(len(chosen), sum(m.size for m in chosen), enabled=show_progress)
+        items = _items(manifests)
+        chosen = items if target is None else _newest_per_name(items, report)
+        wanted: dict[str, set[int]] = {}
+        for it in chosen:
+            if it.entry is not None:
+                wanted.setdefault(it.m.object_id, set()).add(it.index)
+        # A pack is fetched once, for all its files that are wanted.
+        objects = [m for m in manifests if m.entries and m.object_id in wanted]
+        objects += [it.m for it in chosen if it.entry is None]
+        progress = Progress(len(chosen), sum(m.size for m in objects), enabled=show_progress)
 
         async def one(m: Manifest) -> None:
-            label = f"{m.site}/{m.source}/{m.name} (object {m.object_id})"
+            if m.entries:
+                await pack(m)
+                return
+            label = _Item(m).label
             try:
                 if target is None:
                     await self.stream_object(m, lambda _b: None, progress)
@@ -267,7 +399,24 @@ class Restorer:
             report.bytes_ok += m.size
             progress.advance(0, 1)
 
-        await _bounded(4, [one(m) for m in chosen])
+        async def pack(m: Manifest) -> None:
+            mine = wanted[m.object_id]
+            splitter: _PackSplitter | None = None
+            try:
+                splitter = await self.restore_pack(m, target, mine, progress)
+            except (RestoreError, BackendError, OSError) as e:
+                report.problems.append(Problem(
+                    f"{m.site}/{m.source} pack {m.object_id} ({len(m.entries)} files)", str(e)))
+            if splitter is None:
+                return
+            for i, why in splitter.bad:
+                report.problems.append(Problem(_Item(m, m.entries[i], i).label, why))
+            done = [i for i in splitter.ok if i in mine]
+            report.objects_ok += len(done)
+            report.bytes_ok += sum(m.entries[i].size for i in done)
+            progress.advance(0, len(done))
+
+        await _bounded(4, [one(m) for m in objects])
         progress.close()
         return report
 
@@ -283,14 +432,14 @@ def restore_path(target: Path, m: Manifest) -> Path:
     return target / m.site / m.source / safe_relative(m.name)
 
 
-def _newest_per_name(manifests: list[Manifest], report: RestoreReport) -> list[Manifest]:
+def _newest_per_name(items: list[_Item], report: RestoreReport) -> list[_Item]:
     """A name dropped again is a new version: the newest wins, older ones are counted."""
-    newest: dict[tuple[str, str, str], Manifest] = {}
-    for m in sorted(manifests, key=lambda m: (m.created, m.object_id)):
-        k = (m.site, m.source, m.name)
+    newest: dict[tuple[str, str, str, bool], _Item] = {}
+    for it in sorted(items, key=lambda it: (it.m.created, it.m.object_id)):
+        k = (it.m.site, it.m.source, it.name, it.m.kind == KIND_MQTT_BATCH)
         if k in newest:
             report.superseded += 1
-        newest[k] = m
+        newest[k] = it
     return list(newest.values())
 
 

@@ -51,11 +51,25 @@ class ChunkingSettings:
     min_size: int = 1 << 20
     avg_size: int = 4 << 20
     max_size: int = 16 << 20
+    # Files below pack_below are sealed together, up to pack_size bytes or pack_files files
+    # per pack, cut into smaller chunks (pack_avg_size) so an edit re-sends little.
+    pack_below: int = 1 << 20
+    pack_size: int = 32 << 20
+    pack_files: int = 4096
+    pack_avg_size: int = 256 << 10
+
+    @property
+    def pack_min_size(self) -> int:
+        return max(64 << 10, self.pack_avg_size // 4)
+
+    @property
+    def pack_max_size(self) -> int:
+        return self.pack_avg_size * 4
 
 
 @dataclass(frozen=True)
 class CompressionSettings:
-    level: int = 3
+    level: int = 1
     sample_size: int = 64 << 10
     min_ratio: float = 0.95  # compress only when a sample shrinks below this fraction
 

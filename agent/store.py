@@ -13,6 +13,7 @@ States: chunk sealed -> uploading -> uploaded (or corrupt); object queued -> com
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -24,13 +25,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import QuotaExceededError, StoreError, StoreLockedError
-from agent.fsio import fsync_dir
+from agent.errors import DiskFullError, QuotaExceededError, StoreError, StoreLockedError
+from agent.fsio import free_bytes, fsync_dir, is_disk_full
 from agent.settings import ClassSettings
 
 SCHEMA_VERSION = 1
 # Sealing adds a header and a tag to each chunk; manifests are small. Reserve with margin.
 _PER_CHUNK_OVERHEAD = 128
+# Ingest stops while fewer bytes than this would stay free on state_dir's filesystem: the
+# index (its WAL grows to ~4 MiB between checkpoints) and the uplink's bookkeeping must still
+# be written on a full disk, since recording uploads is what frees space again.
+DISK_HEADROOM_BYTES = 4 << 20
+# Checked again just before an object's commit: promotion only renames, but a rename can
+# need a new directory block, and failing after the commit is the case to avoid.
+_COMMIT_ROOM_BYTES = 256 << 10
+# Blocks held back in state_dir/index.sqlite-spare for the index, for when another program has taken the
+# headroom: given up to open the index on a full disk and when the uplink cannot record an
+# upload (recording uploads is what frees space); taken again once there is room.
+SPARE_BYTES = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,7 +58,8 @@ CREATE TABLE IF NOT EXISTS objects (
     created REAL NOT NULL,
     state TEXT NOT NULL,
     chunks_left INTEGER NOT NULL,
-    finished REAL
+    finished REAL,
+    items INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS objects_queue ON objects(state, rank, created);
 CREATE INDEX IF NOT EXISTS objects_source_key ON objects(source_key);
@@ -67,6 +80,11 @@ CREATE TABLE IF NOT EXISTS object_chunks (
     PRIMARY KEY (object_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS object_chunks_chunk ON object_chunks(chunk_id);
+CREATE TABLE IF NOT EXISTS object_sources (
+    source_key TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    PRIMARY KEY (source_key, object_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_deletes (
     kind TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -96,6 +114,7 @@ class StagedObject:
     new_chunks: dict[str, StagedChunk] = field(default_factory=dict)
     manifest_bytes: int = 0
     manifest_hash: str = ""  # BLAKE3 of the sealed manifest file
+    member_keys: list[str] = field(default_factory=list)  # source keys of a pack's files
 
 
 @dataclass(frozen=True)
@@ -151,6 +170,7 @@ class Store:
         self._reserved = 0
         self._used = 0
         self._manifests_inflight: set[str] = set()
+        self._unpromoted: set[str] = set()  # committed, files still in staging (disk full)
         self.chunks_dir = state_dir / "chunks"
         self.manifests_dir = state_dir / "manifests"
         self.staging_dir = state_dir / "staging"
@@ -165,9 +185,16 @@ class Store:
         for d in (state_dir, self.chunks_dir, self.manifests_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        self._db = sqlite3.connect(state_dir / "index.sqlite", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        if free_bytes(state_dir) < SPARE_BYTES:
+            self.give_up_spare()  # opening the index needs blocks (its -wal and -shm files)
+        try:
+            self._db = sqlite3.connect(state_dir / "index.sqlite", check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as e:
+            if free_bytes(state_dir) >= _COMMIT_ROOM_BYTES:
+                raise
+            raise DiskFullError(self._disk_full_message(f"{e} opening the index")) from e
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
@@ -193,6 +220,8 @@ class Store:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(objects)")}
         if "manifest_hash" not in have:
             self._db.execute("ALTER TABLE objects ADD COLUMN manifest_hash TEXT")
+        if "items" not in have:  # files in a pack; 1 for everything else
+            self._db.execute("ALTER TABLE objects ADD COLUMN items INTEGER NOT NULL DEFAULT 1")
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -220,6 +249,7 @@ class Store:
         for tmp in self.manifests_dir.glob(".*.tmp"):
             tmp.unlink()
         self._used = self._compute_used()
+        self._keep_spare()
 
     def _finish_pending_deletes(self) -> None:
         """Remove local copies a crash left behind after their release was committed."""
@@ -260,10 +290,42 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")  # inside: a COMMIT that fails must roll back too
+            except BaseException as e:
+                # SQLite may already have rolled back by itself (SQLITE_FULL): a second
+                # ROLLBACK would fail and hide the real error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if is_disk_full(e):
+                    raise self.disk_full_error(e) from e
                 raise
-            self._db.execute("COMMIT")
+
+    @property
+    def _spare(self) -> Path:
+        return self.state_dir / "index.sqlite-spare"
+
+    def _keep_spare(self) -> bool:
+        """Hold SPARE_BYTES of real blocks (see SPARE_BYTES) if there is room for them besides
+        the headroom; True when it was made now."""
+        if (self._spare.exists()
+                or free_bytes(self.state_dir) < DISK_HEADROOM_BYTES + SPARE_BYTES):
+            return False
+        try:
+            fd = os.open(self._spare, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, SPARE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            self._spare.unlink(missing_ok=True)
+            return False
+        return True
+
+    def give_up_spare(self) -> None:
+        """The index cannot be written for lack of room: free the spare blocks (the uplink
+        does, so recording uploads, which frees space, goes on)."""
+        with contextlib.suppress(OSError):
+            self._spare.unlink()
 
     # ---- paths ----------------------------------------------------------------------------
 
@@ -291,6 +353,7 @@ class Store:
         need = nbytes + (nbytes // max(1, max_chunk) + 2) * _PER_CHUNK_OVERHEAD + 4096
         with self._lock:
             evicted: list[Eviction] = []
+            self._check_disk_room(need)  # first: never evict for a disk that refuses anyway
             if self.quota_bytes is not None:
                 # Evict only if that makes room: evicting and then refusing anyway would drop
                 # data for nothing (an object larger than the quota would empty whole classes).
@@ -308,6 +371,32 @@ class Store:
                     evicted.append(self._evict(victim, "quota"))
             self._reserved += need
             return need, evicted
+
+    def _check_disk_room(self, need: int) -> None:
+        """Refuse while the filesystem, not the quota, is what is full (a quota set above the
+        disk's size, or other data on the same disk)."""
+        free = free_bytes(self.state_dir)
+        if self._keep_spare():  # given up on a full disk: there is room again
+            free = free_bytes(self.state_dir)
+        # Reservations in progress may not be written yet: count them as if they were not.
+        if free - self._reserved - need < DISK_HEADROOM_BYTES:
+            raise DiskFullError(self._disk_full_message(
+                f"{free} bytes free, {self._reserved} reserved by ingests in progress, "
+                f"{need} needed and {DISK_HEADROOM_BYTES} kept free for the index"))
+
+    def _disk_full_message(self, what: str) -> str:
+        return (f"the disk holding state_dir {self.state_dir} is full ({what}); the data "
+                "stays at its source and ingest resumes by itself as uploads free space; to "
+                "resume sooner, free space on that filesystem or grow it, and keep store.quota "
+                "below its size")
+
+    def disk_full_error(self, e: BaseException) -> DiskFullError:
+        """The error to raise for an ENOSPC or SQLITE_FULL met while writing the store."""
+        if isinstance(e, OSError):
+            what = f"{e.strerror or e} writing {e.filename or self.state_dir}"
+        else:
+            what = f"{e} writing {self.state_dir / 'index.sqlite'}"
+        return DiskFullError(self._disk_full_message(what))
 
     def release(self, reserved: int) -> None:
         with self._lock:
@@ -395,6 +484,10 @@ class Store:
             row = self._db.execute(
                 "SELECT id FROM objects WHERE source_key=? AND state IN ('queued','committed')",
                 (source_key,),
+            ).fetchone() or self._db.execute(
+                "SELECT o.id FROM object_sources s JOIN objects o ON o.id=s.object_id "
+                "WHERE s.source_key=? AND o.state IN ('queued','committed') LIMIT 1",
+                (source_key,),
             ).fetchone()
         return None if row is None else str(row[0])
 
@@ -405,9 +498,49 @@ class Store:
         fsync_dir(stage)
         # The lock spans commit and promotion so the uplink never sees a row without its file.
         with self._lock:
+            self._room_to_promote(staged)
             added = self._insert_object(staged, cls, stage)
             self._used += staged.manifest_bytes + added
-            self._promote(stage)
+            try:
+                self._promote(stage)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                # Accepted all the same: the index holds it and its files are durable in
+                # staging. next_work moves them into place once there is room and hands
+                # none of them to the uplink before.
+                self._unpromoted.add(staged.object_id)
+
+    def _room_to_promote(self, staged: StagedObject) -> None:
+        """Before the commit: make the chunk folders promotion needs and check the disk still
+        has room for their entries, so a full disk refuses here rather than after it."""
+        try:
+            made = False
+            for cid in staged.new_chunks:
+                folder = self.chunk_path(cid).parent
+                if not folder.is_dir():
+                    folder.mkdir(exist_ok=True)
+                    made = True
+            if made:
+                fsync_dir(self.chunks_dir)  # the new sub-folder's own entry must persist
+        except OSError as e:
+            if is_disk_full(e):
+                raise self.disk_full_error(e) from e
+            raise
+        free = free_bytes(self.state_dir)
+        if free < _COMMIT_ROOM_BYTES:
+            raise DiskFullError(self._disk_full_message(f"{free} bytes free at commit"))
+
+    def _retry_promotions(self) -> None:
+        """Move into place what a full disk kept in staging after its commit."""
+        for object_id in list(self._unpromoted):
+            stage = self.staging_path(object_id)
+            try:
+                if stage.is_dir():
+                    self._promote(stage)
+            except OSError:
+                continue  # still no room: tried again at the next claim
+            self._unpromoted.discard(object_id)
 
     def _insert_object(self, staged: StagedObject, cls: ClassSettings, stage: Path) -> int:
         """Insert rows; returns the sealed bytes of chunks this object really added."""
@@ -445,14 +578,19 @@ class Store:
             )
             db.execute(
                 "INSERT INTO objects (id, source, source_key, class, rank, size, manifest_hash,"
-                " manifest_bytes, created, state, chunks_left)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                " manifest_bytes, created, state, chunks_left, items)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
                 (staged.object_id, staged.source, staged.source_key, cls.name, cls.rank,
-                 staged.size, staged.manifest_hash, staged.manifest_bytes, time.time(), left),
+                 staged.size, staged.manifest_hash, staged.manifest_bytes, time.time(), left,
+                 max(1, len(staged.member_keys))),
             )
             db.executemany(
                 "INSERT INTO object_chunks (object_id, seq, chunk_id) VALUES (?, ?, ?)",
                 [(staged.object_id, i, c) for i, c in enumerate(staged.chunk_ids)],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO object_sources (source_key, object_id) VALUES (?, ?)",
+                [(k, staged.object_id) for k in staged.member_keys],
             )
         return added
 
@@ -499,11 +637,13 @@ class Store:
         commit it.
         """
         with self._lock:
+            if self._unpromoted:
+                self._retry_promotions()
             return (self._next_manifest(max_manifest_bytes)
                     or self._next_chunk(now, aging_s, max_chunk_bytes))
 
     def _next_manifest(self, max_bytes: int | None = None) -> ManifestWork | None:
-        inflight = tuple(self._manifests_inflight)
+        inflight = tuple(self._manifests_inflight | self._unpromoted)
         marks = ",".join("?" * len(inflight))
         exclude = f"AND id NOT IN ({marks})" if inflight else ""
         fits = "" if max_bytes is None else f"AND manifest_bytes <= {int(max_bytes)}"
@@ -537,8 +677,8 @@ class Store:
                     "JOIN chunks c ON c.id=oc.chunk_id WHERE oc.object_id=? AND "
                     "c.state='sealed' AND c.sealed_size<=? ORDER BY oc.seq LIMIT 1", (oid, room),
                 ).fetchone()
-                if row is None:
-                    continue
+                if row is None or (self._unpromoted and not self.chunk_path(row[0]).exists()):
+                    continue  # its file waits in a staging folder for room (disk full)
                 effective = rank - max(0.0, now - created) / aging_s
                 work = ChunkWork(row[0], self.chunk_path(row[0]), row[1], row[2], oid, cls,
                                  int(mbytes))
@@ -670,11 +810,12 @@ class Store:
     # ---- reporting ------------------------------------------------------------------------
 
     def summary(self, now: float) -> dict[str, ClassSummary]:
-        """Objects and bytes per class and state, and the age of the oldest queued object."""
+        """Items (files, each file of a pack, MQTT batches) and bytes per class and state, and
+        the age of the oldest queued object."""
         out: dict[str, ClassSummary] = {name: ClassSummary() for name in self.classes}
         with self._lock:
             rows = self._db.execute(
-                "SELECT class, state, COUNT(*), COALESCE(SUM(size), 0) FROM objects "
+                "SELECT class, state, SUM(items), COALESCE(SUM(size), 0) FROM objects "
                 "GROUP BY class, state").fetchall()
             oldest = self._db.execute(
                 "SELECT class, MIN(created) FROM objects WHERE state='queued' GROUP BY class"

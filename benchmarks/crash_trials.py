@@ -329,13 +329,16 @@ class _Trial:
         left = _spool_names(self.site)
         accepted = [n for n in self.dropped if n not in left]
         objects = dict(_query(self.site, "SELECT source_key, state FROM objects"))
+        # Small files are sealed in packs: their source keys are kept per file.
+        objects.update(_query(self.site, "SELECT s.source_key, o.state FROM object_sources s "
+                                         "JOIN objects o ON o.id=s.object_id"))
         for name in accepted:
             key = _source_key(self.dedup_key, name, self.dropped[name])
             if objects.get(key) not in ("queued", "committed"):
                 self.problem(f"kill {k + 1}: {name} was accepted (gone from the spool) but the "
                              f"index has no queued or committed object for it "
                              f"(state {objects.get(key)!r})")
-        states = Counter(objects.values())
+        states = Counter(s for (s,) in _query(self.site, "SELECT state FROM objects"))
         uploading = _query(self.site, "SELECT COUNT(*) FROM chunks WHERE state='uploading'")
         staging = self.site.state / "staging"
         return KillRecord(
@@ -403,11 +406,14 @@ class _Trial:
     def check_final(self) -> None:
         site = self.site
         expected = {n: (len(f.data), _blake3(f.data)) for n, f in self.dropped.items()}
-        # The index: one committed object per file, nothing else, no chunk found corrupt.
-        states = Counter(s for (s,) in _query(site, "SELECT state FROM objects"))
+        # The index: every file in exactly one committed object (alone or in a pack), nothing
+        # else, no chunk found corrupt.
+        states: Counter[str] = Counter()
+        for state, items in _query(site, "SELECT state, items FROM objects"):
+            states[state] += items
         if states != Counter({"committed": len(expected)}):
-            self.problem(f"index objects by state {dict(states)}, expected exactly "
-                         f"{len(expected)} committed (one per file)")
+            self.problem(f"index files by object state {dict(states)}, expected exactly "
+                         f"{len(expected)} committed (each file once)")
         corrupt = _query(site, "SELECT id FROM chunks WHERE state='corrupt'")
         if corrupt:
             self.problem(f"{len(corrupt)} chunks marked corrupt, e.g. {corrupt[0][0]}")
@@ -426,7 +432,8 @@ class _Trial:
         per_name = Counter(m for m in names)
         for name in expected:
             if per_name.get(name, 0) != 1:
-                self.problem(f"{name}: {per_name.get(name, 0)} manifests in the cloud, expected 1")
+                self.problem(f"{name}: in {per_name.get(name, 0)} manifests in the cloud, "
+                             "expected 1")
         for name in set(per_name) - set(expected):
             self.problem(f"{name}: in the cloud but never dropped")
         for what, report in (("restore", restore), ("verify", verify)):
@@ -468,7 +475,8 @@ async def _cloud_checks(site: Site, out: Path) -> tuple[list[str], RestoreReport
     """Names of every manifest of this spool, then a restore into `out`, then a verify."""
     listing = RestoreReport()
     manifests = await _restorer(site).load_manifests(site.site_id, None, listing)
-    names = [m.name for m in manifests if m.source == SPOOL]
+    names = [e.name if e else m.name for m in manifests if m.source == SPOOL
+             for e in (m.entries or (None,))]
     restore = await _restorer(site).run(out, [site.site_id])
     restore.problems[:0] = listing.problems
     verify = await _restorer(site).run(None, [site.site_id])

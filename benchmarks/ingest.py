@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from agent.units import format_size, parse_size
 from benchmarks import corpus
@@ -78,32 +79,43 @@ class Tool:
 
 def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, source: str, workers: int) -> dict[
         str, int]:
-    """Seal every file below root into the store at state_dir; return counts (child side)."""
+    """Seal every file below root into the store at state_dir; return counts (child side).
+
+    Files are grouped the way a spool folder groups them (agent.sources.spool.plan: large
+    files alone, small ones in packs) and sealed by `workers` threads, as the daemon does.
+    """
     from agent import crypto
     from agent.config import DEFAULT_CLASSES
     from agent.pipeline import IngestRequest, Pipeline
     from agent.settings import ChunkingSettings, CompressionSettings
+    from agent.sources.spool import plan, scan
     from agent.store import Store
 
     keys = crypto.load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
                                  keys_dir / "dedup.key")
     store = Store(state_dir, DEFAULT_CLASSES)
-    pipeline = Pipeline(SITE, keys, store, ChunkingSettings(), CompressionSettings())
-    paths = corpus.files(root)
+    chunking = ChunkingSettings()
+    pipeline = Pipeline(SITE, keys, store, chunking, CompressionSettings())
+    batches = plan(scan(root, None), chunking)
 
-    def one(p: Path) -> tuple[int, int, int, int]:
-        r = pipeline.ingest_file(IngestRequest(p, source, p.relative_to(root).as_posix(),
-                                               "bulk"))
-        return r.size, r.chunks, r.new_chunks, r.stored_bytes
+    def one(batch: list[Any]) -> tuple[int, int, int, int, int]:
+        reqs = [IngestRequest(c.path, source, c.name, "bulk") for c in batch]
+        if len(reqs) == 1 and not pipeline.is_packed(batch[0].size):
+            r = pipeline.ingest_file(reqs[0])
+            return 1, r.size, r.chunks, r.new_chunks, r.stored_bytes
+        p = pipeline.ingest_pack(reqs)
+        if p.failed:
+            raise RuntimeError(f"files not ingested: {p.failed}")
+        return len(p.accepted), p.size, p.chunks, p.new_chunks, p.stored_bytes
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, paths))
+            results = list(pool.map(one, batches))
     finally:
         store.close()
-    return {"files": len(results), "bytes": sum(r[0] for r in results),
-            "chunks": sum(r[1] for r in results), "new_chunks": sum(r[2] for r in results),
-            "stored": sum(r[3] for r in results)}
+    return {"files": sum(r[0] for r in results), "bytes": sum(r[1] for r in results),
+            "chunks": sum(r[2] for r in results), "new_chunks": sum(r[3] for r in results),
+            "stored": sum(r[4] for r in results), "objects": len(results)}
 
 
 # ---- measuring -------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from agent.pipeline import decompress
 from tests.sitekit import Site, drop_file, render_toml, tree_digest
 
 MakeSite = Callable[..., Site]
-SMALL_CHUNKS = {"chunking": {"min_size": "64KiB", "avg_size": "192KiB", "max_size": "512KiB"}}
+# pack_below 0B: each file its own object, so a test can damage one file's chunk or manifest.
+SMALL_CHUNKS = {"chunking": {"min_size": "64KiB", "avg_size": "192KiB", "max_size": "512KiB",
+                             "pack_below": "0B"}}
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:

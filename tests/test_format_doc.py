@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent import crypto, layout
-from agent.manifest import ChunkRef, Manifest, now_iso, uuid7
+from agent.errors import FormatError
+from agent.manifest import KIND_FILE_PACK, ChunkRef, Manifest, PackEntry, now_iso, uuid7
 from agent.pipeline import Compressor
 from agent.settings import CompressionSettings
 
@@ -306,11 +307,42 @@ def test_independent_reader_opens_a_signed_manifest(
     body = reader.open_manifest(blob, recipient, signer.public_key())
     assert body == manifest.to_json()
     fields = json.loads(body)
-    assert set(fields) == {code(r[0]) for r in table("manifest-fields")}
+    # `entries` appears only in a file pack (below).
+    assert set(fields) == {code(r[0]) for r in table("manifest-fields")} - {"entries"}
     assert set(fields["chunks"][0]) == {code(r[0]) for r in table("chunkref-fields")}
     assert fields["version"] == 1
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
                         fields["object_id"])
+
+
+def test_a_file_pack_manifest_has_the_documented_fields() -> None:
+    files = [b"first file\n", b"", b"third"]
+    data = b"".join(files)
+    entries, at = [], 0
+    for i, f in enumerate(files):
+        entries.append(PackEntry(f"d/{i}.txt", at, len(f), 1_700_000_000_000_000_000 + i,
+                                 crypto.content_hash(f)))
+        at += len(f)
+    manifest = Manifest(
+        object_id=uuid7(), site="s", source="files", kind=KIND_FILE_PACK, name="x.pack",
+        size=len(data), mtime_ns=1, hash=crypto.content_hash(data), priority="normal",
+        created=now_iso(), chunks=(ChunkRef("ab" * 32, 0, len(data),
+                                            crypto.content_hash(data)),),
+        entries=tuple(entries),
+    )
+    fields = json.loads(manifest.to_json())
+    assert set(fields) == {code(r[0]) for r in table("manifest-fields")}
+    assert set(fields["entries"][0]) == {code(r[0]) for r in table("packentry-fields")}
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    # The structural rules are enforced: entries must tile the object.
+    broken = json.loads(manifest.to_json())
+    broken["entries"][1]["offset"] += 1
+    with pytest.raises(FormatError, match="does not continue"):
+        Manifest.from_json(json.dumps(broken).encode())
+    broken = json.loads(manifest.to_json())
+    broken["entries"][0]["name"] = "../up"
+    with pytest.raises(FormatError, match="unsafe path"):
+        Manifest.from_json(json.dumps(broken).encode())
 
 
 def test_canonical_body_encoding_is_as_documented() -> None:

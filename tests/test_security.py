@@ -29,7 +29,11 @@ from agent.pipeline import decompress
 from tests.sitekit import Site, drop_file, tree_digest
 
 # Small chunks so a test file of a few hundred KiB spans several chunks.
-SMALL_CHUNKS = {"chunking": {"min_size": "64KiB", "avg_size": "192KiB", "max_size": "512KiB"}}
+# pack_below 0B: each file its own object, so a test can damage one file's chunk or manifest
+# (tests/test_packs.py damages packs).
+SMALL_CHUNKS = {"chunking": {"min_size": "64KiB", "avg_size": "192KiB", "max_size": "512KiB",
+                             "pack_below": "0B"}}
+NO_PACKS = {"chunking": {"pack_below": "0B"}}
 MakeSite = Callable[..., Site]
 
 
@@ -337,7 +341,7 @@ def test_flipped_byte_in_any_cloud_chunk_or_manifest_is_named_and_never_restored
 
 def test_forged_or_moved_manifest_is_rejected(make_site: MakeSite, tmp_path: Path) -> None:
     """Whoever holds the recipient's public key can seal; only the site's key can sign."""
-    site = make_site()
+    site = make_site(extra=NO_PACKS)
     drop_file(site.spool(), "a.txt", b"a" * 5000)
     drop_file(site.spool(), "b.txt", b"b" * 5000)
     site.start()

@@ -320,7 +320,7 @@ def test_metrics_parse_and_move_as_the_agent_works(make_site: Callable[..., Site
     to_next = value(before, "skyferry_seconds_to_next_window")
     assert 3500 < to_next <= 3600
 
-    text = b"compressible telemetry line\n" * 20000
+    text = b"compressible telemetry line\n" * 40000  # > 1 MiB: not packed, so dedup shows
     drop_file(site.spool(), "a.log", text)
     drop_file(site.spool(), "b.log", text)  # same content: dedup
     wait_for(lambda: len(events(site, "file_accepted")) == 2, 30, "two files queued", site)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from agent.pipeline import IngestRequest, IngestResult
+from agent.pipeline import IngestRequest, IngestResult, PackResult
 
 Ingest = Callable[[IngestRequest], Awaitable[IngestResult]]
+IngestPack = Callable[[list[IngestRequest]], Awaitable[PackResult]]
