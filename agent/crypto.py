@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -106,6 +107,37 @@ def seal_parts(
         ephemeral_public, nonce,
     )
     return header, AESGCM(key).encrypt(nonce, payload, header)
+
+
+class Sealer:
+    """`seal` as a stream: the header, then ciphertext piece by piece, then the tag.
+
+    The same bytes as `seal` (AES-256-GCM with the header as associated data), without ever
+    holding the whole payload or ciphertext: a 16 MiB chunk is compressed, encrypted and written
+    1 MiB at a time. `update_into` writes into the caller's buffer (no allocation per piece).
+    """
+
+    def __init__(self, recipient: X25519PublicKey, *, kind: int, compression: int,
+                 plaintext_len: int) -> None:
+        ephemeral = X25519PrivateKey.generate()
+        ephemeral_public = _raw_public(ephemeral.public_key())
+        key = _derive_key(ephemeral.exchange(recipient), ephemeral_public, _raw_public(recipient))
+        nonce = os.urandom(12)
+        self.header = _HEADER.pack(
+            MAGIC, FORMAT_VERSION, kind, ALG_AES256GCM, compression, plaintext_len,
+            ephemeral_public, nonce,
+        )
+        self._enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+        self._enc.authenticate_additional_data(self.header)
+
+    def update_into(self, data: bytes | memoryview, out: bytearray) -> int:
+        """Encrypt `data` into `out` (at least len(data) + 15 bytes); returns bytes written."""
+        return self._enc.update_into(data, out)
+
+    def finalize(self) -> bytes:
+        """The 16-byte tag that ends the sealed object."""
+        self._enc.finalize()
+        return self._enc.tag
 
 
 def parse_header(blob: bytes | memoryview) -> SealedHeader:

@@ -7,7 +7,7 @@ import ctypes
 import errno
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +32,24 @@ except (OSError, AttributeError):  # not Linux/glibc: fdatasync alone still make
     _sync_file_range = None
 
 
-def write_new(path: Path, *parts: bytes | memoryview) -> None:
-    """Create `path` (it must not exist) with the parts joined and start writing it to disk.
+@contextlib.contextmanager
+def new_file(path: Path) -> Iterator[Callable[[bytes | memoryview], None]]:
+    """Create `path` (it must not exist); yields a function that appends bytes to it.
 
-    Not yet durable: the caller makes a batch of such files durable at once (`sync_files`),
-    by which time the disk has mostly caught up, so sealing and disk writes overlap. On
-    failure the file is removed: nothing half-written is left behind.
+    Not yet durable: on leaving, writeback starts (no waiting) and the caller makes a batch of
+    such files durable at once (`sync_files`), by which time the disk has mostly caught up, so
+    sealing and disk writes overlap. On failure the file is removed: nothing half-written is
+    left behind.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(part: bytes | memoryview) -> None:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
+
     try:
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+        yield write
         if _sync_file_range is not None:
             _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # start writeback, don't wait
     except BaseException:
@@ -54,6 +58,13 @@ def write_new(path: Path, *parts: bytes | memoryview) -> None:
             path.unlink()
         raise
     os.close(fd)
+
+
+def write_new(path: Path, *parts: bytes | memoryview) -> None:
+    """`new_file` with all its bytes at hand."""
+    with new_file(path) as write:
+        for part in parts:
+            write(part)
 
 
 def sync_files(folder: Path, names: Iterable[str]) -> None:

@@ -22,7 +22,7 @@ from pyfastcdc import FastCDC
 from agent import crypto
 from agent.crypto import EdgeKeys
 from agent.errors import FormatError, IngestStoppedError, SourceError, UnsafePathError
-from agent.fsio import is_disk_full, sync_files, write_new
+from agent.fsio import is_disk_full, new_file, sync_files, write_new
 from agent.manifest import (
     KIND_FILE,
     KIND_FILE_PACK,
@@ -72,6 +72,14 @@ class IngestResult:
     evicted: tuple[Eviction, ...] = ()
 
 
+_PIECE = 1 << 20  # a chunk is compressed, sealed and written this much at a time
+
+
+def _slices(data: memoryview, size: int) -> Iterator[memoryview]:
+    for at in range(0, len(data), size):
+        yield data[at:at + size]
+
+
 class Compressor:
     """zstd with a cheap sample test, so incompressible data is not compressed in vain."""
 
@@ -85,6 +93,18 @@ class Compressor:
             c = zstandard.ZstdCompressor(level=self.settings.level)
             self._local.c = c
         return c
+
+    def worth_compressing(self, data: bytes | memoryview) -> bool:
+        """The sample test: does the start of `data` shrink below min_ratio?"""
+        sample = data[: self.settings.sample_size]
+        return len(sample) < 512 or (
+            len(self._zstd().compress(sample)) <= len(sample) * self.settings.min_ratio)
+
+    def stream(self, data: bytes | memoryview) -> Iterator[bytes]:
+        """One zstd frame (with its content size) of `data`, in pieces of about _PIECE bytes."""
+        chunker = self._zstd().chunker(size=len(data), chunk_size=_PIECE)
+        yield from chunker.compress(data)
+        yield from chunker.finish()  # type: ignore[no-untyped-call]
 
     def compress(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
         """Return (compression id, payload); an uncompressed payload is a view of `data`."""
@@ -481,16 +501,30 @@ class Pipeline:
         staged.chunk_ids.append(cid)
         if cid in staged.new_chunks or self.store.chunk_known(cid):
             return ref
-        compression, payload = self.compressor.compress(data)
-        # Header and ciphertext are written (and hashed) as two parts: joining them would copy
-        # up to 16 MiB per ingest thread, at the pipeline's peak RSS.
-        header, body = crypto.seal_parts(payload, self.keys.recipient_public,
-                                         kind=crypto.KIND_CHUNK, compression=compression,
-                                         plaintext_len=len(data))
-        del payload
-        write_new(stage / cid, header, body)
-        staged.new_chunks[cid] = StagedChunk(cid, len(header) + len(body), len(data),
-                                             crypto.content_hash(header, body))
+        # Compressed, encrypted, hashed and written a piece at a time into one reusable buffer:
+        # no copy of the chunk (up to 16 MiB) is ever held, and no large buffer is allocated
+        # (and page-faulted in) per chunk.
+        zstd = self.compressor.worth_compressing(data)
+        sealer = crypto.Sealer(self.keys.recipient_public, kind=crypto.KIND_CHUNK,
+                               compression=crypto.COMPRESSION_ZSTD if zstd
+                               else crypto.COMPRESSION_NONE, plaintext_len=len(data))
+        pieces = self.compressor.stream(data) if zstd else _slices(data, _PIECE)
+        out = self._buffer(_PIECE + 64)
+        sealed = blake3.blake3(sealer.header)
+        size = len(sealer.header)
+        with new_file(stage / cid) as write:
+            write(sealer.header)
+            for piece in pieces:
+                n = sealer.update_into(piece, out)
+                view = memoryview(out)[:n]
+                write(view)
+                sealed.update(view)
+                size += n
+            tag = sealer.finalize()
+            write(tag)
+        sealed.update(tag)
+        staged.new_chunks[cid] = StagedChunk(cid, size + len(tag), len(data),
+                                             sealed.hexdigest())
         return ref
 
     def _stage_manifest(self, stage: Path, manifest: Manifest) -> tuple[int, str]:
