@@ -39,9 +39,10 @@ DISK_HEADROOM_BYTES = 4 << 20
 # Checked again just before an object's commit: promotion only renames, but a rename can
 # need a new directory block, and failing after the commit is the case to avoid.
 _COMMIT_ROOM_BYTES = 256 << 10
-# Blocks held back in state_dir/index.sqlite-spare for the index, for when another program has taken the
-# headroom: given up to open the index on a full disk and when the uplink cannot record an
-# upload (recording uploads is what frees space); taken again once there is room.
+# Blocks held back for the index (state_dir/index.sqlite-spare), for when another program
+# has taken the headroom: given up to open the index on a full disk and when the uplink
+# cannot record an upload (recording uploads is what frees space); taken again once there is
+# room.
 SPARE_BYTES = 1 << 20
 
 _SCHEMA = """
@@ -166,6 +167,10 @@ class Store:
         self.quota_bytes = quota_bytes
         self.read_only = read_only
         self._lock = threading.RLock()
+        # Per-thread read-only connections (WAL lets them read while a commit is written):
+        # the ingest threads' dedup lookups do not wait for another thread's commit.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
         self._lock_fd: int | None = None
         self._reserved = 0
         self._used = 0
@@ -277,8 +282,24 @@ class Store:
         ).fetchone()[0]
         return int(chunks) + int(manifests)
 
+    def _reader(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._db
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            index = (self.state_dir / "index.sqlite").absolute()
+            db = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True,
+                                 check_same_thread=False, isolation_level=None)
+            with self._lock:
+                self._readers.append(db)
+            self._local.db = db
+        return db
+
     def close(self) -> None:
         with self._lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self._db.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -472,23 +493,25 @@ class Store:
     # ---- ingest ---------------------------------------------------------------------------
 
     def chunk_known(self, chunk_id: str) -> bool:
-        """True when this chunk is already queued or already in the cloud (dedup)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT state FROM chunks WHERE id=?", (chunk_id,)).fetchone()
+        """True when this chunk is already queued or already in the cloud (dedup).
+
+        Read without the store's lock: a chunk committed by another thread a moment ago may
+        be missed, and is then sealed twice and dropped at commit (`_insert_object`)."""
+        row = self._reader().execute(
+            "SELECT state FROM chunks WHERE id=?", (chunk_id,)).fetchone()
         return row is not None and row[0] != "corrupt"
 
     def accepted_source_key(self, source_key: str) -> str | None:
         """Object id already accepted for this source item (so a re-scan does not duplicate)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id FROM objects WHERE source_key=? AND state IN ('queued','committed')",
-                (source_key,),
-            ).fetchone() or self._db.execute(
-                "SELECT o.id FROM object_sources s JOIN objects o ON o.id=s.object_id "
-                "WHERE s.source_key=? AND o.state IN ('queued','committed') LIMIT 1",
-                (source_key,),
-            ).fetchone()
+        db = self._reader()
+        row = db.execute(
+            "SELECT id FROM objects WHERE source_key=? AND state IN ('queued','committed')",
+            (source_key,),
+        ).fetchone() or db.execute(
+            "SELECT o.id FROM object_sources s JOIN objects o ON o.id=s.object_id "
+            "WHERE s.source_key=? AND o.state IN ('queued','committed') LIMIT 1",
+            (source_key,),
+        ).fetchone()
         return None if row is None else str(row[0])
 
     def commit_object(self, staged: StagedObject) -> None:
@@ -496,13 +519,15 @@ class Store:
         cls = self._class(staged.priority)
         stage = self.staging_path(staged.object_id)
         fsync_dir(stage)
-        # The lock spans commit and promotion so the uplink never sees a row without its file.
+        # The lock spans commit and the moves into place, so the uplink never sees a row
+        # without its file; the folder fsyncs that make the moves durable come after it, so
+        # the other ingest threads are not held up by them.
         with self._lock:
             self._room_to_promote(staged)
             added = self._insert_object(staged, cls, stage)
             self._used += staged.manifest_bytes + added
             try:
-                self._promote(stage)
+                touched = self._move_into_place(stage)
             except OSError as e:
                 if not is_disk_full(e):
                     raise
@@ -510,6 +535,8 @@ class Store:
                 # staging. next_work moves them into place once there is room and hands
                 # none of them to the uplink before.
                 self._unpromoted.add(staged.object_id)
+                return
+        self._sync_moves(touched)
 
     def _room_to_promote(self, staged: StagedObject) -> None:
         """Before the commit: make the chunk folders promotion needs and check the disk still
@@ -596,6 +623,16 @@ class Store:
 
     def _promote(self, stage: Path) -> None:
         """Move a committed object's staged files into place (idempotent: safe to redo)."""
+        self._sync_moves(self._move_into_place(stage))
+
+    def _sync_moves(self, touched: set[Path]) -> None:
+        """Make moves into place durable (until then a crash leaves them in staging, and
+        start-up promotes them again)."""
+        for d in touched:
+            fsync_dir(d)
+
+    def _move_into_place(self, stage: Path) -> set[Path]:
+        """The renames of `_promote`; returns the folders whose entries changed."""
         touched: set[Path] = set()
         for f in stage.iterdir():
             if f.name == "manifest":
@@ -610,10 +647,9 @@ class Store:
                     touched.add(self.chunks_dir)  # the new sub-folder's own entry must persist
             os.replace(f, dest)
             touched.add(dest.parent)
-        for d in touched:
-            fsync_dir(d)
         stage.rmdir()
-        fsync_dir(self.staging_dir)
+        touched.add(self.staging_dir)
+        return touched
 
     def abandon(self, object_id: str) -> None:
         """Throw away a staged ingest that will not be committed."""
