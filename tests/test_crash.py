@@ -137,7 +137,8 @@ def test_committed_but_not_promoted_staging_is_promoted_at_next_open(
     state = tmp_path / "state"
     store = _open(state)
     src = _source_file(tmp_path, "big.bin", 2_000_000, seed=1)
-    oid = _killed_during_commit(monkeypatch, store, _pipeline(store, keys), src, "_promote")
+    oid = _killed_during_commit(monkeypatch, store, _pipeline(store, keys), src,
+                                "_move_into_place")
 
     store = _open(state)
     try:
@@ -154,13 +155,41 @@ def test_committed_but_not_promoted_staging_is_promoted_at_next_open(
         store.close()
 
 
+def test_moves_lost_by_a_power_cut_after_upload_leave_no_orphans(
+        tmp_path: Path, keys: EdgeKeys) -> None:
+    """The moves into place are not fsynced: a power cut can undo them after the uplink sent
+    and removed the files. Start-up must not bring back what the index has let go."""
+    state = tmp_path / "state"
+    store = _open(state)
+    oid = _ingest(_pipeline(store, keys), _source_file(tmp_path, "a.bin", 600_000, seed=3)
+                  ).object_id
+    saved = {p.name: p.read_bytes() for p in _files(store.chunks_dir)}
+    saved["manifest"] = store.manifest_path(oid).read_bytes()
+    _drain(store)
+    assert _files(store.chunks_dir) == [] and _files(store.manifests_dir) == []
+    store.close()
+    # What the disk would hold if the renames (and the later unlinks) never reached it.
+    stage = state / "staging" / oid
+    stage.mkdir()
+    for name, data in saved.items():
+        (stage / name).write_bytes(data)
+
+    store = _open(state)
+    try:
+        assert list(store.staging_dir.iterdir()) == []
+        assert _files(store.chunks_dir) == [] and _files(store.manifests_dir) == []
+        assert store.summary(time.time())["normal"].items == {"committed": 1}
+    finally:
+        store.close()
+
+
 def test_partly_promoted_staging_is_finished_at_next_open(
         tmp_path: Path, keys: EdgeKeys, monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "state"
     store = _open(state)
 
-    def promote_some_then_die(stage: Path) -> None:
-        # Move the manifest and one chunk into place the way _promote does, then die.
+    def promote_some_then_die(stage: Path) -> set[Path]:
+        # Move the manifest and one chunk into place the way the commit does, then die.
         for moved, f in enumerate(sorted(stage.iterdir()), start=1):
             dest = (store.manifest_path(stage.name) if f.name == "manifest"
                     else store.chunk_path(f.name))
@@ -168,9 +197,10 @@ def test_partly_promoted_staging_is_finished_at_next_open(
             os.replace(f, dest)
             if moved == 2:
                 raise Crash
+        return set()
 
     src = _source_file(tmp_path, "big.bin", 2_000_000, seed=2)
-    monkeypatch.setattr(store, "_promote", promote_some_then_die)
+    monkeypatch.setattr(store, "_move_into_place", promote_some_then_die)
     monkeypatch.setattr(store, "abandon", _noop)
     with pytest.raises(Crash):
         _ingest(_pipeline(store, keys), src)
