@@ -80,41 +80,83 @@ def _slices(data: memoryview, size: int) -> Iterator[memoryview]:
         yield data[at:at + size]
 
 
+SAMPLE_LEVEL = 1  # whether data compresses at all shows at the fastest level
+LDM_WINDOW_LOG = 24  # with long-distance matching, matches may reach across a whole 16 MiB chunk
+
+
 class Compressor:
-    """zstd with a cheap sample test, so incompressible data is not compressed in vain."""
+    """zstd with a cheap sample test, so incompressible data is not compressed in vain.
+
+    The level is the configured one, or with `level = "auto"` whatever `set_level` last chose
+    (agent/compression_policy.py); it applies from the next chunk on.
+    """
 
     def __init__(self, settings: CompressionSettings) -> None:
         self.settings = settings
         self._local = threading.local()
+        level = 1 if settings.level == "auto" else settings.level
+        self._setting: tuple[int, bool] = (level, False)  # swapped whole: no lock needed
 
-    def _zstd(self) -> zstandard.ZstdCompressor:
-        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
+    @property
+    def level(self) -> int:
+        return self._setting[0]
+
+    @property
+    def long_distance(self) -> bool:
+        return self._setting[1]
+
+    def set_level(self, level: int, long_distance: bool = False) -> None:
+        """Seal the chunks begun from now on at this level (thread-safe)."""
+        if not 1 <= level <= 22:
+            raise ValueError(f"zstd level {level} is not between 1 and 22")
+        self._setting = (level, long_distance)
+
+    def _zstd(self, level: int | None = None, long_distance: bool = False
+              ) -> zstandard.ZstdCompressor:
+        key = self._setting if level is None else (level, long_distance)
+        cache: dict[tuple[int, bool], zstandard.ZstdCompressor] | None = getattr(
+            self._local, "zstd", None)
+        if cache is None:
+            cache = self._local.zstd = {}
+        c = cache.get(key)
         if c is None:
-            c = zstandard.ZstdCompressor(level=self.settings.level)
-            self._local.c = c
+            # A thread keeps the sampler and the level in use: a level-19 context holds
+            # ~50-80 MiB, so contexts of levels left behind are let go.
+            sampler = (SAMPLE_LEVEL, False)
+            for old in [k for k in cache if sampler not in (k, key)]:
+                del cache[old]
+            if key[1]:
+                params = zstandard.ZstdCompressionParameters.from_level(
+                    key[0], enable_ldm=True, window_log=LDM_WINDOW_LOG)
+                c = zstandard.ZstdCompressor(compression_params=params)
+            else:
+                c = zstandard.ZstdCompressor(level=key[0])
+            cache[key] = c
         return c
 
     def worth_compressing(self, data: bytes | memoryview) -> bool:
-        """The sample test: does the start of `data` shrink below min_ratio?"""
+        """The sample test: does the start of `data` shrink below min_ratio (at level 1)?"""
         sample = data[: self.settings.sample_size]
         return len(sample) < 512 or (
-            len(self._zstd().compress(sample)) <= len(sample) * self.settings.min_ratio)
+            len(self._zstd(SAMPLE_LEVEL).compress(sample))
+            <= len(sample) * self.settings.min_ratio)
 
-    def stream(self, data: bytes | memoryview) -> Iterator[bytes]:
-        """One zstd frame (with its content size) of `data`, in pieces of about _PIECE bytes."""
-        chunker = self._zstd().chunker(size=len(data), chunk_size=_PIECE)
+    def stream(self, data: bytes | memoryview, level: int | None = None,
+               long_distance: bool = False) -> Iterator[bytes]:
+        """One zstd frame (with its content size) of `data`, in pieces of about _PIECE bytes,
+        at `level` (default: the current one)."""
+        chunker = self._zstd(level, long_distance).chunker(size=len(data), chunk_size=_PIECE)
         yield from chunker.compress(data)
         yield from chunker.finish()  # type: ignore[no-untyped-call]
 
-    def compress(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+    def compress(self, data: bytes | memoryview, level: int | None = None,
+                 long_distance: bool = False) -> tuple[int, bytes | memoryview]:
         """Return (compression id, payload); an uncompressed payload is a view of `data`."""
         # No bytes(data) copy (up to 16 MiB per ingest thread): seal() reads the view before
         # the caller's buffer moves on.
-        sample = data[: self.settings.sample_size]
-        z = self._zstd()
-        if len(sample) >= 512 and len(z.compress(sample)) > len(sample) * self.settings.min_ratio:
+        if not self.worth_compressing(data):
             return crypto.COMPRESSION_NONE, memoryview(data)
-        packed = z.compress(data)
+        packed = self._zstd(level, long_distance).compress(data)
         if len(packed) >= len(data):
             return crypto.COMPRESSION_NONE, memoryview(data)
         return crypto.COMPRESSION_ZSTD, packed
@@ -424,16 +466,20 @@ class Pipeline:
         """
         accepted: dict[str, IngestResult] = {}
         failed: dict[str, SourceError] = {}
-        members: list[tuple[IngestRequest, os.stat_result]] = []
-        keys: dict[str, str] = {}
+        offered: list[tuple[IngestRequest, os.stat_result, str]] = []
         for req in reqs:
             try:
                 st = self._stat_source(req)
             except SourceError as e:
                 failed[req.name] = e
                 continue
-            key = self.source_key(req.source, req.name, st.st_size, st.st_mtime_ns)
-            previous = self.store.accepted_source_key(key)
+            offered.append((req, st, self.source_key(req.source, req.name, st.st_size,
+                                                     st.st_mtime_ns)))
+        known = self.store.accepted_source_keys([k for _, _, k in offered])
+        members: list[tuple[IngestRequest, os.stat_result]] = []
+        keys: dict[str, str] = {}
+        for req, st, key in offered:
+            previous = known.get(key)
             if previous is not None:
                 accepted[req.name] = IngestResult(previous, st.st_size, 0, 0, 0,
                                                   duplicate_of=previous)

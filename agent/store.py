@@ -517,6 +517,22 @@ class Store:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    def accepted_source_keys(self, source_keys: list[str]) -> dict[str, str]:
+        """`accepted_source_key` for many keys at once: {key: object id} of those accepted."""
+        db = self._reader()
+        found: dict[str, str] = {}
+        for at in range(0, len(source_keys), 500):
+            part = source_keys[at:at + 500]
+            marks = ",".join("?" * len(part))
+            found.update(db.execute(
+                f"SELECT source_key, id FROM objects WHERE source_key IN ({marks}) "
+                "AND state IN ('queued','committed')", part).fetchall())
+            found.update(db.execute(
+                f"SELECT s.source_key, o.id FROM object_sources s JOIN objects o "
+                f"ON o.id=s.object_id WHERE s.source_key IN ({marks}) "
+                "AND o.state IN ('queued','committed')", part).fetchall())
+        return found
+
     def commit_object(self, staged: StagedObject) -> None:
         """Make a staged object part of the queue: the moment its data counts as accepted."""
         cls = self._class(staged.priority)
