@@ -102,6 +102,25 @@ def _known_min(*values: float | None) -> float | None:
     return min(known) if known else None
 
 
+def horizon_budget(windows: list[Contact], start: float, horizon_s: float,
+                   measured_bps: float | None, uplink_bps: float | None,
+                   safety: float = SAFETY) -> int | None:
+    """Bytes the link is predicted to carry in [start, start + horizon_s): each window's part
+    of it x the rate planned with (the measured throughput, else the window's own rate, within
+    the window's and the uplink's caps), x `safety`. None when a window's rate is unknown."""
+    end = start + horizon_s
+    total = 0.0
+    for w in windows:
+        seconds = min(w.end, end) - max(w.start, start)
+        if seconds <= 0:
+            continue
+        rate = _known_min(measured_bps, w.rate_bps, uplink_bps)
+        if rate is None:
+            return None
+        total += seconds * rate * safety
+    return int(total)
+
+
 class Admission:
     """Hands out work that fits the window; thread-safe (claims run in the executor)."""
 

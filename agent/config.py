@@ -530,8 +530,7 @@ def _check_chunk_bounds(t: _Table, low: int, avg: int, high: int) -> None:
 
 def _compression(t: _Table) -> CompressionSettings:
     defaults = CompressionSettings()
-    level = t.integer("level", defaults.level)
-    t.ensure("level", 1 <= level <= 22, "must be between 1 and 22", "zstd levels run 1 to 22")
+    level = _compression_level(t, defaults.level)
     sample = t.size("sample_size", defaults.sample_size)
     t.positive("sample_size", sample, 'give a size such as "64KiB"')
     ratio = t.number("min_ratio", defaults.min_ratio)
@@ -542,6 +541,21 @@ def _compression(t: _Table) -> CompressionSettings:
         "give the fraction a sample must shrink below to be compressed, e.g. 0.95",
     )
     return CompressionSettings(level=level, sample_size=sample, min_ratio=ratio)
+
+
+def _compression_level(t: _Table, default: int | Literal["auto"]) -> int | Literal["auto"]:
+    value = t.raw("level")
+    if value is _MISSING or value == "auto":
+        return "auto" if value == "auto" else default
+    fix = ('write a zstd level from 1 (fastest) to 22 (smallest) without quotes, or "auto" to '
+           "let the backlog and the link budget choose")
+    if isinstance(value, bool) or not isinstance(value, int):
+        t.report("level", 'must be an integer from 1 to 22 or "auto"', fix)
+        return default
+    if not 1 <= value <= 22:
+        t.report("level", "must be between 1 and 22", fix)
+        return default
+    return value
 
 
 SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_interval")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.backends import open_backend
+from agent.compression_policy import HORIZON_S, RETUNE_EVERY_S, AutoLevel
 from agent.crypto import load_edge_keys
 from agent.errors import DiskFullError, QuotaExceededError, SkyferryError
 from agent.gate import Clock, Gate
@@ -38,6 +39,7 @@ log = logging.getLogger("skyferry.daemon")
 
 INGEST_WORKERS = 2  # objects sealed at once per spool: the edge boxes have two cores or more
 MQTT_DRAIN_S = 20.0  # at most this long making received messages durable at SIGTERM
+LINK_BUDGET_EVERY_S = 30.0  # `level = "auto"`: how often the next 24 h's link budget is redone
 
 
 class Daemon:
@@ -55,6 +57,13 @@ class Daemon:
                            settings.store.quota_bytes)
         self.pipeline = Pipeline(settings.site.id, self.keys, self.store, settings.chunking,
                                  settings.compression)
+        self.auto_level: AutoLevel | None = None  # `level = "auto"` (compression_policy.py)
+        if settings.compression.level == "auto":
+            cpus = len(os.sched_getaffinity(0))
+            self.auto_level = AutoLevel(self.pipeline.compressor, cpus,
+                                        min(cpus, INGEST_WORKERS * max(1, len(settings.spools))))
+        self._link_budget: tuple[float, int | None] | None = None  # (when, bytes)
+        self.metrics.compression_level.set(self.pipeline.compressor.level)
         anchor = self.anchor = clock()
         # `skyferry status` needs the anchor to tell where a simulated cycle stands.
         self.store.set_meta("cycle_anchor", repr(anchor))
@@ -90,9 +99,16 @@ class Daemon:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
+    def _sealing(self) -> contextlib.AbstractContextManager[None]:
+        """Around an ingest call: how busy ingest is informs `level = "auto"`."""
+        if self.auto_level is None:
+            return contextlib.nullcontext()
+        return self.auto_level.ingest.sealing()
+
     async def ingest(self, req: IngestRequest) -> IngestResult:
         try:
-            result = await self.run_blocking(self.pipeline.ingest_file, req)
+            with self._sealing():
+                result = await self.run_blocking(self.pipeline.ingest_file, req)
         except QuotaExceededError as e:
             self._count_refusal(req.priority, e)
             raise
@@ -112,7 +128,8 @@ class Daemon:
     async def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
         """Like `ingest`, for small files sealed together (one pack)."""
         try:
-            result = await self.run_blocking(self.pipeline.ingest_pack, reqs)
+            with self._sealing():
+                result = await self.run_blocking(self.pipeline.ingest_pack, reqs)
         except QuotaExceededError as e:
             self._count_refusal(reqs[0].priority, e)
             raise
@@ -130,7 +147,8 @@ class Daemon:
     async def ingest_batch(self, req: BatchRequest) -> IngestResult:
         """Like `ingest`, for an in-memory batch (MQTT)."""
         try:
-            result = await self.run_blocking(self.pipeline.ingest_batch, req)
+            with self._sealing():
+                result = await self.run_blocking(self.pipeline.ingest_batch, req)
         except QuotaExceededError as e:
             self._count_refusal(req.priority, e)
             raise
@@ -154,9 +172,36 @@ class Daemon:
                       f"dropped queued object ({ev.reason}) to stay within limits",
                       object=ev.object_id, bytes=ev.size, **{"class": ev.priority})
 
+    async def _retune_compression(self, first: bool) -> None:
+        """`level = "auto"`: choose the level again from the backlog and the link budget."""
+        auto = self.auto_level
+        if auto is None:
+            return
+        now = self.clock()
+        if self._link_budget is None or abs(now - self._link_budget[0]) >= LINK_BUDGET_EVERY_S:
+            try:
+                budget = await self.run_blocking(self.windows.link_budget, now, HORIZON_S)
+            except Exception as e:  # a forecast problem must not stop housekeeping
+                log_event(log, logging.WARNING, "link_budget_failed",
+                          f"could not predict the link budget, keeping the last one: {e}")
+                budget = None if self._link_budget is None else self._link_budget[1]
+            self._link_budget = (now, budget)
+        waiting = sum(s.ready_bytes for s in self.spools)
+        if auto.update(self.store.used_bytes, waiting, self._link_budget[1]) or first:
+            c = auto.choice
+            self.metrics.compression_level.set(c.level)
+            self.metrics.compression_long_distance.set(1 if c.long_distance else 0)
+            log_event(log, logging.INFO, "compression_level",
+                      f"compression level {c.level}: {c.reason}", zstd_level=c.level,
+                      long_distance=c.long_distance, regime=c.regime)
+
     async def _housekeeping(self) -> None:
         was_open: bool | None = None
+        retune_at: float | None = None
         while True:
+            if retune_at is None or time.monotonic() >= retune_at:
+                await self._retune_compression(first=retune_at is None)
+                retune_at = time.monotonic() + RETUNE_EVERY_S
             self._count_evictions(await self.run_blocking(self.store.expire, self.clock()))
             self.metrics.quota_used.set(self.store.used_bytes)
             is_open = self.gate.is_open()

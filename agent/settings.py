@@ -69,7 +69,8 @@ class ChunkingSettings:
 
 @dataclass(frozen=True)
 class CompressionSettings:
-    level: int = 1
+    # 1-22, or "auto": chosen from the backlog and the link budget (agent/compression_policy.py)
+    level: int | Literal["auto"] = "auto"
     sample_size: int = 64 << 10
     min_ratio: float = 0.95  # compress only when a sample shrinks below this fraction
 

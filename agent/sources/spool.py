@@ -97,6 +97,7 @@ class SpoolSource:
         # skipped until they change, so the log is not flooded every scan.
         self._failed: dict[str, tuple[int, int]] = {}
         self.accepted = 0
+        self.ready_bytes = 0  # settled and not yet ingested (the compression policy asks)
 
     @property
     def done_dir(self) -> Path | None:
@@ -122,6 +123,7 @@ class SpoolSource:
                  if now - seen[c.name][2] >= self.settings.settle_s
                  and self._failed.get(c.name) != (c.size, c.mtime_ns)]
         batches = plan(ready, self.chunking)
+        self.ready_bytes = sum(c.size for c in ready)
         # Up to `workers` ingests at once (hashing, compression and encryption release the
         # GIL); a quota refusal stops the pass: the next one retries.
         full = asyncio.Event()
@@ -134,6 +136,7 @@ class SpoolSource:
                 if not ok:
                     full.set()
             finally:
+                self.ready_bytes -= sum(c.size for c in batch)
                 slots.release()
 
         async with asyncio.TaskGroup() as tg:

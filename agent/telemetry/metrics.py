@@ -31,6 +31,11 @@ class Metrics:
                                  ["class", "reason"], registry=r)
         self.errors = Counter("skyferry_errors", "Errors by kind", ["kind"], registry=r)
         self.gate_open = Gauge("skyferry_gate_open", "1 when uploads may run", registry=r)
+        self.compression_level = Gauge("skyferry_compression_level",
+                                       "zstd level new chunks are sealed with", registry=r)
+        self.compression_long_distance = Gauge(
+            "skyferry_compression_long_distance",
+            "1 while zstd long-distance matching is on", registry=r)
         self.quota_used = Gauge("skyferry_quota_used_bytes", "Bytes used in state_dir",
                                 registry=r)
         # ---- service view (issue 5): set from telemetry snapshots every second ----

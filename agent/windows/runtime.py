@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from agent.backends import Backend
-from agent.budget import Admission, RateMeter
+from agent.budget import Admission, RateMeter, horizon_budget
 from agent.gate import Clock, Gate
 from agent.settings import Settings, WindowSettings
 from agent.store import Store
@@ -61,6 +61,12 @@ class WindowRuntime:
 
     def _next_window_start(self, t: float) -> float | None:
         return self.forecast.next_window_start(t)
+
+    def link_budget(self, now: float, horizon_s: float) -> int | None:
+        """Bytes the link is predicted to carry in the next `horizon_s` (blocking: passes may be
+        predicted); None when no rate is known."""
+        return horizon_budget(self.forecast.upcoming(now, now + horizon_s), now, horizon_s,
+                              self.meter.rate(), self.admission.uplink_rate_bps)
 
     def attach(self, gate: Gate) -> None:
         """Link state drives the gate from now on."""
