@@ -84,14 +84,33 @@ class Backend:
 
     def __init__(self, store: ObjectStore, url: str, prefix: str = "", *,
                  credentials: str = "none", where: str = "folder",
-                 timeout_s: float = 30.0, min_rate_bps: float = 8000.0) -> None:
+                 timeout_s: float = 30.0, min_rate_bps: float = 8000.0,
+                 put_store: ObjectStore | None = None,
+                 rebuild: Callable[[], tuple[ObjectStore, ObjectStore]] | None = None) -> None:
         self._store = store
+        # Uploads go through a client without a per-read timeout (see _client_options).
+        self._put_store = put_store or store
+        self._rebuild = rebuild
         self.url = url
         self.prefix = prefix.strip("/")
         self.credentials = credentials  # where the credentials came from, for error messages
         self.where = where  # "container x", "bucket y": what a 404 on a write means is missing
         self.timeout_s = timeout_s
         self.min_rate_bps = min_rate_bps
+
+    def renew(self) -> None:
+        """Drop idle pooled connections: later requests open new ones.
+
+        After an outage, an idle connection may have been closed by the far end without the
+        close getting through; the first request on it would fail. Requests under way keep
+        their connections.
+        """
+        if self._rebuild is None:
+            return
+        try:
+            self._store, self._put_store = self._rebuild()
+        except Exception:  # keep the working store; the next renew tries again
+            return
 
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -164,7 +183,8 @@ class Backend:
             # One request, no multipart: a chunk is at most 16 MiB, create-only conditions
             # apply to a plain PUT everywhere, and an interrupted PUT leaves nothing behind.
             result = await self._bounded(
-                obstore.put_async(self._store, full, data, mode="create", use_multipart=False),
+                obstore.put_async(self._put_store, full, data, mode="create",
+                                  use_multipart=False),
                 len(data))
         except AlreadyExistsError:
             await self._check_existing(key, len(data))
@@ -296,17 +316,19 @@ def open_backend(spec: str | BackendSettings, env: Mapping[str, str] | None = No
     if not name:
         raise PermanentBackendError(f"{settings.url}: no container or bucket name", "config")
     client = _client_options(settings)
+    put_client = _client_options(settings, uploads=True)
     retry: RetryConfig = {"max_retries": 0}
+    make = {"azure": _azure, "s3": _s3, "gs": _gcs}[scheme]
+
+    def rebuild() -> tuple[ObjectStore, ObjectStore]:
+        """The stores (reads, uploads) with new connection pools (Backend.renew)."""
+        return (make(settings, name, environ, client, retry)[0],
+                make(settings, name, environ, put_client, retry)[0])
+
+    where = f"container {name!r}" if scheme == "azure" else f"bucket {name!r}"
     try:
-        if scheme == "azure":
-            store, creds = _azure(settings, name, environ, client, retry)
-            where = f"container {name!r}"
-        elif scheme == "s3":
-            store, creds = _s3(settings, name, environ, client, retry)
-            where = f"bucket {name!r}"
-        else:
-            store, creds = _gcs(settings, name, environ, client, retry)
-            where = f"bucket {name!r}"
+        store, creds = make(settings, name, environ, client, retry)
+        put_store = make(settings, name, environ, put_client, retry)[0]
     except BackendError:
         raise
     except Exception as e:  # obstore refuses a malformed key, endpoint or region here
@@ -314,7 +336,8 @@ def open_backend(spec: str | BackendSettings, env: Mapping[str, str] | None = No
             f"{settings.url}: cannot set up the backend: {_detail(str(e))}; check [backend]",
             "config") from None
     return Backend(store, settings.url, prefix, credentials=creds, where=where,
-                   timeout_s=settings.timeout_s, min_rate_bps=settings.min_rate_bps)
+                   timeout_s=settings.timeout_s, min_rate_bps=settings.min_rate_bps,
+                   put_store=put_store, rebuild=rebuild)
 
 
 def _open_file(url: str, netloc: str, path: str) -> Backend:
@@ -331,17 +354,22 @@ def _open_file(url: str, netloc: str, path: str) -> Backend:
                    credentials="file permissions")
 
 
-def _client_options(s: BackendSettings) -> ClientConfig:
-    return {
+def _client_options(s: BackendSettings, uploads: bool = False) -> ClientConfig:
+    options: ClientConfig = {
         "allow_http": s.allow_http,
         "connect_timeout": timedelta(seconds=s.connect_timeout_s),
-        # A download that stops delivering bytes for `timeout` is stalled.
-        "read_timeout": timedelta(seconds=s.timeout_s),
         # Uploads get their own size-aware deadline (Backend._bounded); this is only the
         # backstop obstore applies to every request.
         "timeout": timedelta(seconds=s.timeout_s + _LARGEST_GET / s.min_rate_bps),
         "user_agent": "skyferry",
     }
+    if not uploads:
+        # A download that stops delivering bytes for `timeout` is stalled. Not for uploads:
+        # nothing is read until the whole body is out, so every upload taking longer than
+        # `timeout` to send (16 MiB shared by 4 streams at 15 Mbit/s: ~36 s) would fail, and
+        # fail again on every retry.
+        options["read_timeout"] = timedelta(seconds=s.timeout_s)
+    return options
 
 
 def read_secret(ref: SecretRef, env: Mapping[str, str], what: str) -> str:

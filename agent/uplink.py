@@ -16,7 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_never
 from agent import layout
 from agent.backends import Backend, backoff, is_transient
 from agent.budget import Admission
-from agent.errors import BackendError, CorruptChunkError, PermanentBackendError
+from agent.errors import BackendError, CorruptChunkError, DiskFullError, PermanentBackendError
 from agent.gate import Clock, Gate
 from agent.ratelimit import TokenBucket
 from agent.settings import UplinkSettings
@@ -27,6 +27,8 @@ from agent.telemetry.metrics import Metrics
 T = TypeVar("T")
 RunBlocking = Callable[..., Awaitable[Any]]
 log = logging.getLogger("skyferry.uplink")
+LONG_PATH_S = 0.02  # a round trip from here on: keep two streams (`Uplink._streams`)
+_INDEX_FULL_PAUSE_S = 2.0  # the store's disk is full: wait this long between tries
 
 
 def read_verified(path: Path, size: int, sealed_hash: str, what: str) -> bytes:
@@ -67,10 +69,16 @@ class Uplink:
         self.in_flight: set[str] = set()
         self.limiter = TokenBucket(settings.rate_bps)
         self._acks: set[asyncio.Task[None]] = set()
+        # Chunks whose upload a closing gate cut off: the cloud may hold them already (the
+        # body got through, the answer did not), so their next upload looks first.
+        self._cut: set[str] = set()
+        self._riding = 0  # uploads kept open through a lost link (`_ride_out`)
+        self._opens_seen = gate.windows_opened
         # A permanent refusal (credentials, missing container) pauses every worker until this
         # monotonic time, and is logged once per kind instead of once per chunk and worker.
         self._paused_until = 0.0
         self._refusal: str | None = None
+        self._index_full_logged = False
         # Window byte budget, rate cap and stream count (agent/budget.py): work is claimed
         # through it so nothing is begun that cannot finish before the window ends.
         self.admission = admission or Admission(
@@ -105,7 +113,12 @@ class Uplink:
             if pause > 0:
                 await asyncio.sleep(pause)
                 continue
-            if index >= self.admission.streams_wanted():
+            if self.gate.windows_opened != self._opens_seen:
+                # Connections kept idle across a closed gate may be dead without knowing it
+                # (the server timed them out while the link could not say so): start afresh.
+                self._opens_seen = self.gate.windows_opened
+                self.backend.renew()
+            if index >= self._streams():
                 await asyncio.sleep(0.5)  # parked: fewer streams already fill this link
                 continue
             now = self.clock()
@@ -113,8 +126,12 @@ class Uplink:
             if cap != self.limiter.rate:
                 self.limiter.set_rate(cap)
             work: Work | None
-            work, budget = await self.run_blocking(
-                self.admission.claim, self.store, now, self.settings.aging_s)
+            try:
+                work, budget = await self.run_blocking(
+                    self.admission.claim, self.store, now, self.settings.aging_s)
+            except DiskFullError as e:  # the index could not record the claim
+                self._index_full(e)
+                continue
             if work is None:
                 self._wake.clear()
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
@@ -140,12 +157,31 @@ class Uplink:
             if not ok:
                 await asyncio.sleep(self.settings.retry_initial_s)
 
+    def _streams(self) -> int:
+        """How many workers may claim work now."""
+        wanted = self.admission.streams_wanted()
+        rtt = self.admission.rtt()
+        if rtt is not None and rtt >= LONG_PATH_S:
+            # A lone stream leaves the link idle between two chunks for several round trips
+            # (the answer, the read-back, the index, the next claim): ~10 % of the time at
+            # 15 Mbit/s and 40 ms (benchmarks/link.py). A second stream keeps the link busy.
+            wanted = max(wanted, min(2, self.settings.streams))
+        # Uploads kept open through a lost link do not hold back fresh ones once it is back.
+        return wanted + self._riding
+
     async def _until_gate_closes(self, work: Work) -> bool:
-        """Run one upload; a closing gate (loss of signal, window end) cancels it."""
+        """Run one upload; a closing gate (window end, pause) cancels it.
+
+        A lost link does not cancel a chunk already on the wire (see `_rides_out`): its
+        request stays open and TCP sends the rest when the link is back, instead of what had
+        crossed being thrown away and sent again.
+        """
         upload = asyncio.create_task(self._do(work))
         closed = asyncio.create_task(self.gate.wait_closed())
         try:
             done, _ = await asyncio.wait({upload, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if upload not in done and isinstance(work, ChunkWork) and self._rides_out(work):
+                done = {upload} if await self._ride_out(work, upload) else set()
         except asyncio.CancelledError:
             upload.cancel()
             raise
@@ -158,10 +194,45 @@ class Uplink:
             await upload
         if isinstance(work, ChunkWork):
             self.metrics.resent_bytes.inc(work.sealed_size)
+            self._cut.add(work.chunk_id)
         self._release(work)
         log_event(log, logging.INFO, "upload_cut", "gate closed during upload; will re-send",
                   chunk=getattr(work, "chunk_id", None), object=work.object_id)
         return True
+
+    def _rides_out(self, work: ChunkWork) -> bool:
+        """Keep this upload open while the gate is closed?
+
+        Only when the link was lost (not at a window's end or a pause), for a chunk whose
+        request is under way, to a backend over a network: a TCP connection outlives an outage
+        of seconds to minutes (an intermittent LEO link), a folder has no wire to resume on.
+        """
+        if work.chunk_id not in self.in_flight:
+            return False
+        state = self.gate.state()
+        in_window = state.window is not None or state.flushing
+        return (not state.link_up and not state.paused and in_window
+                and not self.backend.url.startswith("file:"))
+
+    async def _ride_out(self, work: ChunkWork, upload: asyncio.Task[bool]) -> bool:
+        """Wait for an upload the link left mid-way; False if a window end or pause cuts it.
+
+        Meanwhile it does not count as one of the streams: once the link is back, other
+        workers start at once while TCP (maybe still backing off) finishes this one; a request
+        that never resumes ends at the backend's deadline and is retried.
+        """
+        log_event(log, logging.INFO, "upload_held", "link lost mid-upload: the request stays "
+                  "open and resumes with the link", chunk=work.chunk_id, object=work.object_id)
+        self._riding += 1
+        try:
+            while not upload.done():
+                state = self.gate.state()
+                if state.paused or (state.window is None and not state.flushing):
+                    return False
+                await asyncio.wait({upload}, timeout=0.5)
+            return True
+        finally:
+            self._riding -= 1
 
     def _release(self, work: Work) -> None:
         if isinstance(work, ChunkWork):
@@ -176,7 +247,18 @@ class Uplink:
                 await self._send_chunk(work)
             else:
                 await self._send_manifest(work)
+            self._index_writable()
             return True
+        except DiskFullError as e:
+            # The index could not record what the cloud acknowledged: the work goes back in
+            # line, and sending it again is harmless (put_if_absent finds the cloud copy).
+            self._index_full(e)
+            while True:
+                try:
+                    await self.run_blocking(self._release, work)
+                    return False
+                except DiskFullError:
+                    await asyncio.sleep(_INDEX_FULL_PAUSE_S)
         except CorruptChunkError as e:
             if isinstance(work, ManifestWork):
                 await self.run_blocking(self.store.mark_manifest_corrupt, work.object_id)
@@ -210,6 +292,22 @@ class Uplink:
             log_event(log, logging.ERROR, "backend_refused",
                       f"{e}; uploads pause and are tried again every "
                       f"{self.settings.retry_max_s:g}s; the queue is kept", kind=e.kind)
+
+    def _index_full(self, e: DiskFullError) -> None:
+        """Every worker pauses a moment; logged once until an upload is recorded again."""
+        self._paused_until = time.monotonic() + _INDEX_FULL_PAUSE_S
+        self.store.give_up_spare()  # the retry finds room (the headroom was taken)
+        if not self._index_full_logged:
+            self._index_full_logged = True
+            self.metrics.errors.labels("disk_full").inc()
+            log_event(log, logging.ERROR, "uplink_disk_full",
+                      f"uploads cannot be recorded: {e}; uploads pause and are tried again "
+                      f"every {_INDEX_FULL_PAUSE_S:g}s (recording them is what frees space)")
+
+    def _index_writable(self) -> None:
+        if self._index_full_logged:
+            self._index_full_logged = False
+            log_event(log, logging.INFO, "uplink_resumed", "uploads are recorded again")
 
     def _recovered(self) -> None:
         if self._refusal is not None:
@@ -260,13 +358,15 @@ class Uplink:
         started = time.monotonic()  # delivered rate includes waiting for the rate limit
         await self.limiter.acquire(len(data))
         self.in_flight.add(work.chunk_id)
+        was_cut = work.chunk_id in self._cut
         try:
-            # From the second attempt on, look before sending: the previous attempt may have
-            # been stored with only its acknowledgement lost.
+            # From the second attempt on (or after a cut), look before sending: the previous
+            # attempt may have been stored with only its acknowledgement lost.
             written = await self._with_retries(
-                lambda n: self.backend.put_if_absent(key, data, probe_first=n > 1))
+                lambda n: self.backend.put_if_absent(key, data, probe_first=n > 1 or was_cut))
         finally:
             self.in_flight.discard(work.chunk_id)
+        self._cut.discard(work.chunk_id)
         if written:  # an object already there says nothing about the link's rate
             self.admission.record_transfer(len(data), started, time.monotonic())
         # Shielded: once the cloud has acknowledged, the index and the log must say so even

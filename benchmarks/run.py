@@ -22,8 +22,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "backend_throughput": ("benchmarks.backend_throughput", [], []),
     "mqtt_ingest": ("benchmarks.mqtt_ingest", [], []),
     "ingest": ("benchmarks.ingest", [], ["--size", "64MiB", "--runs", "1"]),
+    "compression": ("benchmarks.compression", [], ["--size", "64MiB"]),
     "crash_trials": ("benchmarks.crash_trials", ["--trials", "200", "--seed", "13"],
                      ["--trials", "20", "--seed", "13"]),
+    "link": ("benchmarks.link", [], ["--size", "64MiB", "--up", "10-20", "--down", "3-6"]),
+    "disk_full": ("benchmarks.disk_full", ["--fs", "ext4", "tmpfs"],
+                  ["--size", "32MiB", "--quiet", "6"]),
 }
 
 

@@ -11,7 +11,8 @@ for object stores.
 Hysteresis: the link goes down after `down_after` consecutive failures and up after `up_after`
 consecutive successes. A probe whose result differs from the current state is confirmed at once
 (without waiting a whole interval), so a loss is noticed within
-`probe_interval + down_after x probe_timeout` and a return within about one interval. Each
+`probe_interval + down_after x probe_timeout` and a return within about a second (a link that
+is down is probed every `DOWN_PROBE_INTERVAL_S`, or `probe_interval` if shorter). Each
 window start triggers a probe at once, so a pass that begins with the link already up opens
 the gate at AOS rather than one interval later.
 
@@ -37,6 +38,10 @@ from agent.windows.learned import LearnedModel
 
 Clock = Callable[[], float]
 log = logging.getLogger("skyferry.link")
+# While the link is down, probe at least this often: an intermittent (LEO) link comes back after
+# seconds, and each second spent not noticing is a second of contact lost. Probing a dead link
+# costs nothing.
+DOWN_PROBE_INTERVAL_S = 1.0
 
 
 class ProbeFailed(Exception):
@@ -229,7 +234,8 @@ class LinkMonitor:
         elif self._in_window(now):
             log_event(log, logging.WARNING, "link_down",
                       f"link lost inside a window: {self.probe.description}: "
-                      f"{self.last_error}; the gate closes, uploads in flight will be re-sent")
+                      f"{self.last_error}; the gate closes, uploads under way wait for the "
+                      "link (or are re-sent if it does not return)")
         else:  # a scheduled link going away outside its windows is what was expected
             log_event(log, logging.INFO, "link_down",
                       f"link down outside a window: {self.probe.description}: "
@@ -259,6 +265,8 @@ class LinkMonitor:
         if self._streak > 0:
             return 0.0  # confirm a change at once: hysteresis without a whole interval's wait
         delay = self.settings.interval_s
+        if not self.up:
+            delay = min(delay, DOWN_PROBE_INTERVAL_S)
         if self.next_window_start is not None:
             now = self.clock()
             nxt = self.next_window_start(now)
