@@ -40,7 +40,8 @@ demo: venv
 # What the suite needs beyond Python packages: Azurite (pinned by tests/emulators' lock file).
 # moto comes with the dev extra.
 test-deps: dev
-	@missing=""; for p in mosquitto systemd chromium fonts-dejavu-core iproute2 nftables; do \
+	@missing=""; for p in mosquitto systemd chromium fonts-dejavu-core iproute2 nftables \
+	    restic rclone zstd time e2fsprogs; do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	[ -z "$$missing" ] || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
