@@ -45,7 +45,7 @@ from typing import Any
 
 from agent.units import format_size, parse_size
 from benchmarks import corpus
-from benchmarks.ingest import RESULTS, SITE, Bench, Run, fresh, measure, store_bytes
+from benchmarks.ingest import SITE, Bench, Run, fresh, measure, store_bytes
 
 SECTION = "compression"
 LEO_BPS = 15e6 / 8  # a typical LEO terminal's uplink, bytes/s
@@ -380,12 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run(args.workdir, parse_size(args.size), args.seed, args.subset, args.levels,
             args.workers, peers=not args.skyferry_only)
-    body = render(r, argv)
-    print(body)
-    if not args.no_write:
-        from benchmarks.run import write_section
-        write_section(SECTION, body, RESULTS)
-    return 0 if all(held is not False for _, held, _ in r.verdicts) else 1
+    from benchmarks.run import publish
+
+    return publish(SECTION, render(r, argv), not args.no_write, r.verdicts)
 
 
 if __name__ == "__main__":

@@ -395,12 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run(args.workdir, parse_size(args.size), args.seed, args.runs, args.workers,
             args.keep, peers=not args.skyferry_only)
-    body = render(r, argv)
-    print(body)
-    if not args.no_write:
-        from benchmarks.run import write_section
-        write_section(SECTION, body, RESULTS)
-    return 0 if all(held is not False for _, held, _ in r.verdicts) else 1
+    from benchmarks.run import publish
+
+    return publish(SECTION, render(r, argv), not args.no_write, r.verdicts)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import importlib
 import io
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import redirect_stdout
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,16 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(name: str, body: str, write: bool,
+            verdicts: Iterable[tuple[str, bool | None, str]]) -> int:
+    """Print a benchmark's section, write it to RESULTS.md unless told not to, and return the
+    exit code: 1 when an acceptance line misses (None: not measured, not a miss)."""
+    print(body)
+    if write:
+        write_section(name, body)
+    return 0 if all(held is not False for _, held, _ in verdicts) else 1
 
 
 def run_one(name: str, quick: bool) -> int:
