@@ -34,6 +34,8 @@ from agent.uplink import Uplink
 from agent.windows.runtime import WindowRuntime
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 log = logging.getLogger("skyferry.daemon")
 
 
@@ -105,19 +107,31 @@ class Daemon:
             return contextlib.nullcontext()
         return self.auto_level.ingest.sealing()
 
-    async def ingest(self, req: IngestRequest) -> IngestResult:
+    async def _sealed(self, fn: Callable[[A], R], arg: A, priority: str) -> R:
+        """Run one pipeline ingest call off the loop; a refusal is counted, then re-raised."""
         try:
             with self._sealing():
-                result = await self.run_blocking(self.pipeline.ingest_file, req)
+                return await self.run_blocking(fn, arg)
         except QuotaExceededError as e:
-            self._count_refusal(req.priority, e)
+            self._count_refusal(priority, e)
             raise
-        self._count_evictions(result.evicted)
+
+    def _ingested(self, priority: str, evicted: tuple[Eviction, ...], size: int, items: int,
+                  stored: int, chunks: int, new_chunks: int) -> None:
+        """Metrics of one sealed object (`items`: files or batches it holds)."""
+        self._count_evictions(evicted)
+        self.metrics.ingested_bytes.labels(priority).inc(size)
+        self.metrics.ingested_objects.labels(priority).inc(items)
+        self.metrics.stored_bytes.labels(priority).inc(stored)
+        self.metrics.dedup_chunks.inc(chunks - new_chunks)
+
+    async def ingest(self, req: IngestRequest) -> IngestResult:
+        result = await self._sealed(self.pipeline.ingest_file, req, req.priority)
         if result.duplicate_of is None:
-            self.metrics.ingested_bytes.labels(req.priority).inc(result.size)
-            self.metrics.ingested_objects.labels(req.priority).inc()
-            self.metrics.stored_bytes.labels(req.priority).inc(result.stored_bytes)
-            self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
+            self._ingested(req.priority, result.evicted, result.size, 1, result.stored_bytes,
+                           result.chunks, result.new_chunks)
+        else:
+            self._count_evictions(result.evicted)
         self.uplink.notify()
         return result
 
@@ -127,36 +141,21 @@ class Daemon:
 
     async def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
         """Like `ingest`, for small files sealed together (one pack)."""
-        try:
-            with self._sealing():
-                result = await self.run_blocking(self.pipeline.ingest_pack, reqs)
-        except QuotaExceededError as e:
-            self._count_refusal(reqs[0].priority, e)
-            raise
-        self._count_evictions(result.evicted)
-        if result.object_id is not None:
-            priority = reqs[0].priority
-            fresh = sum(1 for r in result.accepted.values() if r.duplicate_of is None)
-            self.metrics.ingested_bytes.labels(priority).inc(result.size)
-            self.metrics.ingested_objects.labels(priority).inc(fresh)
-            self.metrics.stored_bytes.labels(priority).inc(result.stored_bytes)
-            self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
-            self.uplink.notify()
+        result = await self._sealed(self.pipeline.ingest_pack, reqs, reqs[0].priority)
+        if result.object_id is None:
+            self._count_evictions(result.evicted)
+            return result
+        fresh = sum(1 for r in result.accepted.values() if r.duplicate_of is None)
+        self._ingested(reqs[0].priority, result.evicted, result.size, fresh,
+                       result.stored_bytes, result.chunks, result.new_chunks)
+        self.uplink.notify()
         return result
 
     async def ingest_batch(self, req: BatchRequest) -> IngestResult:
         """Like `ingest`, for an in-memory batch (MQTT)."""
-        try:
-            with self._sealing():
-                result = await self.run_blocking(self.pipeline.ingest_batch, req)
-        except QuotaExceededError as e:
-            self._count_refusal(req.priority, e)
-            raise
-        self._count_evictions(result.evicted)
-        self.metrics.ingested_bytes.labels(req.priority).inc(result.size)
-        self.metrics.ingested_objects.labels(req.priority).inc()
-        self.metrics.stored_bytes.labels(req.priority).inc(result.stored_bytes)
-        self.metrics.dedup_chunks.inc(result.chunks - result.new_chunks)
+        result = await self._sealed(self.pipeline.ingest_batch, req, req.priority)
+        self._ingested(req.priority, result.evicted, result.size, 1, result.stored_bytes,
+                       result.chunks, result.new_chunks)
         self.uplink.notify()
         return result
 
