@@ -109,25 +109,45 @@ def seal_parts(
     return header, AESGCM(key).encrypt(nonce, payload, header)
 
 
+@dataclass(frozen=True)
+class SealingKey:
+    """An ephemeral X25519 key pair's public half and the AEAD key it gives with a recipient.
+
+    Fresh for each object: every chunk sealed for the object shares it (each with its own
+    random nonce), so an object of 128 chunks costs one X25519 exchange, not 128. Readers
+    derive the key from each header as always (docs/FORMAT.md, "Sealing").
+    """
+
+    ephemeral_public: bytes
+    key: bytes
+
+    @classmethod
+    def new(cls, recipient: X25519PublicKey) -> SealingKey:
+        ephemeral = X25519PrivateKey.generate()
+        ephemeral_public = _raw_public(ephemeral.public_key())
+        return cls(ephemeral_public, _derive_key(ephemeral.exchange(recipient), ephemeral_public,
+                                                 _raw_public(recipient)))
+
+
 class Sealer:
     """`seal` as a stream: the header, then ciphertext piece by piece, then the tag.
 
     The same bytes as `seal` (AES-256-GCM with the header as associated data), without ever
     holding the whole payload or ciphertext: a 16 MiB chunk is compressed, encrypted and written
     1 MiB at a time. `update_into` writes into the caller's buffer (no allocation per piece).
+    With `key`, the ephemeral key pair of that SealingKey is used instead of a fresh one.
     """
 
     def __init__(self, recipient: X25519PublicKey, *, kind: int, compression: int,
-                 plaintext_len: int) -> None:
-        ephemeral = X25519PrivateKey.generate()
-        ephemeral_public = _raw_public(ephemeral.public_key())
-        key = _derive_key(ephemeral.exchange(recipient), ephemeral_public, _raw_public(recipient))
+                 plaintext_len: int, key: SealingKey | None = None) -> None:
+        if key is None:
+            key = SealingKey.new(recipient)
         nonce = os.urandom(12)
         self.header = _HEADER.pack(
             MAGIC, FORMAT_VERSION, kind, ALG_AES256GCM, compression, plaintext_len,
-            ephemeral_public, nonce,
+            key.ephemeral_public, nonce,
         )
-        self._enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+        self._enc = Cipher(algorithms.AES(key.key), modes.GCM(nonce)).encryptor()
         self._enc.authenticate_additional_data(self.header)
 
     def update_into(self, data: bytes | memoryview, out: bytearray) -> int:

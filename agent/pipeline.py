@@ -30,9 +30,9 @@ from agent.manifest import (
     ChunkRef,
     Manifest,
     PackEntry,
-    check_name,
     now_iso,
     uuid7,
+    validate_name,
 )
 from agent.settings import ChunkingSettings, CompressionSettings
 from agent.store import Eviction, StagedChunk, StagedObject, Store
@@ -82,6 +82,7 @@ def _slices(data: memoryview, size: int) -> Iterator[memoryview]:
 
 SAMPLE_LEVEL = 1  # whether data compresses at all shows at the fastest level
 LDM_WINDOW_LOG = 24  # with long-distance matching, matches may reach across a whole 16 MiB chunk
+ONE_SHOT = 16 << 20  # chunks up to this size are compressed in one call (Compressor.payload)
 
 
 class Compressor:
@@ -151,15 +152,37 @@ class Compressor:
 
     def compress(self, data: bytes | memoryview, level: int | None = None,
                  long_distance: bool = False) -> tuple[int, bytes | memoryview]:
-        """Return (compression id, payload); an uncompressed payload is a view of `data`."""
-        # No bytes(data) copy (up to 16 MiB per ingest thread): seal() reads the view before
-        # the caller's buffer moves on.
-        if not self.worth_compressing(data):
+        """Return (compression id, payload); an uncompressed payload is a view of `data`.
+
+        Level 1 first, on all of `data`: it gives up on incompressible data at GB/s, and judges
+        a chunk that mixes files (a pack's) better than a sample of its start would. The
+        payload stays uncompressed unless that shrinks it below min_ratio; at a higher level
+        the smaller of the two frames is kept.
+        """
+        # No bytes(data) copy (up to 16 MiB per ingest thread): the caller reads the view
+        # before its buffer moves on.
+        fast = self._zstd(SAMPLE_LEVEL).compress(data)
+        if len(fast) > len(data) * self.settings.min_ratio:
             return crypto.COMPRESSION_NONE, memoryview(data)
+        key = self._setting if level is None else (level, long_distance)
+        if key == (SAMPLE_LEVEL, False):
+            return crypto.COMPRESSION_ZSTD, fast
         packed = self._zstd(level, long_distance).compress(data)
-        if len(packed) >= len(data):
-            return crypto.COMPRESSION_NONE, memoryview(data)
-        return crypto.COMPRESSION_ZSTD, packed
+        return crypto.COMPRESSION_ZSTD, packed if len(packed) < len(fast) else fast
+
+    def payload(self, data: memoryview) -> tuple[int, Iterable[bytes | memoryview]]:
+        """A chunk's (compression id, payload in pieces of at most _PIECE bytes).
+
+        Chunks up to ONE_SHOT are compressed in one call (zstd's fastest path: no copy into
+        its window, no wrapped window); larger ones (only with a larger max_size) as a stream,
+        after the sample test, so a chunk-sized compressed copy is never held.
+        """
+        if len(data) <= ONE_SHOT:
+            compression, packed = self.compress(data)
+            return compression, _slices(memoryview(packed), _PIECE)
+        if not self.worth_compressing(data):
+            return crypto.COMPRESSION_NONE, _slices(data, _PIECE)
+        return crypto.COMPRESSION_ZSTD, self.stream(data)
 
 
 def decompress(compression: int, payload: bytes, plaintext_len: int) -> bytes:
@@ -351,6 +374,7 @@ class Pipeline:
         source); in-memory batches (None) are always finished.
         """
         stage = self.store.staging_path(staged.object_id)
+        sealing = crypto.SealingKey.new(self.keys.recipient_public)  # one per object
         try:
             stage.mkdir()
             refs: list[ChunkRef] = []
@@ -359,7 +383,7 @@ class Pipeline:
                 if stoppable is not None and self.stopping.is_set():
                     raise IngestStoppedError(f"{stoppable}: ingest interrupted by shutdown; it "
                                              "stays at its source and is taken next start")
-                refs.append(self._stage_chunk(staged, stage, data, offset))
+                refs.append(self._stage_chunk(staged, stage, data, offset, sealing))
                 offset += len(data)
             m = manifest(tuple(refs))
             staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, m)
@@ -382,7 +406,7 @@ class Pipeline:
 
     def _stat_source(self, req: IngestRequest) -> os.stat_result:
         try:
-            check_name(req.name)
+            validate_name(req.name)
         except UnsafePathError as e:
             raise SourceError(f"{req.path}: {e}; such a name could never be restored — "
                               "rename the file") from None
@@ -438,7 +462,7 @@ class Pipeline:
         reserved, evicted = self.store.reserve(size, req.priority, self.chunking.max_size)
         staged = StagedObject(uuid7(), req.source, None, req.priority, size)
         name = f"{req.name_prefix}{staged.object_id}{req.name_suffix}"
-        check_name(name)
+        validate_name(name)
 
         def manifest(refs: tuple[ChunkRef, ...]) -> Manifest:
             return Manifest(
@@ -541,20 +565,18 @@ class Pipeline:
                           one.stored_bytes, one.evicted)
 
     def _stage_chunk(self, staged: StagedObject, stage: Path, data: memoryview,
-                     offset: int) -> ChunkRef:
+                     offset: int, sealing: crypto.SealingKey) -> ChunkRef:
         cid = crypto.chunk_id(self.keys.dedup_key, data)
         ref = ChunkRef(cid, offset, len(data), crypto.content_hash(data))
         staged.chunk_ids.append(cid)
         if cid in staged.new_chunks or self.store.chunk_known(cid):
             return ref
-        # Compressed, encrypted, hashed and written a piece at a time into one reusable buffer:
-        # no copy of the chunk (up to 16 MiB) is ever held, and no large buffer is allocated
+        # Encrypted, hashed and written a piece at a time into one reusable buffer: beyond the
+        # compressed payload, no copy of the chunk is held, and no large buffer is allocated
         # (and page-faulted in) per chunk.
-        zstd = self.compressor.worth_compressing(data)
+        compression, pieces = self.compressor.payload(data)
         sealer = crypto.Sealer(self.keys.recipient_public, kind=crypto.KIND_CHUNK,
-                               compression=crypto.COMPRESSION_ZSTD if zstd
-                               else crypto.COMPRESSION_NONE, plaintext_len=len(data))
-        pieces = self.compressor.stream(data) if zstd else _slices(data, _PIECE)
+                               compression=compression, plaintext_len=len(data), key=sealing)
         out = self._buffer(_PIECE + 64)
         sealed = blake3.blake3(sealer.header)
         size = len(sealer.header)

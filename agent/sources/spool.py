@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,23 +37,36 @@ class Candidate:
 
 
 def scan(root: Path, skip: Path | None) -> list[Candidate]:
-    """Regular, non-temporary files below root, oldest first."""
+    """Regular, non-temporary files below root, oldest first.
+
+    Folders whose name starts with "." and `skip` are not entered; symbolic links are neither
+    followed nor taken. One lstat per file (scandir's entry caches it): a spool of many small
+    files is scanned every few seconds.
+    """
     found: list[Candidate] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames
-                       if not d.startswith(".") and (skip is None or here / d != skip)]
-        for fn in filenames:
-            if is_temporary(fn):
-                continue
-            p = here / fn
+    skip_at = os.path.normpath(skip) if skip is not None else None
+    folders = [(os.fspath(root), "")]
+    while folders:
+        folder, prefix = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:  # vanished, or not readable: as os.walk, pass over it
+            continue
+        for e in entries:
             try:
-                st = p.lstat()
+                if e.is_dir(follow_symlinks=False):
+                    if not e.name.startswith(".") and os.path.normpath(e.path) != skip_at:
+                        folders.append((e.path, f"{prefix}{e.name}/"))
+                    continue
+                if is_temporary(e.name):
+                    continue
+                st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if not p.is_file() or p.is_symlink():
-                continue
-            found.append(Candidate(p, p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+            if stat.S_ISREG(st.st_mode):
+                found.append(Candidate(Path(e.path), prefix + e.name, st.st_size,
+                                       st.st_mtime_ns))
     found.sort(key=lambda c: (c.mtime_ns, c.name))
     return found
 
