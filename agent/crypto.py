@@ -219,8 +219,20 @@ def verify_manifest(signed: bytes, key: Ed25519PublicKey) -> bytes:
 
 
 def chunk_id(dedup_key: bytes, data: bytes | memoryview) -> str:
-    """Keyed BLAKE3 of the plaintext: equal data gives equal ids, outsiders learn nothing."""
-    return blake3.blake3(data, key=dedup_key, max_threads=1).hexdigest()
+    """Keyed BLAKE3 of the plaintext's BLAKE3 digest: equal data gives equal ids, outsiders
+    learn nothing (docs/FORMAT.md, "Chunk id and content hash")."""
+    return chunk_id_of(dedup_key, blake3.blake3(data, max_threads=1).digest())
+
+
+def chunk_id_of(dedup_key: bytes, digest: bytes) -> str:
+    """`chunk_id` from the chunk's BLAKE3 digest (its content hash, 32 bytes): the writer hashes
+    each chunk once for both."""
+    return keyed_hash(dedup_key, digest)
+
+
+def keyed_hash(key: bytes, data: bytes | memoryview) -> str:
+    """Keyed BLAKE3, hex: identities (source keys) that must reveal nothing without the key."""
+    return blake3.blake3(data, key=key, max_threads=1).hexdigest()
 
 
 def content_hash(*parts: bytes | memoryview) -> str:

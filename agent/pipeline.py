@@ -302,7 +302,7 @@ class Pipeline:
     def source_key(self, source: str, name: str, size: int, mtime_ns: int) -> str:
         """Identity of one version of a source item, keyed so it reveals nothing."""
         ident = f"{source}\0{name}\0{size}\0{mtime_ns}".encode()
-        return crypto.chunk_id(self.keys.dedup_key, ident)
+        return crypto.keyed_hash(self.keys.dedup_key, ident)
 
     def is_packed(self, size: int) -> bool:
         """Files below `pack_below` are sealed together in packs (`ingest_pack`)."""
@@ -354,7 +354,7 @@ class Pipeline:
             if eof and start == filled:
                 return
             tail = filled - start
-            buf[:tail] = buf[start:filled]
+            view[:tail] = view[start:filled]  # one memmove, no temporary copy
             filled = tail
 
     def _file_pieces(self, f: _Readable, size: int) -> Iterator[memoryview]:
@@ -566,8 +566,9 @@ class Pipeline:
 
     def _stage_chunk(self, staged: StagedObject, stage: Path, data: memoryview,
                      offset: int, sealing: crypto.SealingKey) -> ChunkRef:
-        cid = crypto.chunk_id(self.keys.dedup_key, data)
-        ref = ChunkRef(cid, offset, len(data), crypto.content_hash(data))
+        digest = blake3.blake3(data, max_threads=1).digest()  # one pass for hash and id
+        cid = crypto.chunk_id_of(self.keys.dedup_key, digest)
+        ref = ChunkRef(cid, offset, len(data), digest.hex())
         staged.chunk_ids.append(cid)
         if cid in staged.new_chunks or self.store.chunk_known(cid):
             return ref

@@ -210,7 +210,7 @@ class TrialConfig:
 def _source_key(dedup_key: bytes, name: str, f: TrialFile) -> str:
     # Mirrors Pipeline.source_key: the identity under which the store records an accepted file.
     ident = f"{SPOOL}\0{name}\0{len(f.data)}\0{f.mtime_ns}".encode()
-    return crypto.chunk_id(dedup_key, ident)
+    return crypto.keyed_hash(dedup_key, ident)
 
 
 def _index(site: Site) -> sqlite3.Connection | None:
