@@ -59,8 +59,8 @@ def new_file(path: Path) -> Iterator[Callable[[bytes | memoryview], None]]:
     """Create `path` (it must not exist); yields a function that appends bytes to it.
 
     Not yet durable: on leaving, writeback starts (no waiting) and the caller makes a batch of
-    such files durable at once (`sync_files`), by which time the disk has mostly caught up, so
-    sealing and disk writes overlap. On failure the file is removed: nothing half-written is
+    such files durable at once (`StagingFolder.sync`), by which time the disk has mostly caught
+    up, so sealing and disk writes overlap. On failure the file is removed: nothing half-written is
     left behind.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -89,31 +89,58 @@ def write_new(path: Path, *parts: bytes | memoryview) -> None:
             write(part)
 
 
-def sync_files(folder: Path, names: Iterable[str]) -> None:
-    """Make files written by `write_new` in `folder`, and the folder's entries, durable.
+def _syncfs_reports_errors() -> bool:
+    """Linux 5.8 and later report writeback errors through syncfs; before, it returns 0."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
 
-    Many files at once are first flushed by one syncfs of their filesystem: one journal commit
-    instead of one per file. The fdatasync per file that follows then finds little to do, and
-    is what reports a failed writeback of that very file (syncfs reports an error to one
-    caller only, who may be another thread).
+
+_SYNCFS_REPORTS = _syncfs is not None and _syncfs_reports_errors()
+
+
+class StagingFolder:
+    """A new folder of files written by `new_file`, made durable together (`sync`).
+
+    Its descriptor is opened before anything is written in it, so a syncfs through it reports
+    every writeback error on the filesystem from then on: whichever thread's file failed,
+    the error reaches every object staged meanwhile, not only the first to ask.
     """
-    names = list(names)
-    if (_syncfs is not None and len(names) >= SYNCFS_FROM
-            and _dirty_bytes() <= SYNCFS_DIRTY_MAX):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _syncfs(fd) != 0:
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir()
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+    def sync(self, names: Iterable[str]) -> None:
+        """Make the named files and the folder's entries durable.
+
+        Many files at once: one syncfs of their filesystem (one journal commit, not one per
+        file), when the kernel reports writeback errors through it and little else waits to
+        be written (syncfs would wait for other writers' data too). Otherwise, fdatasync each.
+        """
+        assert self._fd is not None, "sync after close"
+        names = list(names)
+        if (_SYNCFS_REPORTS and len(names) >= SYNCFS_FROM
+                and _dirty_bytes() <= SYNCFS_DIRTY_MAX):
+            if _syncfs(self._fd) != 0:
                 err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), str(folder))
-        finally:
-            os.close(fd)
-    for name in names:
-        fd = os.open(folder / name, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-    fsync_dir(folder)
+                raise OSError(err, os.strerror(err), str(self.path))
+        else:
+            for name in names:
+                fd = os.open(self.path / name, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def write_durable(path: Path, *parts: bytes | memoryview, sync_dir: bool = True) -> None:

@@ -22,7 +22,7 @@ from pyfastcdc import FastCDC
 from agent import crypto
 from agent.crypto import EdgeKeys
 from agent.errors import FormatError, IngestStoppedError, SourceError, UnsafePathError
-from agent.fsio import is_disk_full, new_file, sync_files, write_new
+from agent.fsio import StagingFolder, is_disk_full, new_file, write_new
 from agent.manifest import (
     KIND_FILE,
     KIND_FILE_PACK,
@@ -375,8 +375,9 @@ class Pipeline:
         """
         stage = self.store.staging_path(staged.object_id)
         sealing = crypto.SealingKey.new(self.keys.recipient_public)  # one per object
+        folder: StagingFolder | None = None
         try:
-            stage.mkdir()
+            folder = StagingFolder(stage)
             refs: list[ChunkRef] = []
             offset = 0
             for data in pieces:
@@ -387,13 +388,16 @@ class Pipeline:
                 offset += len(data)
             m = manifest(tuple(refs))
             staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, m)
-            sync_files(stage, [*staged.new_chunks, "manifest"])
+            folder.sync([*staged.new_chunks, "manifest"])
             self.store.commit_object(staged)
         except BaseException as e:
             self.store.abandon(staged.object_id)
             if is_disk_full(e):  # ENOSPC while staging: a refusal like a full quota
                 raise self.store.disk_full_error(e) from e
             raise
+        finally:
+            if folder is not None:
+                folder.close()
         return tuple(refs)
 
     def _result(self, staged: StagedObject, refs: tuple[ChunkRef, ...],

@@ -177,6 +177,7 @@ class Store:
         self._manifests_inflight: set[str] = set()
         self._unpromoted: set[str] = set()  # committed, files still in staging (disk full)
         self.chunks_dir = state_dir / "chunks"
+        self._chunk_folders: set[str] = set()  # chunks/<xx> folders known to exist
         self.manifests_dir = state_dir / "manifests"
         self.staging_dir = state_dir / "staging"
         if read_only:
@@ -566,10 +567,13 @@ class Store:
         try:
             made = False
             for cid in staged.new_chunks:
+                if cid[:2] in self._chunk_folders:  # chunk folders are never removed
+                    continue
                 folder = self.chunk_path(cid).parent
                 if not folder.is_dir():
                     folder.mkdir(exist_ok=True)
                     made = True
+                self._chunk_folders.add(cid[:2])
             if made:
                 fsync_dir(self.chunks_dir)  # the new sub-folder's own entry must persist
         except OSError as e:
