@@ -579,22 +579,30 @@ class Pipeline:
         # Encrypted, hashed and written a piece at a time into one reusable buffer: beyond the
         # compressed payload, no copy of the chunk is held, and no large buffer is allocated
         # (and page-faulted in) per chunk.
-        compression, pieces = self.compressor.payload(data)
+        compression, payload = self.compressor.payload(data)
         sealer = crypto.Sealer(self.keys.recipient_public, kind=crypto.KIND_CHUNK,
                                compression=compression, plaintext_len=len(data), key=sealing)
         out = self._buffer(_PIECE + 64)
         sealed = blake3.blake3(sealer.header)
         size = len(sealer.header)
         with new_file(stage / cid) as write:
-            write(sealer.header)
-            for piece in pieces:
+            # Each piece is written with what is still unwritten (the header) before the next
+            # reuses `out`; the last, with the tag: one write for a chunk of one piece.
+            unwritten: list[bytes | memoryview] = [sealer.header]
+            pieces = iter(payload)
+            piece = next(pieces, None)
+            while piece is not None:
                 n = sealer.update_into(piece, out)
                 view = memoryview(out)[:n]
-                write(view)
                 sealed.update(view)
                 size += n
+                piece = next(pieces, None)
+                unwritten.append(view)
+                if piece is not None:
+                    write(*unwritten)
+                    unwritten = []
             tag = sealer.finalize()
-            write(tag)
+            write(*unwritten, tag)
         sealed.update(tag)
         staged.new_chunks[cid] = StagedChunk(cid, size + len(tag), len(data),
                                              sealed.hexdigest())
