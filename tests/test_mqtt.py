@@ -166,6 +166,36 @@ def test_keep_connected_backs_off_reports_each_loss_and_stops() -> None:
         assert delay / 2 - 0.01 <= gap <= delay + 0.15, (gaps, delay)
 
 
+def test_keep_connected_starts_the_backoff_again_after_a_working_connection() -> None:
+    """Five refusals in a row push the wait towards max; a session that then stays up for
+    stable_s was a working connection, so the wait after it drops is back near initial."""
+
+    async def scenario() -> list[float]:
+        stop = asyncio.Event()
+        starts: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def session() -> None:
+            starts.append(loop.time())
+            if len(starts) == 6:
+                await asyncio.sleep(0.6)  # connected, serving, then the broker goes away
+            if len(starts) == 8:
+                stop.set()
+            raise ConnectionResetError(f"attempt {len(starts)}")
+
+        await asyncio.wait_for(
+            keep_connected(session, stop, 0.05, 1.0, lambda e: None, stable_s=0.5), 20)
+        return starts
+
+    starts = asyncio.run(scenario())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) == 7, gaps
+    assert gaps[4] >= 0.4, gaps  # the fifth refusal in a row waited at least half of 0.8 s
+    after_drop = gaps[5] - 0.6  # the session itself lasted 0.6 s
+    assert 0.02 <= after_drop <= 0.05 + 0.1, gaps  # initial again, not >= 0.5 (half of max)
+    assert gaps[6] <= 0.1 + 0.1, gaps  # and growing from there: 0.1 next
+
+
 def test_keep_connected_stop_cuts_the_wait_and_cancel_propagates() -> None:
     async def scenario() -> tuple[float, int, list[str]]:
         stop = asyncio.Event()
