@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 from agent.config import validate
 from agent.errors import ConfigError
 from agent.reconnect import keep_connected
-from agent.sources.mqtt import _Paho, encode_jsonl
+from agent.sources.mqtt import MqttSource, _Paho, batch_name_prefix, encode_jsonl
 from tests.mqttkit import (
     MOSQUITTO,
     Broker,
@@ -227,6 +227,22 @@ def test_keep_connected_stop_cuts_the_wait_and_cancel_propagates() -> None:
     waited, calls, lost = asyncio.run(scenario())
     assert calls == 1 and waited < 5, (calls, waited)
     assert lost == [], "a cancel (shutdown) is not a lost connection"
+
+
+def test_receive_times_and_batch_names_keep_order_when_the_clock_steps_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    wall = iter([1_800_000_000_000_000_000, 1_800_000_000_500_000_000,
+                 1_799_999_990_000_000_000,  # stepped back 10.5 s
+                 1_799_999_995_000_000_000, 1_800_000_001_000_000_000])
+    monkeypatch.setattr("agent.sources.mqtt.time.time_ns", lambda: next(wall))
+    source = MqttSource.__new__(MqttSource)  # the clock only: no broker, no settings
+    source._last_received_ns = 0
+    times = [source._receive_time_ns() for _ in range(5)]
+    assert times == [1_800_000_000_000_000_000, 1_800_000_000_500_000_000,
+                     1_800_000_000_500_001_000, 1_800_000_000_500_002_000,
+                     1_800_000_001_000_000_000]
+    names = [batch_name_prefix(t) for t in times]
+    assert names == sorted(set(names)), names  # strictly increasing, microsecond names
 
 
 def test_records_are_json_lines_with_text_or_base64() -> None:

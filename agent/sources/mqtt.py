@@ -198,6 +198,7 @@ class MqttSource:
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self.last_error: str | None = None
+        self._last_received_ns = 0
 
     # ---- topics and classes -----------------------------------------------------------------
 
@@ -346,8 +347,16 @@ class MqttSource:
             if not isinstance(payload, bytes | bytearray):
                 payload = str(payload).encode()
             r = Received(str(msg.topic), bytes(payload), msg.qos, bool(msg.retain),
-                         time.time_ns(), msg.mid, self.generation)
+                         self._receive_time_ns(), msg.mid, self.generation)
             self._add(r, track_ack=r.qos > 0)
+
+    def _receive_time_ns(self) -> int:
+        """Wall-clock time of a message, never before the previous one's: batch names (which
+        sort in arrival order) and `received` times keep their order through a clock stepped
+        back (NTP, a GPS fix), advancing a microsecond (the names' resolution) a message until
+        the clock catches up."""
+        self._last_received_ns = max(time.time_ns(), self._last_received_ns + 1000)
+        return self._last_received_ns
 
     # ---- batching -----------------------------------------------------------------------------
 
