@@ -10,6 +10,10 @@ permissions, missing container: retrying cannot help), `ObjectNotFoundError`,
 obstore's own retry loop is switched off (`max_retries = 0`): the caller's tenacity policy is the
 one in charge, so every attempt is counted by kind in metrics, no attempt runs while the gate is
 closed, and a request is never retried for minutes out of sight inside the library.
+
+obstore does not show its connections, so `Backend.connections` asks the kernel (Linux /proc)
+about this process's TCP connections to the service: whether one waits out TCP's
+retransmission backoff after a silent outage (agent/uplink.py acts on that).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import os
 import re
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,6 +80,15 @@ class ObjectInfo:
     size: int
 
 
+CONNECTIONS_TTL_S = 0.1  # `Backend.connections` reads the kernel's table at most this often
+
+
+@dataclass(frozen=True)
+class PutResult:
+    written: bool  # False: the object was already there, with the expected size
+    etag: str | None = None  # the service's ETag for what it stored (when written)
+
+
 def is_transient(e: BaseException) -> bool:
     return isinstance(e, TransientBackendError)
 
@@ -86,8 +100,12 @@ class Backend:
                  credentials: str = "none", where: str = "folder",
                  timeout_s: float = 30.0, min_rate_bps: float = 8000.0,
                  put_store: ObjectStore | None = None,
-                 rebuild: Callable[[], tuple[ObjectStore, ObjectStore]] | None = None) -> None:
+                 rebuild: Callable[[], tuple[ObjectStore, ObjectStore]] | None = None,
+                 port: int | None = None) -> None:
         self._store = store
+        self.port = port  # the service's TCP port (None: a folder), for `connections`
+        self._conns: list[Connection] | None = None
+        self._conns_at = -CONNECTIONS_TTL_S
         # Uploads go through a client without a per-read timeout (see _client_options).
         self._put_store = put_store or store
         self._rebuild = rebuild
@@ -111,6 +129,19 @@ class Backend:
             self._store, self._put_store = self._rebuild()
         except Exception:  # keep the working store; the next renew tries again
             return
+
+    def connections(self) -> list[Connection] | None:
+        """This process's TCP connections to the service with data under way; None: unknown.
+
+        Read from /proc at most every CONNECTIONS_TTL_S: every uplink worker asks before each
+        chunk, and a busy host's TCP table is long.
+        """
+        if self.port is None:
+            return None
+        now = time.monotonic()
+        if now - self._conns_at >= CONNECTIONS_TTL_S:
+            self._conns, self._conns_at = connections_to(self.port), now
+        return self._conns
 
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -176,8 +207,19 @@ class Backend:
         `probe_first` (used on retries): look before sending, so an upload whose
         acknowledgement was lost on a cut is not sent a second time.
         """
+        result = await self.put_new(key, data, probe_first)
+        if result.written:
+            await self.verify_written(key, len(data), result.etag)
+        return result.written
+
+    async def put_new(self, key: str, data: bytes, probe_first: bool = False) -> PutResult:
+        """Create-only write, not yet read back: `verify_written` completes it.
+
+        Split from `put_if_absent` so the uplink can read one chunk back while the next one
+        is already on the wire (on a long path the read-back is one more round trip).
+        """
         if probe_first and await self.size(key) == len(data):
-            return False
+            return PutResult(False)
         full = self._full(key)
         try:
             # One request, no multipart: a chunk is at most 16 MiB, create-only conditions
@@ -188,11 +230,10 @@ class Backend:
                 len(data))
         except AlreadyExistsError:
             await self._check_existing(key, len(data))
-            return False
+            return PutResult(False)
         except Exception as e:
             raise self._fail("put", key, e) from e
-        await self._verify_written(key, len(data), result.get("e_tag"))
-        return True
+        return PutResult(True, result.get("e_tag"))
 
     async def _check_existing(self, key: str, size: int) -> None:
         """Someone (an earlier attempt, most likely) stored this key: is it the same object?"""
@@ -206,8 +247,12 @@ class Backend:
                 f"{self.url}: {key} already exists with {found} bytes, expected {size}: a "
                 "foreign or damaged object; move it away so it can be re-sent", "conflict")
 
-    async def _verify_written(self, key: str, size: int, etag: str | None) -> None:
-        """Read back what the service stored: the size, and the ETag we were given."""
+    async def verify_written(self, key: str, size: int, etag: str | None) -> None:
+        """Read back what the service stored: the size, and the ETag we were given.
+
+        On a mismatch the object (ours: `put_new` just created it) is removed and a
+        `TransientBackendError` of kind "verify" raised: send it again.
+        """
         try:
             meta = await self._bounded(obstore.head_async(self._store, self._full(key)), 0)
         except Exception as e:
@@ -256,6 +301,67 @@ class Backend:
             await obstore.delete_async(self._store, self._full(key))
         except Exception as e:
             raise self._fail("delete", key, e) from e
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One of this process's TCP connections to the backend, as the kernel sees it."""
+
+    queued: int  # bytes written but not yet acknowledged by the far end
+    retransmits: int  # retransmission timeouts in a row without an acknowledgement
+    next_retransmit_s: float  # until the kernel tries again (0: no timer pending)
+    connecting: bool  # still in the handshake (SYN sent)
+
+    @property
+    def stalled(self) -> bool:
+        """Waiting out TCP's retransmission backoff rather than moving bytes."""
+        return (self.queued > 0 or self.connecting) and self.retransmits >= 1
+
+
+_TCP_ESTABLISHED, _TCP_SYN_SENT = "01", "02"
+_USER_HZ = 100  # /proc/net/tcp gives timer values in clock ticks
+
+
+def connections_to(port: int, proc: Path = Path("/proc/self")) -> list[Connection] | None:
+    """This process's TCP connections to `port` with data under way (Linux /proc).
+
+    None when it cannot be told (no /proc): callers then assume nothing is stalled.
+    """
+    try:
+        ours = {link[8:-1] for fd in os.listdir(proc / "fd")
+                if (link := _readlink(proc / "fd" / fd)).startswith("socket:[")}
+    except OSError:
+        return None
+    out: list[Connection] = []
+    seen = False
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or f[9] not in ours or f[3] not in (_TCP_ESTABLISHED, _TCP_SYN_SENT):
+                continue
+            if int(f[2].rsplit(":", 1)[1], 16) != port:
+                continue
+            tx = int(f[4].split(":")[0], 16)
+            connecting = f[3] == _TCP_SYN_SENT
+            if tx == 0 and not connecting:
+                continue  # idle (a pooled connection, or one awaiting its answer)
+            timer, when = f[5].split(":")
+            out.append(Connection(tx, int(f[6], 16),
+                                  int(when, 16) / _USER_HZ if timer == "01" else 0.0,
+                                  connecting))
+    return out if seen else None
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # the descriptor was closed meanwhile
+        return ""
 
 
 def backoff(initial_s: float, max_s: float) -> wait_base:
@@ -337,7 +443,18 @@ def open_backend(spec: str | BackendSettings, env: Mapping[str, str] | None = No
             "config") from None
     return Backend(store, settings.url, prefix, credentials=creds, where=where,
                    timeout_s=settings.timeout_s, min_rate_bps=settings.min_rate_bps,
-                   put_store=put_store, rebuild=rebuild)
+                   put_store=put_store, rebuild=rebuild, port=_service_port(settings.endpoint))
+
+
+def _service_port(endpoint: str | None) -> int | None:
+    """The TCP port requests go to: the endpoint's, else HTTPS to the public service."""
+    if not endpoint:
+        return 443
+    parts = urlsplit(endpoint)
+    try:
+        return parts.port or (80 if parts.scheme.lower() == "http" else 443)
+    except ValueError:  # a malformed port: obstore has refused it already
+        return None
 
 
 def _open_file(url: str, netloc: str, path: str) -> Backend:

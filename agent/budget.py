@@ -16,7 +16,8 @@ A safety factor and one round trip per request cover the estimate's error.
 Windows without an end (mode "always", an operator's flush) have no budget.
 
 `streams_wanted` sizes the number of parallel uploads to the bandwidth-delay product: enough
-chunks in flight that the link never idles for a round trip between two of them, then adjusted
+chunks in flight that the link never idles while a stream is between two chunks (about
+`PER_CHUNK_RTTS` round trips, which small chunks on a long path feel most), then adjusted
 by a small hill climb on the measured throughput (more streams while they help).
 """
 
@@ -35,6 +36,7 @@ from agent.windows import Contact
 Clock = Callable[[], float]
 SAFETY = 0.9  # plan with 90% of the expected rate
 DEFAULT_CHUNK = 4 << 20  # until chunks have been seen: the default average chunk size
+PER_CHUNK_RTTS = 3  # round trips a stream spends between two chunks (`bdp_streams`)
 
 
 class RateMeter:
@@ -230,14 +232,18 @@ class Admission:
 
     def bdp_streams(self, now: float | None = None) -> int:
         """Streams to cover the bandwidth-delay product: one on the wire, plus enough
-        chunks in flight to keep sending for a whole round trip (RTT x rate)."""
+        chunks in flight to keep sending while a stream is between two chunks."""
         rtt = self.rtt()
         rate, _ = self.planning_rate(self.clock() if now is None else now)
         if rtt is None or rate is None:
             return self.max_streams
         chunk = self._avg_chunk or DEFAULT_CHUNK
-        # A lone stream idles one round trip per chunk: tolerated up to a tenth of a chunk.
-        in_flight = max(0, math.ceil(rtt * rate / chunk - 0.1))
+        # Between two chunks a stream idles for about PER_CHUNK_RTTS round trips: the answer
+        # to its PUT, the next request's first bytes, and claiming and reading the next chunk
+        # (~100-130 ms at 40 ms in benchmarks/link.py; the read-back runs beside the next
+        # chunk). Tolerated up to a tenth of a chunk.
+        idle_s = PER_CHUNK_RTTS * rtt
+        in_flight = max(0, math.ceil(idle_s * rate / chunk - 0.1))
         return max(1, min(self.max_streams, 1 + in_flight))
 
     def streams_wanted(self) -> int:

@@ -37,6 +37,7 @@ class Gate:
         self._closed = asyncio.Event()
         self._changed = asyncio.Event()
         self.windows_opened = 0
+        self.opened_at: float | None = None  # time.monotonic() when the gate last opened
         self._evaluate()
 
     def state(self) -> GateState:
@@ -56,6 +57,7 @@ class Gate:
         should = in_window and self.link_up and not self.paused
         if should and not self._open.is_set():
             self.windows_opened += 1
+            self.opened_at = time.monotonic()
             self._closed.clear()
             self._open.set()
         elif not should and not self._closed.is_set():

@@ -28,6 +28,16 @@ T = TypeVar("T")
 RunBlocking = Callable[..., Awaitable[Any]]
 log = logging.getLogger("skyferry.uplink")
 LONG_PATH_S = 0.02  # a round trip from here on: keep two streams (`Uplink._streams`)
+# A held upload (`_ride_out`) whose connection is still in TCP's retransmission backoff this
+# long after the link came back, while nothing else is being sent, is sent again instead.
+STALL_GRACE_S = 1.0
+STALL_NEXT_TRY_S = 0.5  # ... and only if TCP's next try is further off than this (and
+# than sending the whole chunk again would take)
+# While every connection with bytes under way has gone unanswered this many retransmission
+# timeouts in a row, the link is most likely gone (before the link monitor is sure): start
+# nothing new, look again after SILENT_RECHECK_S.
+SILENT_RETRANSMITS = 2
+SILENT_RECHECK_S = 0.25
 _INDEX_FULL_PAUSE_S = 2.0  # the store's disk is full: wait this long between tries
 
 
@@ -73,6 +83,10 @@ class Uplink:
         # body got through, the answer did not), so their next upload looks first.
         self._cut: set[str] = set()
         self._riding = 0  # uploads kept open through a lost link (`_ride_out`)
+        self._active = 0  # uploads under way (held ones included)
+        # Read-backs and acknowledgements run beside the next chunk (`_send_chunk`), in the
+        # workers' task group so that shutdown cancels them with the workers.
+        self._group: asyncio.TaskGroup | None = None
         self._opens_seen = gate.windows_opened
         # A permanent refusal (credentials, missing container) pauses every worker until this
         # monotonic time, and is logged once per kind instead of once per chunk and worker.
@@ -102,9 +116,13 @@ class Uplink:
         self._wake.set()
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for i in range(self.settings.streams):
-                tg.create_task(self._worker(i), name=f"uplink-{i}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._group = tg
+                for i in range(self.settings.streams):
+                    tg.create_task(self._worker(i), name=f"uplink-{i}")
+        finally:
+            self._group = None
 
     async def _worker(self, index: int) -> None:
         while True:
@@ -120,6 +138,9 @@ class Uplink:
                 self.backend.renew()
             if index >= self._streams():
                 await asyncio.sleep(0.5)  # parked: fewer streams already fill this link
+                continue
+            if self._link_silent():
+                await asyncio.sleep(SILENT_RECHECK_S)
                 continue
             now = self.clock()
             cap = self.admission.cap(now)  # the window's or timetable's rate
@@ -178,6 +199,7 @@ class Uplink:
         """
         upload = asyncio.create_task(self._do(work))
         closed = asyncio.create_task(self.gate.wait_closed())
+        self._active += 1
         try:
             done, _ = await asyncio.wait({upload, closed}, return_when=asyncio.FIRST_COMPLETED)
             if upload not in done and isinstance(work, ChunkWork) and self._rides_out(work):
@@ -186,6 +208,7 @@ class Uplink:
             upload.cancel()
             raise
         finally:
+            self._active -= 1
             closed.cancel()
         if upload in done:
             return upload.result()
@@ -215,7 +238,8 @@ class Uplink:
                 and not self.backend.url.startswith("file:"))
 
     async def _ride_out(self, work: ChunkWork, upload: asyncio.Task[bool]) -> bool:
-        """Wait for an upload the link left mid-way; False if a window end or pause cuts it.
+        """Wait for an upload the link left mid-way; False if a window end or pause cuts it,
+        or if it stays stalled after the link is back (`_stalled`).
 
         Meanwhile it does not count as one of the streams: once the link is back, other
         workers start at once while TCP (maybe still backing off) finishes this one; a request
@@ -229,10 +253,57 @@ class Uplink:
                 state = self.gate.state()
                 if state.paused or (state.window is None and not state.flushing):
                     return False
-                await asyncio.wait({upload}, timeout=0.5)
+                if self._stalled(work.sealed_size):
+                    log_event(log, logging.INFO, "upload_stalled", "the link is back but this "
+                              "upload's connection still waits out TCP's retransmission "
+                              "backoff, and nothing else is being sent: sending it again on a "
+                              "fresh connection", chunk=work.chunk_id, object=work.object_id)
+                    return False
+                await asyncio.wait({upload}, timeout=0.25)
             return True
         finally:
             self._riding -= 1
+
+    def _link_silent(self) -> bool:
+        """Has the link gone silent under the uploads, before the link monitor noticed?
+
+        The monitor needs a few seconds to be sure (probe interval, timeouts, hysteresis).
+        A request begun meanwhile waits in the void and TCP's backoff, and when the link
+        returns may find that the server closed its pooled connection, failing after part of
+        its body crossed: sent twice. Held uploads (`_ride_out`) are not counted: once the
+        link is back their connections may still be backing off while fresh ones move.
+        """
+        conns = self.backend.connections()
+        if not conns:
+            return False
+        silent = [c for c in conns if c.retransmits >= SILENT_RETRANSMITS]
+        return len(silent) == len(conns) and len(silent) > self._riding
+
+    def _stalled(self, nbytes: int) -> bool:
+        """Are the held uploads stuck in TCP's retransmission backoff on a link that is back?
+
+        After a silent outage (a black hole) TCP retries at exponentially growing intervals,
+        so a request may sit idle for seconds after the link returned. While other uploads
+        keep the link busy that costs nothing and waiting wastes nothing; once nothing else is
+        being sent it costs link time, and sending the chunk again costs at most the chunk in
+        flight. The kernel's view of this process's connections to the service tells a
+        backed-off connection (no acknowledgement since its last timeout) from one that moves,
+        and when TCP will try again: the upload is sent again only if that is further off than
+        sending all `nbytes` again would take (what had crossed is not known).
+        """
+        back = self.gate.opened_at
+        if (not self.gate.is_open() or back is None
+                or time.monotonic() - back < STALL_GRACE_S or self._active > self._riding):
+            return False
+        conns = self.backend.connections()
+        if conns is None:
+            return False
+        rate, _ = self.admission.planning_rate(self.clock())
+        wait_s = max(STALL_NEXT_TRY_S, nbytes / rate if rate else 0.0)
+        stalled = [c for c in conns if c.stalled and c.next_retransmit_s >= wait_s]
+        # Connections cannot be matched to requests: act only when there are as many stalled
+        # connections as held uploads (a resumed one would leave one fewer).
+        return len(stalled) >= self._riding
 
     def _release(self, work: Work) -> None:
         if isinstance(work, ChunkWork):
@@ -362,16 +433,86 @@ class Uplink:
         try:
             # From the second attempt on (or after a cut), look before sending: the previous
             # attempt may have been stored with only its acknowledgement lost.
-            written = await self._with_retries(
-                lambda n: self.backend.put_if_absent(key, data, probe_first=n > 1 or was_cut))
+            result = await self._with_retries(
+                lambda n: self.backend.put_new(key, data, probe_first=n > 1 or was_cut))
         finally:
             self.in_flight.discard(work.chunk_id)
         self._cut.discard(work.chunk_id)
-        if written:  # an object already there says nothing about the link's rate
-            self.admission.record_transfer(len(data), started, time.monotonic())
-        # Shielded: once the cloud has acknowledged, the index and the log must say so even
-        # if shutdown cancels this worker right now.
-        await self._shielded(self._chunk_acknowledged(work, len(data), written))
+        if not result.written:  # already there: says nothing about the link's rate
+            await self._shielded(self._chunk_acknowledged(work, len(data), False))
+            return
+        self.admission.record_transfer(len(data), started, time.monotonic())
+        check = self._check_chunk(work, key, len(data), result.etag)
+        if self._group is None:
+            await check
+        else:
+            # The read-back is one more round trip per chunk: on a long path with small
+            # chunks, holding the stream for it would leave the link idle most of the time.
+            # The stream moves on to its next chunk; this chunk is acknowledged (and its
+            # object may commit) only once the read-back agrees.
+            self._group.create_task(check, name=f"uplink-check-{work.chunk_id[:12]}")
+
+    async def _check_chunk(self, work: ChunkWork, key: str, nbytes: int,
+                           etag: str | None) -> None:
+        """Read a chunk back, then record it acknowledged; put it back in line if that fails."""
+        async def verify(n: int) -> bool:
+            try:
+                await self.backend.verify_written(key, nbytes, etag)
+            except BackendError as e:
+                if e.kind != "verify":
+                    raise  # counted and retried by _with_retries
+                self.metrics.errors.labels("backend_verify").inc()
+                log_event(log, logging.WARNING, "upload_mismatch", str(e), chunk=work.chunk_id,
+                          object=work.object_id)
+                return False
+            return True
+
+        try:
+            try:
+                agreed = await self._while_open(lambda: self._with_retries(verify))
+            except asyncio.CancelledError:  # shutdown: back in line, like a worker's upload
+                self._release(work)
+                raise
+            if not agreed:
+                await self.run_blocking(self._release, work)  # removed: sent again
+                return
+            await self._shielded(self._chunk_acknowledged(work, nbytes, True))
+            self._index_writable()
+        except DiskFullError as e:  # see `_do`
+            self._index_full(e)
+            while True:
+                try:
+                    await self.run_blocking(self._release, work)
+                    return
+                except DiskFullError:
+                    await asyncio.sleep(_INDEX_FULL_PAUSE_S)
+        except BackendError as e:
+            await self.run_blocking(self._release, work)
+            if isinstance(e, PermanentBackendError):
+                self._refused(e)
+            else:
+                log_event(log, logging.ERROR, "upload_failed", str(e), object=work.object_id)
+
+    async def _while_open(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a small request; if the gate closes first, run it again once it reopens.
+
+        For requests cheaper to repeat than to wait for: one held open through a black hole
+        would wait out TCP's backoff, or the backend's whole deadline.
+        """
+        while True:
+            await self.gate.wait_open()
+            task = asyncio.ensure_future(fn())
+            closed = asyncio.ensure_future(self.gate.wait_closed())
+            try:
+                await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if not task.cancelled():
+                return task.result()
 
     async def _chunk_acknowledged(self, work: ChunkWork, nbytes: int, written: bool) -> None:
         await self.run_blocking(self.store.mark_chunk_uploaded, work.chunk_id)

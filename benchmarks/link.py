@@ -586,8 +586,8 @@ def run_skyferry(params: Params, link: Link, em: Emulator, src: Path, work: Path
     if completed and verify:
         check = _restore_check(site, em, container, key_file, src, work)
         completed = check.startswith("restored")
-    events = {k: counts.get(k, 0) for k in ("upload_retry", "upload_held", "upload_cut",
-                                            "link_down", "link_up")}
+    events = {k: counts.get(k, 0) for k in ("upload_retry", "upload_held", "upload_stalled",
+                                            "upload_cut", "link_down", "link_up")}
     return ToolRun("skyferry", t0, finished, completed, sum(stored.values()), manifests,
                    len(objects), cutter.events, proxy.requests, link_bytes, check, events=events)
 
@@ -849,7 +849,9 @@ def render(r: Report) -> str:
         f"than {ANSWER_S:g} s before, on an open connection, when the link went). skyferry "
         f"ran at default settings{settings}; rclone with its defaults (4 transfers, 3 retries, "
         "10 low-level retries). Events: skyferry's log (`upload_held`: a request kept open "
-        "through a lost link; `upload_cut`: one cancelled and sent again) and rclone's.",
+        "through a lost link; `upload_stalled`: a held one still in TCP's retransmission "
+        "backoff once the link was back, with nothing else to send, sent again; "
+        "`upload_cut`: one cancelled and sent again) and rclone's.",
         "",
         "Acceptance (issue 6):",
         "",

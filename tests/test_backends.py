@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import shutil
+import socket
+import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.backends import AZURITE_KEY, Backend, open_backend, parse_connection_string
+from agent.backends import (
+    AZURITE_KEY,
+    Backend,
+    connections_to,
+    open_backend,
+    parse_connection_string,
+)
 from agent.config import BACKEND_KEYS, INLINE_SECRETS, load_backend_settings, validate
 from agent.errors import (
     ConfigError,
@@ -179,6 +191,89 @@ def test_create_only_verified_writes(make_cloud: Callable[..., Cloud], kind: str
     if kind != "file":
         assert cloud.objects() == {"site/prefix/c/ab/abcd": 1000}, "the URL's prefix is used"
 
+
+@pytest.mark.parametrize("kind", ["azurite", "moto"])
+def test_put_new_is_completed_by_a_read_back_that_removes_a_mismatch(
+        make_cloud: Callable[..., Cloud], kind: str) -> None:
+    """The uplink sends the next chunk while the last one is read back: the two halves."""
+    cloud = make_cloud(kind)
+    b = opened(cloud)
+
+    async def scenario() -> None:
+        first = await b.put_new("c/ab/abcd", b"x" * 1000)
+        assert first.written and first.etag
+        await b.verify_written("c/ab/abcd", 1000, first.etag)
+        again = await b.put_new("c/ab/abcd", b"x" * 1000)
+        assert not again.written, "create-only: already there"
+        other = await b.put_new("c/cd/cdef", b"y" * 500)
+        with pytest.raises(TransientBackendError) as info:  # the service kept a different size
+            await b.verify_written("c/cd/cdef", 501, other.etag)
+        assert info.value.kind == "verify" and "removed it" in str(info.value)
+        assert await b.size("c/cd/cdef") is None, "a mismatch is removed, to be sent again"
+        await b.put_new("c/cd/cdef", b"y" * 500)
+        with pytest.raises(TransientBackendError) as info:  # not the ETag we were given
+            await b.verify_written("c/cd/cdef", 500, '"not-the-etag"')
+        assert info.value.kind == "verify"
+
+    asyncio.run(scenario())
+    assert cloud.objects() == {"c/ab/abcd": 1000}
+
+
+@contextlib.contextmanager
+def _loopback_connection() -> Iterator[tuple[int, socket.socket]]:
+    """(port, client socket) of a real TCP connection over loopback, closed afterwards."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    peer, _ = server.accept()
+    try:
+        yield port, client
+    finally:
+        for s in (client, peer, server):
+            s.close()
+
+
+def test_connections_show_bytes_the_far_end_has_not_taken() -> None:
+    """A real connection to a server that stops reading: data queued, but not stalled."""
+    with _loopback_connection() as (port, client):
+        assert connections_to(port) == [], "nothing under way yet"
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                client.send(b"\0" * 65536)  # until the far end's window and our buffer fill
+        conns = connections_to(port)
+        assert conns is not None and len(conns) == 1
+        assert conns[0].queued > 0 and not conns[0].connecting
+        assert not conns[0].stalled, "a full window is not a retransmission backoff"
+        assert connections_to(port + 1 if port < 65535 else port - 1) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
+                    reason="needs root and nftables to drop packets")
+def test_connections_tell_a_black_holed_connection(tmp_path: Path) -> None:
+    """Packets to a port dropped (nftables), as on a lost satellite link: the connection
+    waits out TCP's retransmission backoff, and the kernel says so."""
+    with _loopback_connection() as (port, client):
+        table = f"sf_test_{uuid.uuid4().hex[:8]}"
+        # Dropped on arrival, not on the way out: a local drop is an error TCP is told about.
+        rules = (f"table inet {table} {{\n chain pre {{\n  type filter hook prerouting priority"
+                 f" -300; policy accept;\n  tcp dport {port} drop\n }}\n}}\n")
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+        try:
+            client.send(b"x" * 1000)
+            deadline = time.monotonic() + 10
+            conns = connections_to(port)
+            while time.monotonic() < deadline and not (conns and conns[0].retransmits >= 2):
+                time.sleep(0.1)
+                conns = connections_to(port)
+            assert conns is not None and len(conns) == 1
+            c = conns[0]
+            assert c.stalled and c.queued == 1000 and c.retransmits >= 2
+            assert 0 < c.next_retransmit_s < 10
+        finally:
+            subprocess.run(["nft", "delete", "table", "inet", table], check=False)
 
 # ---- errors -----------------------------------------------------------------------------------
 

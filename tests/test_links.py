@@ -17,6 +17,7 @@ from typing import Any
 import obstore
 import pytest
 
+from agent.backends import AZURITE_ACCOUNT, AZURITE_KEY
 from tests.emulators import Cloud
 from tests.sitekit import Site, drop_file, tree_digest, wait_for
 
@@ -241,3 +242,58 @@ def test_black_hole_stall_is_timed_out_and_the_chunks_resent(
     timeouts = [e for e in events(site, "upload_retry") if e.get("kind") == "timeout"]
     assert proxy.stalled_connections > 0 and timeouts
     restored_equals(site, tmp_path / "out", files)
+
+
+def test_upload_left_in_tcp_backoff_by_a_black_hole_is_sent_again_when_the_link_is_back(
+        make_site: Callable[..., Site], tmp_path: Path) -> None:
+    """The benchmark link (benchmarks/link.py: namespace, tbf 4 Mbit/s, nftables) black-holed
+    for 17 s mid-upload: no refusal, no reset, as when a satellite is lost. The upload held
+    through it would wait out TCP's retransmission backoff (its next try is due ~25-30 s
+    after the loss began); with nothing else to send, it is sent again on a new connection."""
+    from benchmarks.link import Link, LinkUnavailable
+    from tests.emulators import start_azurite
+    from tests.faultproxy import FaultProxy
+
+    files = {"one.bin": random.Random(5).randbytes(3 * MIB)}  # ~6 s at 4 Mbit/s
+    try:
+        link = Link(4e6 / 8).__enter__()
+    except LinkUnavailable as e:
+        pytest.skip(f"cannot build the benchmark link here: {e}")
+    (tmp_path / "azurite").mkdir()
+    try:
+        em = start_azurite(tmp_path / "azurite")
+    except BaseException:
+        link.close()
+        raise
+    try:
+        container = em.create_bucket()
+        key_file = tmp_path / "azure.key"
+        key_file.write_text(AZURITE_KEY + "\n")
+        key_file.chmod(0o600)
+        with FaultProxy("127.0.0.1", em.port, listen_host=link.host_addr) as proxy:
+            backend = {"url": f"azure://{container}", "allow_http": True,
+                       "endpoint": f"{proxy.endpoint}/{AZURITE_ACCOUNT}",
+                       "account": AZURITE_ACCOUNT, "account_key_file": str(key_file)}
+            probing = {"probe_interval": "1s", "probe_timeout": "500ms"}
+            site = make_site(backend=backend,
+                             extra={"uplink": FAST_RETRY, "windows": {"link": probing}})
+            drop_file(site.spool(), "one.bin", files["one.bin"])
+            site.start(wrap=link.wrap)
+            wait_for(lambda: proxy.bytes_up > MIB, 30, "the upload to be under way", site)
+            link.cut("blackhole")
+            time.sleep(17)
+            link.restore()
+            back = time.monotonic()
+            site.wait_drained(timeout=60, expect_objects=1)
+            took = time.monotonic() - back
+            site.stop()
+            held, stalled = events(site, "upload_held"), events(site, "upload_stalled")
+            assert held, "the upload should have been held through the loss"
+            assert len(stalled) == 1, "the held upload should have been found stuck in backoff"
+            # Link seen back (~1 s), the grace (1 s), 3 MiB again (~6.5 s). Waiting for TCP:
+            # its next try ~8-13 s away, then the ~2 MiB left.
+            assert took < 11, f"delivered {took:.1f} s after the link came back"
+            restored_equals(site, tmp_path / "out", files)  # read through the proxy
+    finally:
+        em.stop()
+        link.close()

@@ -129,14 +129,33 @@ def test_streams_fill_the_bandwidth_delay_product() -> None:
     window = Contact(0.0, 1e9, 12.5e6, "interval")  # 100 Mbit/s
     adm = Admission(lambda t: window, lambda: 10.0, meter=_Meter(None), rtt=lambda: 0.6,
                     max_streams=16)
-    # 0.6 s x 12.5 MB/s = 7.5 MB in flight; 4 MiB chunks: 2 in flight + 1 on the wire.
-    assert adm.bdp_streams() == 3
-    adm._avg_chunk = 1 << 20  # 1 MiB chunks: 8 + 1
-    assert adm.bdp_streams() == 9
-    adm.rtt = lambda: 0.005  # a short path needs only one stream
+    # A stream idles ~3 round trips between chunks: 1.8 s x 12.5 MB/s = 22.5 MB to cover;
+    # 4 MiB chunks: 6 in flight + 1 on the wire.
+    assert adm.bdp_streams() == 7
+    adm._avg_chunk = 1 << 20  # 1 MiB chunks: 22 + 1, more than configured
+    assert adm.bdp_streams() == 16
+    adm._avg_chunk = 256 << 10  # more than the configured streams: all of them
+    assert adm.bdp_streams() == 16
+    adm.rtt = lambda: 0.005  # a short path needs only one stream for 4 MiB chunks ...
+    adm._avg_chunk = 4 << 20
     assert adm.bdp_streams() == 1
+    adm._avg_chunk = 1 << 20  # ... but 1 MiB ones (84 ms each) would idle 18 % of the time
+    assert adm.bdp_streams() == 2
     adm.rtt = lambda: None  # unknown RTT: all configured streams
     assert adm.bdp_streams() == 16
+    # 40 ms (a LEO terminal), 15 Mbit/s, the small chunks of file packs: 64 KiB takes 35 ms
+    # to send and its stream then idles ~120 ms, so 5 streams are needed; 160 KiB, 3; 4 MiB
+    # chunks idle under a tenth of their time (the uplink keeps a second stream on long
+    # paths anyway).
+    leo = Contact(0.0, 1e9, 15e6 / 8, "interval")
+    adm = Admission(lambda t: leo, lambda: 10.0, meter=_Meter(None), rtt=lambda: 0.04,
+                    max_streams=8)
+    adm._avg_chunk = 64 << 10
+    assert adm.bdp_streams() == 5
+    adm._avg_chunk = 160 << 10
+    assert adm.bdp_streams() == 3
+    adm._avg_chunk = 4 << 20
+    assert adm.bdp_streams() == 1
 
 
 def test_streams_climb_while_they_help_and_turn_back_when_not() -> None:
