@@ -254,7 +254,7 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
     chunking = _chunking(root.table("chunking", (
         "min_size", "avg_size", "max_size", "pack_below", "pack_size", "pack_files",
         "pack_avg_size")))
-    compression = _compression(root.table("compression", ("level", "sample_size", "min_ratio")))
+    compression = _compression(root.table("compression", ("level", "min_ratio")))
     spools = _spools(root, base, class_names)
     put = _put(root.table("put", ("socket", "priority")), base, site.state_dir, class_names)
     backend = _backend(root.table("backend"), base)
@@ -531,8 +531,6 @@ def _check_chunk_bounds(t: _Table, low: int, avg: int, high: int) -> None:
 def _compression(t: _Table) -> CompressionSettings:
     defaults = CompressionSettings()
     level = _compression_level(t, defaults.level)
-    sample = t.size("sample_size", defaults.sample_size)
-    t.positive("sample_size", sample, 'give a size such as "64KiB"')
     ratio = t.number("min_ratio", defaults.min_ratio)
     t.ensure(
         "min_ratio",
@@ -540,7 +538,7 @@ def _compression(t: _Table) -> CompressionSettings:
         "must be greater than 0 and at most 1",
         "give the fraction a sample must shrink below to be compressed, e.g. 0.95",
     )
-    return CompressionSettings(level=level, sample_size=sample, min_ratio=ratio)
+    return CompressionSettings(level=level, min_ratio=ratio)
 
 
 def _compression_level(t: _Table, default: int | Literal["auto"]) -> int | Literal["auto"]:

@@ -80,13 +80,12 @@ def _slices(data: memoryview, size: int) -> Iterator[memoryview]:
         yield data[at:at + size]
 
 
-SAMPLE_LEVEL = 1  # whether data compresses at all shows at the fastest level
+FAST_LEVEL = 1  # whether data compresses at all shows at the fastest level
 LDM_WINDOW_LOG = 24  # with long-distance matching, matches may reach across a whole 16 MiB chunk
-ONE_SHOT = 16 << 20  # chunks up to this size are compressed in one call (Compressor.payload)
 
 
 class Compressor:
-    """zstd with a cheap sample test, so incompressible data is not compressed in vain.
+    """zstd that keeps a chunk compressed only where level 1 shows it is worth it.
 
     The level is the configured one, or with `level = "auto"` whatever `set_level` last chose
     (agent/compression_policy.py); it applies from the next chunk on.
@@ -121,10 +120,10 @@ class Compressor:
             cache = self._local.zstd = {}
         c = cache.get(key)
         if c is None:
-            # A thread keeps the sampler and the level in use: a level-19 context holds
-            # ~50-80 MiB, so contexts of levels left behind are let go.
-            sampler = (SAMPLE_LEVEL, False)
-            for old in [k for k in cache if sampler not in (k, key)]:
+            # A thread keeps level 1 (every chunk is judged at it) and the level in use: a
+            # level-19 context holds ~50-80 MiB, so contexts of levels left behind are let go.
+            fast = (FAST_LEVEL, False)
+            for old in [k for k in cache if fast not in (k, key)]:
                 del cache[old]
             if key[1]:
                 params = zstandard.ZstdCompressionParameters.from_level(
@@ -134,21 +133,6 @@ class Compressor:
                 c = zstandard.ZstdCompressor(level=key[0])
             cache[key] = c
         return c
-
-    def worth_compressing(self, data: bytes | memoryview) -> bool:
-        """The sample test: does the start of `data` shrink below min_ratio (at level 1)?"""
-        sample = data[: self.settings.sample_size]
-        return len(sample) < 512 or (
-            len(self._zstd(SAMPLE_LEVEL).compress(sample))
-            <= len(sample) * self.settings.min_ratio)
-
-    def stream(self, data: bytes | memoryview, level: int | None = None,
-               long_distance: bool = False) -> Iterator[bytes]:
-        """One zstd frame (with its content size) of `data`, in pieces of about _PIECE bytes,
-        at `level` (default: the current one)."""
-        chunker = self._zstd(level, long_distance).chunker(size=len(data), chunk_size=_PIECE)
-        yield from chunker.compress(data)
-        yield from chunker.finish()  # type: ignore[no-untyped-call]
 
     def compress(self, data: bytes | memoryview, level: int | None = None,
                  long_distance: bool = False) -> tuple[int, bytes | memoryview]:
@@ -161,28 +145,23 @@ class Compressor:
         """
         # No bytes(data) copy (up to 16 MiB per ingest thread): the caller reads the view
         # before its buffer moves on.
-        fast = self._zstd(SAMPLE_LEVEL).compress(data)
+        fast = self._zstd(FAST_LEVEL).compress(data)
         if len(fast) > len(data) * self.settings.min_ratio:
             return crypto.COMPRESSION_NONE, memoryview(data)
         key = self._setting if level is None else (level, long_distance)
-        if key == (SAMPLE_LEVEL, False):
+        if key == (FAST_LEVEL, False):
             return crypto.COMPRESSION_ZSTD, fast
         packed = self._zstd(level, long_distance).compress(data)
         return crypto.COMPRESSION_ZSTD, packed if len(packed) < len(fast) else fast
 
-    def payload(self, data: memoryview) -> tuple[int, Iterable[bytes | memoryview]]:
+    def payload(self, data: memoryview) -> tuple[int, Iterator[bytes | memoryview]]:
         """A chunk's (compression id, payload in pieces of at most _PIECE bytes).
 
-        Chunks up to ONE_SHOT are compressed in one call (zstd's fastest path: no copy into
-        its window, no wrapped window); larger ones (only with a larger max_size) as a stream,
-        after the sample test, so a chunk-sized compressed copy is never held.
+        Compressed in one call (zstd's fastest path: no copy into its window, no wrapped
+        window); a chunk is at most 16 MiB (`[chunking] max_size`), so is its payload.
         """
-        if len(data) <= ONE_SHOT:
-            compression, packed = self.compress(data)
-            return compression, _slices(memoryview(packed), _PIECE)
-        if not self.worth_compressing(data):
-            return crypto.COMPRESSION_NONE, _slices(data, _PIECE)
-        return crypto.COMPRESSION_ZSTD, self.stream(data)
+        compression, packed = self.compress(data)
+        return compression, _slices(memoryview(packed), _PIECE)
 
 
 def decompress(compression: int, payload: bytes, plaintext_len: int) -> bytes:

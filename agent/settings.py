@@ -71,8 +71,7 @@ class ChunkingSettings:
 class CompressionSettings:
     # 1-22, or "auto": chosen from the backlog and the link budget (agent/compression_policy.py)
     level: int | Literal["auto"] = "auto"
-    sample_size: int = 64 << 10
-    min_ratio: float = 0.95  # compress only when a sample shrinks below this fraction
+    min_ratio: float = 0.95  # keep a chunk compressed only if level 1 shrinks it to this or less
 
 
 @dataclass(frozen=True)

@@ -535,10 +535,13 @@ class Store:
         return found
 
     def commit_object(self, staged: StagedObject) -> None:
-        """Make a staged object part of the queue: the moment its data counts as accepted."""
+        """Make a staged object part of the queue: the moment its data counts as accepted.
+
+        The caller has made the staged files and the staging folder's entries durable
+        (`fsio.StagingFolder.sync`).
+        """
         cls = self._class(staged.priority)
         stage = self.staging_path(staged.object_id)
-        fsync_dir(stage)
         # The lock spans commit and the moves into place, so the uplink never sees a row
         # without its file. The moves are not fsynced (that was one folder fsync per chunk
         # folder touched, ~100 per pack): the files' data and their staging entries are

@@ -213,13 +213,14 @@ def test_compressor_levels_per_call_and_current() -> None:
     _, high = comp.compress(data, level=19, long_distance=True)
     assert len(high) < 0.8 * len(fast)
     comp.set_level(19, True)
-    streamed = b"".join(comp.stream(data))
-    assert len(streamed) < 0.8 * len(fast)
-    for payload in (fast, high, streamed):
+    kind, current = comp.payload(memoryview(data))
+    current = b"".join(current)
+    assert kind == crypto.COMPRESSION_ZSTD and len(current) < 0.8 * len(fast)
+    for payload in (fast, high, current):
         assert decompress(crypto.COMPRESSION_ZSTD, bytes(payload), len(data)) == data
     with pytest.raises(ValueError):
         comp.set_level(0)
-    # A thread keeps only the sampler and the level in use.
+    # A thread keeps only level 1 (every chunk is judged at it) and the level in use.
     for level in (3, 9, 19):
         comp.set_level(level)
         comp.compress(data[:100_000])

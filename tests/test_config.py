@@ -95,7 +95,7 @@ def test_example_documents_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     keys = [
         "id", "state_dir", "recipient_public", "signing_key", "dedup_key", "quota", "rank",
-        "policy", "ttl", "min_size", "avg_size", "max_size", "level", "sample_size", "min_ratio",
+        "policy", "ttl", "min_size", "avg_size", "max_size", "level", "min_ratio",
         "name", "path", "priority", "settle", "after", "done_dir", "scan_interval", "socket",
         "url", "streams", "aging", "retry_initial", "retry_max", "mode", "intervals", "daily",
         "cycle", "log_level", "log_format",
@@ -175,7 +175,7 @@ def test_units_are_converted() -> None:
         {
             "store": {"quota": "1.5GB"},
             "chunking": {"min_size": "512KiB", "avg_size": "2MiB", "max_size": 8 * MIB},
-            "compression": {"sample_size": "128KiB", "min_ratio": 1},
+            "compression": {"min_ratio": 1},
             "spool": [{"name": "s", "path": "/s", "settle": "250ms", "scan_interval": 3}],
             "uplink": {"aging": "1h30m", "retry_initial": "500ms", "retry_max": "2m"},
         }
@@ -184,7 +184,6 @@ def test_units_are_converted() -> None:
     assert settings.store.quota_bytes == 1_500_000_000
     assert settings.chunking.min_size == 512 << 10
     assert settings.chunking.max_size == 8 * MIB
-    assert settings.compression.sample_size == 128 << 10
     assert settings.compression.min_ratio == 1.0
     assert settings.spools[0].settle_s == 0.25
     assert settings.spools[0].scan_interval_s == 3.0
@@ -275,7 +274,6 @@ BAD_VALUES = [
     ({"compression": {"level": 0}}, "compression.level", "0"),
     ({"compression": {"level": 23}}, "compression.level", "23"),
     ({"compression": {"level": "3"}}, "compression.level", "'3'"),
-    ({"compression": {"sample_size": "0KiB"}}, "compression.sample_size", "'0KiB'"),
     ({"compression": {"min_ratio": 0}}, "compression.min_ratio", "0"),
     ({"compression": {"min_ratio": 1.5}}, "compression.min_ratio", "1.5"),
     ({"compression": {"min_ratio": "0.9"}}, "compression.min_ratio", "'0.9'"),

@@ -139,7 +139,7 @@ def test_text_is_compressed(env: Env) -> None:
     assert env.restore(res.object_id) == data
 
 
-def test_compressor_decides_from_a_sample() -> None:
+def test_compressor_judges_the_whole_chunk_at_level_1() -> None:
     comp = Compressor(CompressionSettings())
     noise = random.Random(2).randbytes(100_000)
     assert comp.compress(noise) == (crypto.COMPRESSION_NONE, noise)
@@ -147,7 +147,16 @@ def test_compressor_decides_from_a_sample() -> None:
     kind, packed = comp.compress(memoryview(text))
     assert kind == crypto.COMPRESSION_ZSTD and len(packed) < len(text) / 3
     assert decompress(kind, packed, len(text)) == text
-    # Too short to sample, and zstd cannot shrink it: stored as is.
+    # A pack's chunk may start with an incompressible file and go on with text: a sample of
+    # its start would have kept it all raw; the whole compresses.
+    mixed = noise + text * (400_000 // len(text) + 1)
+    kind, packed = comp.compress(mixed)
+    assert kind == crypto.COMPRESSION_ZSTD and len(packed) < 0.5 * len(mixed)
+    assert decompress(kind, packed, len(mixed)) == mixed
+    # Shrinks, but not to min_ratio (0.95) of its size: stored as is.
+    barely = noise + text[:3000]
+    assert comp.compress(barely) == (crypto.COMPRESSION_NONE, barely)
+    # zstd cannot shrink something this short: stored as is.
     assert comp.compress(b"xy") == (crypto.COMPRESSION_NONE, b"xy")
 
 
