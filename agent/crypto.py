@@ -98,15 +98,13 @@ def seal_parts(
     plaintext_len: int,
 ) -> tuple[bytes, bytes]:
     """`seal` as (header, ciphertext and tag): a writer that takes both spares a 16 MiB join."""
-    ephemeral = X25519PrivateKey.generate()
-    ephemeral_public = _raw_public(ephemeral.public_key())
-    key = _derive_key(ephemeral.exchange(recipient), ephemeral_public, _raw_public(recipient))
+    key = SealingKey.new(recipient)
     nonce = os.urandom(12)
     header = _HEADER.pack(
         MAGIC, FORMAT_VERSION, kind, ALG_AES256GCM, compression, plaintext_len,
-        ephemeral_public, nonce,
+        key.ephemeral_public, nonce,
     )
-    return header, AESGCM(key).encrypt(nonce, payload, header)
+    return header, AESGCM(key.key).encrypt(nonce, payload, header)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,20 @@ def _dirty_bytes() -> int:
     return total
 
 
+_IOV_MAX = 1024  # most buffers one writev takes (Linux)
+
+
+def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> None:
+    """Write all of `parts`, in order, with as few system calls as the kernel allows."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+
+
 @contextlib.contextmanager
 def new_file(path: Path) -> Iterator[Callable[..., None]]:
     """Create `path` (it must not exist); yields a function that appends its arguments (bytes
@@ -67,13 +81,7 @@ def new_file(path: Path) -> Iterator[Callable[..., None]]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def write(*parts: bytes | memoryview) -> None:
-        views = [memoryview(p) for p in parts if len(p)]
-        while views:
-            n = os.writev(fd, views)
-            while views and n >= len(views[0]):
-                n -= len(views.pop(0))
-            if n:
-                views[0] = views[0][n:]
+        _write_all(fd, parts)
 
     try:
         yield write
@@ -156,11 +164,7 @@ def write_durable(path: Path, *parts: bytes | memoryview, sync_dir: bool = True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+        _write_all(fd, parts)
         os.fsync(fd)
     except BaseException as e:
         os.close(fd)

@@ -62,7 +62,7 @@ def test_write_durable_leaves_nothing_behind_on_enospc(
     def full(fd: int, data: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod.os, "write", full)  # the same os module fsio uses
+    monkeypatch.setattr(store_mod.os, "writev", full)  # the same os module fsio uses
     with pytest.raises(OSError) as info:
         write_durable(tmp_path / "f", b"x" * 100)
     assert info.value.errno == errno.ENOSPC and info.value.filename  # names the file
