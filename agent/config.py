@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from agent import units
 from agent.errors import ConfigError
 from agent.settings import (
+    DEFAULT_CLASSES,
     AfterIngest,
     BackendSettings,
     ChunkingSettings,
@@ -50,12 +51,6 @@ EXAMPLE = "config/skyferry.toml"
 SITE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 RESERVED_SOURCE = "put"  # the source name `skyferry put` uses
-DEFAULT_CLASSES: tuple[ClassSettings, ...] = (
-    ClassSettings("critical", 0, "refuse"),
-    ClassSettings("high", 1, "refuse"),
-    ClassSettings("normal", 2, "evict-oldest"),
-    ClassSettings("bulk", 3, "evict-oldest"),
-)
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 # pyfastcdc's bounds. The pipeline gives it avg_size - min_size as its average (its output

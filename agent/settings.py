@@ -15,9 +15,6 @@ QuotaPolicy = Literal["refuse", "evict-oldest"]
 AfterIngest = Literal["delete", "move"]
 WindowMode = Literal["always", "schedule"]
 
-DEFAULT_CLASSES: tuple[str, ...] = ("critical", "high", "normal", "bulk")
-
-
 @dataclass(frozen=True)
 class SiteSettings:
     id: str
@@ -39,6 +36,15 @@ class ClassSettings:
     rank: int
     policy: QuotaPolicy
     ttl_s: float | None = None
+
+
+# The classes of a config that defines none.
+DEFAULT_CLASSES: tuple[ClassSettings, ...] = (
+    ClassSettings("critical", 0, "refuse"),
+    ClassSettings("high", 1, "refuse"),
+    ClassSettings("normal", 2, "evict-oldest"),
+    ClassSettings("bulk", 3, "evict-oldest"),
+)
 
 
 @dataclass(frozen=True)

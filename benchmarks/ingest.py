@@ -2,10 +2,10 @@
 
 Ingest: every file of the corpus (benchmarks/corpus.py) becomes sealed chunks and a manifest in
 a fresh skyferry store (agent.pipeline at default settings, files ingested by `--workers`
-threads, in a child process so its peak RSS is measurable); `restic backup` into a fresh local
-repository (default compression); `zstd -3 -T2` on a tar of the corpus. Each tool runs `--runs`
-times, interleaved; the median of wall time, CPU time and peak RSS (from GNU time) is reported,
-with throughput as corpus bytes over wall time.
+threads, in a child process so its CPU and peak RSS are measurable: benchmarks/ingest_child.py);
+`restic backup` into a fresh local repository (default compression); `zstd -3 -T2` on a tar of
+the corpus. Each tool runs `--runs` times, interleaved; the median of wall time, CPU time and
+peak RSS (from GNU time) is reported, with throughput as corpus bytes over wall time.
 
 Wire: the sealed bytes skyferry would upload (chunk and manifest files) vs restic's repository
 size vs an `rclone copy` to a `crypt` remote over a local folder; then 1 % of the files are
@@ -33,11 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from agent.units import format_size, parse_size
 from benchmarks import corpus
@@ -73,49 +71,6 @@ class Tool:
 
     def median(self, attr: str) -> float:
         return float(statistics.median(getattr(r, attr) for r in self.runs))
-
-
-# ---- the skyferry child ----------------------------------------------------------------------
-
-def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, source: str, workers: int) -> dict[
-        str, int]:
-    """Seal every file below root into the store at state_dir; return counts (child side).
-
-    Files are grouped the way a spool folder groups them (agent.sources.spool.plan: large
-    files alone, small ones in packs) and sealed by `workers` threads, as the daemon does.
-    """
-    from agent import crypto
-    from agent.config import DEFAULT_CLASSES
-    from agent.pipeline import IngestRequest, Pipeline
-    from agent.settings import ChunkingSettings, CompressionSettings
-    from agent.sources.spool import plan, scan
-    from agent.store import Store
-
-    keys = crypto.load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
-                                 keys_dir / "dedup.key")
-    store = Store(state_dir, DEFAULT_CLASSES)
-    chunking = ChunkingSettings()
-    pipeline = Pipeline(SITE, keys, store, chunking, CompressionSettings())
-    batches = plan(scan(root, None), chunking)
-
-    def one(batch: list[Any]) -> tuple[int, int, int, int, int]:
-        reqs = [IngestRequest(c.path, source, c.name, "bulk") for c in batch]
-        if len(reqs) == 1 and not pipeline.is_packed(batch[0].size):
-            r = pipeline.ingest_file(reqs[0])
-            return 1, r.size, r.chunks, r.new_chunks, r.stored_bytes
-        p = pipeline.ingest_pack(reqs)
-        if p.failed:
-            raise RuntimeError(f"files not ingested: {p.failed}")
-        return len(p.accepted), p.size, p.chunks, p.new_chunks, p.stored_bytes
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, batches))
-    finally:
-        store.close()
-    return {"files": sum(r[0] for r in results), "bytes": sum(r[1] for r in results),
-            "chunks": sum(r[2] for r in results), "new_chunks": sum(r[3] for r in results),
-            "stored": sum(r[4] for r in results), "objects": len(results)}
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -194,8 +149,8 @@ class Bench:
     # One run of each tool. Each leaves its output in workdir for the wire comparison.
 
     def skyferry(self, state: Path, root: Path | None = None, source: str = "corpus") -> Run:
-        cmd = [sys.executable, "-m", "benchmarks.ingest", "--child", str(root or self.corpus),
-               str(state), str(self.keys / "edge"), source, str(self.workers)]
+        cmd = [sys.executable, "-m", "benchmarks.ingest_child", str(root or self.corpus),
+               str(state), str(self.keys / "edge"), SITE, source, str(self.workers)]
         before = store_bytes(state) if state.exists() else 0
         wall, cpu, rss, out = measure(cmd)
         info = json.loads(out.strip().splitlines()[-1])
@@ -254,9 +209,9 @@ def run(workdir: Path, size: int, seed: int = 6, runs: int = 3, workers: int = 2
     workdir.mkdir(parents=True, exist_ok=True)
     b = Bench(workdir, size, seed, workers)
     tools = {
-        "skyferry": Tool("skyferry", f"python -m benchmarks.ingest --child CORPUS STATE KEYS "
-                                     f"corpus {workers}", f"agent.pipeline, default settings, "
-                                     f"{workers} ingest threads, fresh store"),
+        "skyferry": Tool("skyferry", f"python -m benchmarks.ingest_child CORPUS STATE KEYS "
+                                     f"{SITE} corpus {workers}", f"agent.pipeline, default "
+                                     f"settings, {workers} ingest threads, fresh store"),
         "restic": Tool("restic", "restic backup --quiet CORPUS",
                        "fresh repository, default compression"),
         "zstd": Tool("zstd", "zstd -3 -T2 -q -f CORPUS.tar -o OUT.zst"),
@@ -377,11 +332,6 @@ def render(r: Report, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        root, state, keys, source, workers = argv[1:6]
-        print(json.dumps(ingest_tree(Path(root), Path(state), Path(keys), source,
-                                     int(workers))))
-        return 0
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1GiB")
