@@ -11,6 +11,8 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -184,6 +186,37 @@ def decompress(compression: int, payload: bytes, plaintext_len: int) -> bytes:
     return data
 
 
+Settle = Callable[[], None]
+
+_CPUS = len(os.sched_getaffinity(0))
+_computing = 0  # objects of this process being cut and sealed now (not waiting on the disk)
+_computing_lock = threading.Lock()
+_second: ThreadPoolExecutor | None = None
+
+
+def _helper() -> ThreadPoolExecutor:
+    """The thread that seals chunks of an object sealed while a CPU is spare (one for all
+    pipelines of the process: it is about the CPUs, not the store)."""
+    global _second
+    with _computing_lock:
+        if _second is None:
+            _second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal")
+        return _second
+
+
+@contextmanager
+def _sealing_now() -> Iterator[Callable[[], bool]]:
+    """Count an object as being sealed; yields "is a CPU spare for it?"."""
+    global _computing
+    with _computing_lock:
+        _computing += 1
+    try:
+        yield lambda: _computing < _CPUS
+    finally:
+        with _computing_lock:
+            _computing -= 1
+
+
 class _Readable(Protocol):
     def readinto(self, view: memoryview, /) -> int | None: ...
 
@@ -300,9 +333,10 @@ class Pipeline:
             buf = bufs[want] = bytearray(want)
         return buf
 
-    def _cut(self, f: _Readable, size: int, low: int, avg: int, high: int
-             ) -> Iterator[memoryview]:
-        """Content-defined pieces of a stream; each view is valid until the next is yielded."""
+    def _cut(self, f: _Readable, size: int, low: int, avg: int, high: int,
+             settle: Callable[[], None]) -> Iterator[memoryview]:
+        """Content-defined pieces of a stream. Views stay valid until `settle` has been called:
+        it is, just before the buffer they point into is reused."""
         if size == 0:
             return
         if size <= low:  # FastCDC never cuts below min_size
@@ -332,44 +366,76 @@ class Pipeline:
                 start = end
             if eof and start == filled:
                 return
+            settle()
             tail = filled - start
             view[:tail] = view[start:filled]  # one memmove, no temporary copy
             filled = tail
 
-    def _file_pieces(self, f: _Readable, size: int) -> Iterator[memoryview]:
+    def _file_pieces(self, f: _Readable, size: int, settle: Callable[[], None]
+                     ) -> Iterator[memoryview]:
         c = self.chunking
-        return self._cut(f, size, c.min_size, c.avg_size, c.max_size)
+        return self._cut(f, size, c.min_size, c.avg_size, c.max_size, settle)
 
-    def _pack_pieces(self, f: _Readable, size: int) -> Iterator[memoryview]:
+    def _pack_pieces(self, f: _Readable, size: int, settle: Callable[[], None]
+                     ) -> Iterator[memoryview]:
         c = self.chunking
-        return self._cut(f, size, c.pack_min_size, c.pack_avg_size, c.pack_max_size)
+        return self._cut(f, size, c.pack_min_size, c.pack_avg_size, c.pack_max_size, settle)
 
-    def _seal(self, staged: StagedObject, pieces: Iterable[memoryview],
+    def _seal(self, staged: StagedObject, pieces: Callable[[Settle], Iterable[memoryview]],
               manifest: Callable[[tuple[ChunkRef, ...]], Manifest], stoppable: str | None
               ) -> tuple[ChunkRef, ...]:
         """Stage the pieces as chunks, then the manifest, and commit: the object is accepted.
 
+        `pieces(settle)` cuts the object; it calls `settle` before it reuses the buffer its
+        pieces point into. While fewer objects are being sealed than there are CPUs (the last
+        large file of a batch, a lone 50 GB file), a second thread compresses, encrypts and
+        writes every other chunk of this one: one chunk at a time, so memory stays as it was.
         `stoppable` names what is read when shutdown may abandon it (its data stays at the
         source); in-memory batches (None) are always finished.
         """
         stage = self.store.staging_path(staged.object_id)
         sealing = crypto.SealingKey.new(self.keys.recipient_public)  # one per object
         folder: StagingFolder | None = None
+        pending: Future[StagedChunk] | None = None  # the chunk the second thread works on
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is not None:
+                chunk, pending = pending.result(), None  # its error, if any, is raised here
+                staged.new_chunks[chunk.id] = chunk
+
         try:
             folder = StagingFolder(stage)
             refs: list[ChunkRef] = []
+            fresh: set[str] = set()
             offset = 0
-            for data in pieces:
-                if stoppable is not None and self.stopping.is_set():
-                    raise IngestStoppedError(f"{stoppable}: ingest interrupted by shutdown; it "
-                                             "stays at its source and is taken next start")
-                refs.append(self._stage_chunk(staged, stage, data, offset, sealing))
-                offset += len(data)
+            with _sealing_now() as spare_cpu:
+                for data in pieces(settle):
+                    if stoppable is not None and self.stopping.is_set():
+                        raise IngestStoppedError(f"{stoppable}: ingest interrupted by shutdown; "
+                                                 "it stays at its source and is taken next start")
+                    ref = self._chunk_ref(staged, data, offset)
+                    refs.append(ref)
+                    offset += len(data)
+                    if ref.id in fresh or self.store.chunk_known(ref.id):
+                        continue
+                    fresh.add(ref.id)
+                    if pending is not None and pending.done():
+                        settle()
+                    if pending is None and spare_cpu():
+                        pending = _helper().submit(self._write_chunk, stage, ref.id, data,
+                                                   sealing)
+                    else:
+                        chunk = self._write_chunk(stage, ref.id, data, sealing)
+                        staged.new_chunks[chunk.id] = chunk
+                settle()
             m = manifest(tuple(refs))
             staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, m)
             folder.sync([*staged.new_chunks, "manifest"])
             self.store.commit_object(staged)
         except BaseException as e:
+            if pending is not None:
+                wait([pending])  # nothing may still write into the folder thrown away now
             self.store.abandon(staged.object_id)
             if is_disk_full(e):  # ENOSPC while staging: a refusal like a full quota
                 raise self.store.disk_full_error(e) from e
@@ -414,9 +480,9 @@ class Pipeline:
         changed = SourceError(f"{req.path} changed while it was being read; it will be "
                               "ingested again once it stops changing")
 
-        def pieces() -> Iterator[memoryview]:
+        def pieces(settle: Settle) -> Iterator[memoryview]:
             with open(req.path, "rb", buffering=0) as f:
-                for data in self._file_pieces(f, st.st_size):
+                for data in self._file_pieces(f, st.st_size, settle):
                     whole.update(data)
                     yield data
             after = os.stat(req.path, follow_symlinks=False)
@@ -434,7 +500,7 @@ class Pipeline:
             )
 
         try:
-            refs = self._seal(staged, pieces(), manifest, str(req.path))
+            refs = self._seal(staged, pieces, manifest, str(req.path))
         finally:
             self.store.release(reserved)
         return self._result(staged, refs, evicted)
@@ -456,8 +522,9 @@ class Pipeline:
             )
 
         try:
-            refs = self._seal(staged, self._file_pieces(io.BytesIO(req.data), size), manifest,
-                              None)
+            refs = self._seal(
+                staged, lambda settle: self._file_pieces(io.BytesIO(req.data), size, settle),
+                manifest, None)
         finally:
             self.store.release(reserved)
         return self._result(staged, refs, evicted)
@@ -516,8 +583,8 @@ class Pipeline:
         reader = _PackReader(members)
         whole = blake3.blake3()
 
-        def pieces() -> Iterator[memoryview]:
-            for data in self._pack_pieces(reader, size):
+        def pieces(settle: Settle) -> Iterator[memoryview]:
+            for data in self._pack_pieces(reader, size, settle):
                 whole.update(data)
                 yield data
             reader.finish()
@@ -536,7 +603,7 @@ class Pipeline:
             )
 
         try:
-            refs = self._seal(staged, pieces(), manifest,
+            refs = self._seal(staged, pieces, manifest,
                               f"a pack of {len(members)} files from {first.source}")
         finally:
             reader.close()
@@ -547,14 +614,15 @@ class Pipeline:
         return PackResult(staged.object_id, accepted, failed, size, one.chunks, one.new_chunks,
                           one.stored_bytes, one.evicted)
 
-    def _stage_chunk(self, staged: StagedObject, stage: Path, data: memoryview,
-                     offset: int, sealing: crypto.SealingKey) -> ChunkRef:
+    def _chunk_ref(self, staged: StagedObject, data: memoryview, offset: int) -> ChunkRef:
         digest = blake3.blake3(data, max_threads=1).digest()  # one pass for hash and id
         cid = crypto.chunk_id_of(self.keys.dedup_key, digest)
-        ref = ChunkRef(cid, offset, len(data), digest.hex())
         staged.chunk_ids.append(cid)
-        if cid in staged.new_chunks or self.store.chunk_known(cid):
-            return ref
+        return ChunkRef(cid, offset, len(data), digest.hex())
+
+    def _write_chunk(self, stage: Path, cid: str, data: memoryview,
+                     sealing: crypto.SealingKey) -> StagedChunk:
+        """Compress, encrypt and write one chunk into the staging folder (any thread)."""
         # Encrypted, hashed and written a piece at a time into one reusable buffer: beyond the
         # compressed payload, no copy of the chunk is held, and no large buffer is allocated
         # (and page-faulted in) per chunk.
@@ -583,9 +651,7 @@ class Pipeline:
             tag = sealer.finalize()
             write(*unwritten, tag)
         sealed.update(tag)
-        staged.new_chunks[cid] = StagedChunk(cid, size + len(tag), len(data),
-                                             sealed.hexdigest())
-        return ref
+        return StagedChunk(cid, size + len(tag), len(data), sealed.hexdigest())
 
     def _stage_manifest(self, stage: Path, manifest: Manifest) -> tuple[int, str]:
         body = crypto.sign_manifest(manifest.to_json(), self.keys.signing_key)

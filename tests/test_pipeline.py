@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pyfastcdc import FastCDC
 
 from agent import crypto
+from agent import pipeline as pipeline_mod
 from agent.config import DEFAULT_CLASSES
-from agent.errors import SourceError
+from agent.errors import DiskFullError, SourceError
 from agent.manifest import ChunkRef, Manifest
 from agent.pipeline import Compressor, IngestRequest, IngestResult, Pipeline, decompress
 from agent.settings import ChunkingSettings, CompressionSettings
@@ -296,3 +299,59 @@ def test_manifest_is_signed_and_describes_the_object(env: Env) -> None:
     signed[-3] ^= 0x01
     with pytest.raises(crypto.CryptoError):
         crypto.verify_manifest(bytes(signed), env.keys.verify)
+
+
+def _writers(env: Env, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of the thread that writes each chunk."""
+    names: list[str] = []
+    write = env.pipeline._write_chunk
+
+    def recorded(*args: Any) -> Any:
+        names.append(threading.current_thread().name)
+        return write(*args)
+
+    monkeypatch.setattr(env.pipeline, "_write_chunk", recorded)
+    return names
+
+
+def test_a_lone_object_is_sealed_by_two_threads_and_restores(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_mod, "_CPUS", 2)  # a CPU to spare, on any machine
+    writers = _writers(env, monkeypatch)
+    data = random.Random(3).randbytes(1 << 20) + text_data(40_000)
+    r = env.ingest("lone.bin", data)
+    assert r.new_chunks == len(writers) > 8
+    helpers = [n for n in writers if n.startswith("skyferry-seal")]
+    assert 0 < len(helpers) < len(writers), writers  # both threads wrote chunks
+    assert env.restore(r.object_id) == data
+    assert sorted(p.name for p in (env.store.state_dir / "staging").iterdir()) == []
+
+
+def test_no_second_thread_without_a_spare_cpu(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_mod, "_CPUS", 1)
+    writers = _writers(env, monkeypatch)
+    data = random.Random(4).randbytes(1 << 20)
+    r = env.ingest("alone.bin", data)
+    assert len(writers) == r.new_chunks > 8
+    assert not [n for n in writers if n.startswith("skyferry-seal")]
+    assert env.restore(r.object_id) == data
+
+
+def test_a_failure_in_the_second_thread_abandons_the_object(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_mod, "_CPUS", 2)
+    write = env.pipeline._write_chunk
+
+    def full_in_helper(*args: Any) -> Any:
+        if threading.current_thread().name.startswith("skyferry-seal"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+        return write(*args)
+
+    monkeypatch.setattr(env.pipeline, "_write_chunk", full_in_helper)
+    src = env.write("big.bin", random.Random(5).randbytes(1 << 20))
+    with pytest.raises(DiskFullError, match="is full"):
+        env.ingest("big.bin")
+    assert src.exists()  # the data stays at its source
+    assert list((env.store.state_dir / "staging").iterdir()) == []
+    assert env.store.pending_objects() == 0
