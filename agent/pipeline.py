@@ -187,6 +187,10 @@ def decompress(compression: int, payload: bytes, plaintext_len: int) -> bytes:
 
 
 Settle = Callable[[], None]
+# The second thread holds a zstd context of its own: ~1-3 MiB up to level 3, but ~50-80 MiB at
+# level 19, which took `auto`'s link-bound peak RSS from 355 to 440 MiB (benchmarks.compression);
+# at such levels the link, not ingest, is the bottleneck anyway.
+SECOND_THREAD_MAX_LEVEL = 3
 
 _CPUS = len(os.sched_getaffinity(0))
 _computing = 0  # objects of this process being cut and sealed now (not waiting on the disk)
@@ -389,7 +393,8 @@ class Pipeline:
         `pieces(settle)` cuts the object; it calls `settle` before it reuses the buffer its
         pieces point into. While fewer objects are being sealed than there are CPUs (the last
         large file of a batch, a lone 50 GB file), a second thread compresses, encrypts and
-        writes every other chunk of this one: one chunk at a time, so memory stays as it was.
+        writes chunks of this one, one at a time (at zstd levels up to SECOND_THREAD_MAX_LEVEL),
+        while this thread cuts and seals the next.
         `stoppable` names what is read when shutdown may abandon it (its data stays at the
         source); in-memory batches (None) are always finished.
         """
@@ -422,7 +427,8 @@ class Pipeline:
                     fresh.add(ref.id)
                     if pending is not None and pending.done():
                         settle()
-                    if pending is None and spare_cpu():
+                    if (pending is None and spare_cpu()
+                            and self.compressor.level <= SECOND_THREAD_MAX_LEVEL):
                         pending = _helper().submit(self._write_chunk, stage, ref.id, data,
                                                    sealing)
                     else:

@@ -338,6 +338,18 @@ def test_no_second_thread_without_a_spare_cpu(
     assert env.restore(r.object_id) == data
 
 
+def test_no_second_thread_at_high_levels(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its zstd context would cost ~50-80 MiB more at level 19."""
+    monkeypatch.setattr(pipeline_mod, "_CPUS", 2)
+    env.pipeline.compressor.set_level(pipeline_mod.SECOND_THREAD_MAX_LEVEL + 1)
+    writers = _writers(env, monkeypatch)
+    data = text_data(60_000)
+    r = env.ingest("text.csv", data)
+    assert len(writers) == r.new_chunks > 8
+    assert not [n for n in writers if n.startswith("skyferry-seal")]
+    assert env.restore(r.object_id) == data
+
+
 def test_a_failure_in_the_second_thread_abandons_the_object(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline_mod, "_CPUS", 2)
