@@ -297,19 +297,20 @@ def render(r: Report, argv: list[str]) -> str:
         f"cores), Python {platform.python_version()}; page cache warm; median of "
         f"{len(r.tools['skyferry'].runs)} interleaved runs; CPU and peak RSS from GNU time.",
         "",
-        "| tool | command | wall s | MiB/s | CPU s | peak RSS MiB | output MiB | "
+        "| tool | command | wall s | each run, s | MiB/s | CPU s | peak RSS MiB | output MiB | "
         "skyferry speed-up |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for t in r.tools.values():
         if t.skipped:
-            lines.append(f"| {t.name} | skipped: {t.skipped} | | | | | | |")
+            lines.append(f"| {t.name} | skipped: {t.skipped} | | | | | | | |")
             continue
         wall = t.median("wall_s")
         note = f" ({t.note})" if t.note else ""
+        each = " ".join(f"{run.wall_s:.2f}" for run in t.runs)
         lines.append(
-            f"| {t.name} | `{t.command}`{note} | {wall:.2f} | {_mib(r.corpus_bytes / wall)} | "
-            f"{t.median('cpu_s'):.2f} | {_mib(t.median('rss'))} | "
+            f"| {t.name} | `{t.command}`{note} | {wall:.2f} | {each} | "
+            f"{_mib(r.corpus_bytes / wall)} | {t.median('cpu_s'):.2f} | {_mib(t.median('rss'))} | "
             f"{_mib(t.runs[-1].out_bytes)} | {wall / sky_wall:.2f}x |")
     lines += ["", "Wire bytes for the corpus (what each tool would upload):", "",
               "| tool | bytes | of corpus |", "| --- | ---: | ---: |"]
