@@ -432,8 +432,8 @@ class Pipeline:
                         settle()
                     if (pending is None and spare_cpu()
                             and self.compressor.level <= SECOND_THREAD_MAX_LEVEL):
-                        pending = _second_thread().submit(self._write_chunk, stage, ref.id, data,
-                                                   sealing)
+                        pending = _second_thread().submit(self._write_chunk, stage, ref.id,
+                                                          data, sealing)
                     else:
                         chunk = self._write_chunk(stage, ref.id, data, sealing)
                         staged.new_chunks[chunk.id] = chunk

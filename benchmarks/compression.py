@@ -96,10 +96,11 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
     from agent import crypto
     from agent.compression_policy import RETUNE_EVERY_S, AutoLevel
     from agent.config import DEFAULT_CLASSES
-    from agent.pipeline import IngestRequest, Pipeline
+    from agent.pipeline import Pipeline
     from agent.settings import ChunkingSettings, CompressionSettings
-    from agent.sources.spool import plan, scan
+    from agent.sources.spool_scan import plan, scan
     from agent.store import Store
+    from benchmarks.ingest_child import seal_batch
 
     keys = crypto.load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
                                  keys_dir / "dedup.key")
@@ -141,19 +142,11 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
         retune()  # the daemon's first look, before the first file
         threading.Thread(target=retune_loop, daemon=True).start()
 
-    def one(batch: list[Any]) -> tuple[int, int, int, int]:
-        reqs = [IngestRequest(c.path, "corpus", c.name, "bulk") for c in batch]
+    def one(batch: list[Any]) -> tuple[int, int, int, int, int]:
         busy: AbstractContextManager[None] = (auto.ingest.sealing() if auto is not None
                                               else nullcontext())
         with busy:
-            if len(reqs) == 1 and not pipeline.is_packed(batch[0].size):
-                r = pipeline.ingest_file(reqs[0])
-                out = (1, r.size, r.chunks, r.stored_bytes)
-            else:
-                p = pipeline.ingest_pack(reqs)
-                if p.failed:
-                    raise RuntimeError(f"files not ingested: {p.failed}")
-                out = (len(p.accepted), p.size, p.chunks, p.stored_bytes)
+            out = seal_batch(pipeline, batch, "corpus")
         with lock:
             waiting[0] -= sum(c.size for c in batch)
         return out
@@ -165,7 +158,7 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
         done.set()
         store.close()
     return {"files": sum(r[0] for r in results), "bytes": sum(r[1] for r in results),
-            "chunks": sum(r[2] for r in results), "stored": sum(r[3] for r in results),
+            "chunks": sum(r[2] for r in results), "stored": sum(r[4] for r in results),
             "choices": choices}
 
 

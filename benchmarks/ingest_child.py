@@ -21,6 +21,20 @@ from agent.sources.spool_scan import Candidate, plan, scan
 from agent.store import Store
 
 
+def seal_batch(pipeline: Pipeline, batch: list[Candidate], source: str
+               ) -> tuple[int, int, int, int, int]:
+    """Seal one planned batch as the spool does (a large file alone, small ones as a pack);
+    returns (files, bytes, chunks, new chunks, stored bytes)."""
+    reqs = [IngestRequest(c.path, source, c.name, "bulk") for c in batch]
+    if len(reqs) == 1 and not pipeline.is_packed(batch[0].size):
+        r = pipeline.ingest_file(reqs[0])
+        return 1, r.size, r.chunks, r.new_chunks, r.stored_bytes
+    p = pipeline.ingest_pack(reqs)
+    if p.failed:
+        raise RuntimeError(f"files not ingested: {p.failed}")
+    return len(p.accepted), p.size, p.chunks, p.new_chunks, p.stored_bytes
+
+
 def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, site: str, source: str,
                 workers: int) -> dict[str, int]:
     """Seal every file below root into the store at state_dir; return counts.
@@ -36,19 +50,9 @@ def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, site: str, source: 
     pipeline = Pipeline(site, keys, store, chunking, CompressionSettings())
     batches = plan(scan(root, None), chunking)
 
-    def one(batch: list[Candidate]) -> tuple[int, int, int, int, int]:
-        reqs = [IngestRequest(c.path, source, c.name, "bulk") for c in batch]
-        if len(reqs) == 1 and not pipeline.is_packed(batch[0].size):
-            r = pipeline.ingest_file(reqs[0])
-            return 1, r.size, r.chunks, r.new_chunks, r.stored_bytes
-        p = pipeline.ingest_pack(reqs)
-        if p.failed:
-            raise RuntimeError(f"files not ingested: {p.failed}")
-        return len(p.accepted), p.size, p.chunks, p.new_chunks, p.stored_bytes
-
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, batches))
+            results = list(pool.map(lambda b: seal_batch(pipeline, b, source), batches))
     finally:
         store.close()
     return {"files": sum(r[0] for r in results), "bytes": sum(r[1] for r in results),
