@@ -45,7 +45,7 @@ from typing import Any
 
 from agent.units import format_size, parse_size
 from benchmarks import corpus
-from benchmarks.ingest import SITE, Bench, Run, fresh, measure, store_bytes
+from benchmarks.ingest import SITE, Bench, Run, fresh, measure, restic_cache, store_bytes
 
 SECTION = "compression"
 LEO_BPS = 15e6 / 8  # a typical LEO terminal's uplink, bytes/s
@@ -239,6 +239,7 @@ def run(workdir: Path, size: int, seed: int = 6, subset: float = 0.125,
             b.restic_init(repo)
             restic[name] = b.restic_backup(repo).out_bytes
             shutil.rmtree(repo)
+            shutil.rmtree(restic_cache(repo), ignore_errors=True)
     report = Report(full.corpus_bytes, small.corpus_bytes, corpus.describe(full.specs),
                     corpus.describe(small.specs), restic, skipped)
     state = workdir / "compression-state"
@@ -256,7 +257,6 @@ def run(workdir: Path, size: int, seed: int = 6, subset: float = 0.125,
         if desc:
             report.scenarios[name] = desc
     shutil.rmtree(state, ignore_errors=True)
-    shutil.rmtree(workdir / "restic-cache", ignore_errors=True)
     report.verdicts = verdicts(report)
     return report
 

@@ -7,6 +7,14 @@ threads, in a child process so its CPU and peak RSS are measurable: benchmarks/i
 the corpus. Each tool runs `--runs` times, interleaved; the median of wall time, CPU time and
 peak RSS (from GNU time) is reported, with throughput as corpus bytes over wall time.
 
+Every run of every tool writes into a folder of its own, and nothing is deleted until all runs
+are done. On ext4 without a journal (this machine's root filesystem) each new inode skips, one by
+one, the inodes freed in the last 60-360 s, so deleting the previous run's store (~1,400 files)
+just before the next run made that run pay for it, the most for the tool that creates the most
+files: allocating inodes took 6 % of skyferry's CPU right after such a delete, 4 % a minute
+later, 0.1 % in a folder with no recent deletions (perf, 2026-12-03). Leftovers of an earlier
+invocation are deleted before the first run and still cost the runs within those minutes.
+
 Wire: the sealed bytes skyferry would upload (chunk and manifest files) vs restic's repository
 size vs an `rclone copy` to a `crypt` remote over a local folder; then 1 % of the files are
 edited (benchmarks.corpus.edit) and the edited corpus is ingested again, as a new source, into
@@ -116,6 +124,11 @@ def store_bytes(state_dir: Path) -> int:
     return tree_bytes(state_dir / "chunks") + tree_bytes(state_dir / "manifests")
 
 
+def restic_cache(repo: Path) -> Path:
+    """restic's cache for one repository, beside it (each run's repository has its own)."""
+    return repo.with_name(repo.name + "-cache")
+
+
 def fresh(path: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
@@ -158,13 +171,13 @@ class Bench:
 
     def restic_env(self, repo: Path) -> dict[str, str]:
         return {"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": RESTIC_PASSWORD,
-                "RESTIC_CACHE_DIR": str(self.workdir / "restic-cache")}
+                "RESTIC_CACHE_DIR": str(restic_cache(repo))}
 
     def restic_init(self, repo: Path) -> None:
         assert self.restic
         if repo.exists():
             shutil.rmtree(repo)
-        shutil.rmtree(self.workdir / "restic-cache", ignore_errors=True)
+        shutil.rmtree(restic_cache(repo), ignore_errors=True)
         measure([self.restic, "init", "--quiet"], self.restic_env(repo))
 
     def restic_backup(self, repo: Path, root: Path | None = None) -> Run:
@@ -221,14 +234,21 @@ def run(workdir: Path, size: int, seed: int = 6, runs: int = 3, workers: int = 2
             tools[name].skipped = "peers not run (--skyferry-only)"
         elif not found:
             tools[name].skipped = f"`{pkg}` is not installed (sh benchmarks/setup.sh)"
-    sky_state, repo = workdir / "sky-state", workdir / "restic-repo"
-    for _ in range(runs):
+    # A folder per run, deleted only after the last (see the module's docstring); the last
+    # run's store and repository serve the wire and re-send figures below.
+    outputs = workdir / "runs"
+    if outputs.exists():  # left by --keep or an interrupted invocation
+        shutil.rmtree(outputs)
+    for i in range(runs):
+        out = outputs / str(i + 1)
+        out.mkdir(parents=True)
+        sky_state, repo = out / "sky-state", out / "restic-repo"
         tools["skyferry"].runs.append(b.skyferry(fresh(sky_state)))
         if not tools["restic"].skipped:
             b.restic_init(repo)
             tools["restic"].runs.append(b.restic_backup(repo))
         if not tools["zstd"].skipped:
-            tools["zstd"].runs.append(b.zstd_tar(workdir / "corpus.tar.zst"))
+            tools["zstd"].runs.append(b.zstd_tar(out / "corpus.tar.zst"))
 
     wire = {"skyferry": tools["skyferry"].runs[-1].out_bytes}
     if tools["restic"].runs:
@@ -248,12 +268,8 @@ def run(workdir: Path, size: int, seed: int = 6, runs: int = 3, workers: int = 2
     if tools["restic"].runs:
         resend["restic"] = b.restic_backup(repo, edited).out_bytes
     if not keep:
-        for p in (edited, sky_state, repo, workdir / "corpus.tar.zst",
-                  workdir / "restic-cache"):
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        for p in (edited, outputs):
+            shutil.rmtree(p, ignore_errors=True)
 
     report = Report(tools, b.corpus_bytes, corpus.describe(b.specs), wire, resend, edit, [])
     report.verdicts = verdicts(report)
