@@ -14,6 +14,7 @@ just before the next run made that run pay for it, the most for the tool that cr
 files: allocating inodes took 6 % of skyferry's CPU right after such a delete, 4 % a minute
 later, 0.1 % in a folder with no recent deletions (perf, 2026-12-03). Leftovers of an earlier
 invocation are deleted before the first run and still cost the runs within those minutes.
+Each timed command starts after a `sync`: no run pays for writing back an earlier one's output.
 
 Wire: the sealed bytes skyferry would upload (chunk and manifest files) vs restic's repository
 size vs an `rclone copy` to a `crypt` remote over a local folder; then 1 % of the files are
@@ -89,7 +90,10 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, f
     CPU and peak RSS come from GNU time when it is installed: Linux carries the RSS high-water
     mark of a process across fork and exec, so `wait4` on a child forked from a large parent
     (pytest) reports the parent's size. GNU time is small, and the tool is its child.
+    Dirty data of earlier commands is written out first (not timed), so none of it is written
+    back while this one runs.
     """
+    os.sync()
     gnu_time = shutil.which("time", path="/usr/bin:/bin")
     stats = Path(tempfile.mkstemp(prefix="skyferry-bench-")[1])
     full = [gnu_time, "-f", "%U %S %M", "-o", str(stats), *cmd] if gnu_time else cmd
@@ -311,7 +315,8 @@ def render(r: Report, argv: list[str]) -> str:
         f"Corpus (benchmarks/corpus.py): {r.description}. Measured "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()} ({os.cpu_count()} "
         f"cores), Python {platform.python_version()}; page cache warm; median of "
-        f"{len(r.tools['skyferry'].runs)} interleaved runs; CPU and peak RSS from GNU time.",
+        f"{len(r.tools['skyferry'].runs)} interleaved runs, each into a folder of its own (nothing "
+        f"deleted until all are done) and after a `sync`; CPU and peak RSS from GNU time.",
         "",
         "| tool | command | wall s | each run, s | MiB/s | CPU s | peak RSS MiB | output MiB | "
         "skyferry speed-up |",
