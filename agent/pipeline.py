@@ -6,6 +6,7 @@ executor, never on the event loop.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -39,14 +40,30 @@ from agent.manifest import (
 from agent.settings import ChunkingSettings, CompressionSettings
 from agent.store import Eviction, StagedChunk, StagedObject, Store
 
+# Opens the source file and returns a descriptor the pipeline then owns (and closes).
+Opener = Callable[[], int]
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
 
 @dataclass(frozen=True)
 class IngestRequest:
+    """One file to ingest.
+
+    `path` names it in messages. By default the pipeline opens `path` itself (never through a
+    symbolic link). A source that must not open paths by name (a spool folder a producer
+    controls, a descriptor passed over the put socket) gives `opener`, and `seen`: the file's
+    status as the source saw it. The descriptor the opener returns must be that same file
+    (device and inode) or the request is refused.
+    """
+
     path: Path
     source: str
     name: str  # relative POSIX name kept in the manifest
     priority: str
     meta: dict[str, str] = field(default_factory=dict)
+    opener: Opener | None = None
+    seen: os.stat_result | None = None
 
 
 @dataclass(frozen=True)
@@ -253,9 +270,9 @@ class _PackReader:
             req, st = self.members[self._i]
             if self._f is None:
                 try:
-                    self._f = io.FileIO(req.path, "rb")
-                except OSError as e:
-                    raise _MemberChanged(self._i, f"could not be read: {e}") from None
+                    self._f = io.FileIO(open_source(req, st), "rb")
+                except SourceError as e:
+                    raise _MemberChanged(self._i, str(e)) from None
                 self._left, self._hash = st.st_size, blake3.blake3()
             n = self._f.readinto(view[:self._left]) if self._left else 0
             if n:
@@ -272,7 +289,7 @@ class _PackReader:
         finally:
             self._f.close()
             self._f = None
-        if self._left or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        if self._left or not same_content(after, st):
             raise _MemberChanged(self._i, "changed while it was being read")
         self.hashes.append(self._hash.hexdigest())
         self._i += 1
@@ -286,6 +303,40 @@ class _PackReader:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def same_content(a: os.stat_result, b: os.stat_result) -> bool:
+    """Nothing suggests the file was written between the two: same size, mtime and ctime."""
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def open_source(req: IngestRequest, seen: os.stat_result) -> int:
+    """A descriptor of the file `seen` describes, or SourceError: never a file swapped in
+    under the same name, never through a symbolic link, never a FIFO that would block."""
+    try:
+        fd = req.opener() if req.opener is not None else os.open(req.path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise SourceError(f"{req.path} disappeared before it could be read") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SourceError(f"{req.path} is a symbolic link; links are not followed") from None
+        raise SourceError(f"{req.path} could not be opened: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not same_file(st, seen):
+            raise SourceError(f"{req.path} was replaced by another file before it could be "
+                              "read; the new one is looked at again")
+        if not same_content(st, seen):
+            raise SourceError(f"{req.path} changed before it could be read; it is ingested "
+                              "once it stops changing")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)
@@ -468,10 +519,15 @@ class Pipeline:
         except UnsafePathError as e:
             raise SourceError(f"{req.path}: {e}; such a name could never be restored — "
                               "rename the file") from None
-        try:
-            st = os.stat(req.path, follow_symlinks=False)
-        except FileNotFoundError:
-            raise SourceError(f"{req.path} disappeared before it could be ingested") from None
+        if req.seen is not None:
+            st = req.seen
+        else:
+            try:
+                st = os.stat(req.path, follow_symlinks=False)
+            except FileNotFoundError:
+                raise SourceError(f"{req.path} disappeared before it could be ingested") from None
+            except OSError as e:
+                raise SourceError(f"{req.path} could not be examined: {e.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
             raise SourceError(f"{req.path} is not a regular file; only regular files are ingested")
         return st
@@ -490,12 +546,12 @@ class Pipeline:
                               "ingested again once it stops changing")
 
         def pieces(settle: Settle) -> Iterator[memoryview]:
-            with open(req.path, "rb", buffering=0) as f:
+            with io.FileIO(open_source(req, st), "rb") as f:
                 for data in self._file_pieces(f, st.st_size, settle):
                     whole.update(data)
                     yield data
-            after = os.stat(req.path, follow_symlinks=False)
-            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                after = os.fstat(f.fileno())  # the file read, whatever its name is now
+            if not same_content(after, st):
                 raise changed
 
         def manifest(refs: tuple[ChunkRef, ...]) -> Manifest:
