@@ -125,10 +125,16 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config_check import load_checked, print_problems
     from agent.daemon import run_daemon
+    from agent.errors import ConfigError
     from agent.telemetry.logs import setup_logging
 
-    settings = _load(args)
+    try:  # the checks of `check-config`, so both give the same verdict
+        settings = load_checked(args.config)
+    except ConfigError as e:
+        print_problems(e, "skyferry run: error: ")
+        return 2
     setup_logging(settings.telemetry.log_level, settings.telemetry.log_format)
     asyncio.run(run_daemon(settings, args.config))
     return 0

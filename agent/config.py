@@ -7,8 +7,8 @@ fix the whole file in one pass instead of one error per restart.
 from __future__ import annotations
 
 import difflib
+import math
 import re
-import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, time
@@ -59,6 +59,8 @@ CDC_MIN_FLOOR = 64 << 10
 CDC_MIN_CEILING = 1 << 20
 CDC_AVG_SPAN_CEILING = 4 << 20
 CDC_MAX_CEILING = 16 << 20
+
+MAX_INTEGER = 1 << 53  # beyond this no integer key means anything (and floats lose it)
 
 TOP_LEVEL_KEYS = (
     "site", "keys", "store", "classes", "chunking", "compression", "spool",
@@ -179,6 +181,9 @@ class _Table:
                 f"write a whole number without quotes, e.g. {name} = {default}",
             )
             return default
+        if abs(value) > MAX_INTEGER:
+            self.report(name, "is far too large", f"e.g. {name} = {default}")
+            return default
         return value
 
     def number(self, name: str, default: float) -> float:
@@ -190,7 +195,14 @@ class _Table:
                 name, "must be a number", f"write a number without quotes, e.g. {name} = {default}"
             )
             return default
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            self.report(name, "must be a finite number", f"e.g. {name} = {default}")
+            return default
+        return number
 
     def path(self, name: str, base: Path, default: T) -> Path | T:
         """A path; relative ones are taken from the config file's directory."""
@@ -284,12 +296,16 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
 
 
 def check_config_main(path: Path) -> int:
-    """`skyferry check-config FILE`: print OK and a summary (0), or every problem (2)."""
+    """`skyferry check-config FILE`: print OK and a summary (0), or every problem (2).
+
+    The same checks as `run` at start (agent/config_check.py): the file, and what it points at.
+    """
+    from agent.config_check import load_checked, print_problems
+
     try:
-        settings = load_settings(path)
+        settings = load_checked(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+        print_problems(exc)
         return 2
     print(f"OK: {path}")
     print(summarize(settings))
@@ -551,7 +567,8 @@ def _compression_level(t: _Table, default: int | Literal["auto"]) -> int | Liter
     return value
 
 
-SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_interval")
+SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_interval",
+              "create")
 
 
 def _spools(root: _Table, base: Path, class_names: tuple[str, ...]) -> tuple[SpoolSettings, ...]:
@@ -607,6 +624,7 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
         after=cast(AfterIngest, after),
         done_dir=done_dir,
         scan_interval_s=scan,
+        create=_boolean(t, "create", defaults.create),
     )
 
 

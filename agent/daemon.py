@@ -274,11 +274,11 @@ class Daemon:
 
     async def reload(self, config: Path) -> None:
         """SIGHUP: re-read the file and apply windows, sources, rates; the queue stays."""
-        from agent.config import load_settings
+        from agent.config_check import load_checked
 
         self.service.notifier.reloading()
         try:
-            new = await self.run_blocking(load_settings, config)
+            new = await self.run_blocking(load_checked, config)
         except SkyferryError as e:
             self.metrics.errors.labels("reload").inc()
             log_event(log, logging.ERROR, "reload_failed",

@@ -89,6 +89,7 @@ class SpoolSettings:
     after: AfterIngest = "delete"
     done_dir: Path | None = None  # used when after == "move"; default <path>/done
     scan_interval_s: float = 1.0
+    create: bool = False  # create a missing `path`; otherwise a missing folder is an error
 
     @property
     def effective_done_dir(self) -> Path:

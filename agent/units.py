@@ -34,6 +34,16 @@ _DURATION_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)\s*")
 _DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _IEC_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 
+# The largest values the config accepts. Far beyond any real setting, yet small enough that
+# every computation with them stays finite (a 400-digit size or an infinite duration would
+# otherwise reach float conversion, timers and the stream sizing); documented in the example.
+MAX_SIZE = 1 << 50  # 1024 TiB
+MAX_SIZE_TEXT = "1024TiB"
+MAX_DURATION_S = 3650 * 86400.0  # 10 years
+MAX_DURATION_TEXT = "3650d"
+MAX_RATE_BPS = 100e9 / 8  # 100 Gbit/s
+MAX_RATE_TEXT = "100Gbit/s"
+
 
 def _fail(what: str, value: object, forms: str) -> ValueError:
     return ValueError(f"{what} (got {value!r}); {forms}")
@@ -43,11 +53,28 @@ def _check_number(value: object, kind: str, forms: str) -> float:
     """Accept a plain int or float (not bool) that is finite and not negative."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(f"not a {kind}", value, forms)
-    if not math.isfinite(value):
-        raise _fail(f"{kind} must be a finite number", value, forms)
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer with hundreds of digits
+        raise _fail(f"{kind} is far too large", _shown(value), forms) from None
+    if not finite:
+        raise _fail(f"{kind} must be a finite number", _shown(value), forms)
     if value < 0:
         raise _fail(f"{kind} must not be negative", value, forms)
     return float(value)
+
+
+def _shown(value: object) -> object:
+    """The value for an error message, cut short: a 400-digit number is not worth echoing."""
+    text = str(value)
+    return value if len(text) <= 40 else text[:37] + "..."
+
+
+def _at_most(value: float, limit: float, kind: str, limit_text: str, raw: object,
+             forms: str) -> None:
+    if not value <= limit:  # also catches NaN
+        raise _fail(f"{kind} is larger than the largest accepted ({limit_text})", _shown(raw),
+                    forms)
 
 
 def _split_number(text: str, kind: str, forms: str) -> tuple[float, str]:
@@ -61,7 +88,7 @@ def _split_number(text: str, kind: str, forms: str) -> tuple[float, str]:
     return float(match["number"]), match["rest"]
 
 
-def parse_size(value: str | int | float) -> int:
+def _parse_size(value: str | int | float) -> int:
     """Parse "4MiB", "1.5GB", "512" or a whole number into bytes (SI is 1000^n, IEC 1024^n)."""
     if not isinstance(value, str):
         number = _check_number(value, "size", SIZE_FORMS)
@@ -77,12 +104,13 @@ def parse_size(value: str | int | float) -> int:
     if unit not in _PREFIXES:
         raise _fail(f"unknown size unit {rest.strip()!r}", value, SIZE_FORMS)
     size = number * _PREFIXES[unit]
+    _at_most(size, MAX_SIZE, "size", MAX_SIZE_TEXT, value, SIZE_FORMS)
     if not size.is_integer() and unit == "":
         raise _fail("a size in bytes must be a whole number", value, SIZE_FORMS)
     return round(size)
 
 
-def parse_rate(value: str | int | float) -> float:
+def _parse_rate(value: str | int | float) -> float:
     """Parse "15Mbit/s", "2Mbps", "10MB/s", "500KiB/s" or a number into bytes per second."""
     if not isinstance(value, str):
         return _check_number(value, "rate", RATE_FORMS)
@@ -115,7 +143,7 @@ def _rate_unit(unit: str, value: object) -> float:
     return multiplier * per_unit
 
 
-def parse_duration(value: str | int | float) -> float:
+def _parse_duration(value: str | int | float) -> float:
     """Parse "90s", "1h30m", "250ms", "1d" or a number of seconds into seconds."""
     if not isinstance(value, str):
         return _check_number(value, "duration", DURATION_FORMS)
@@ -134,6 +162,30 @@ def parse_duration(value: str | int | float) -> float:
     if position == 0:
         raise _fail("not a duration", value, DURATION_FORMS)
     return total
+
+
+def parse_size(value: str | int | float) -> int:
+    """Parse "4MiB", "1.5GB", "512" or a whole number into bytes (SI is 1000^n, IEC 1024^n),
+    at most MAX_SIZE."""
+    size = _parse_size(value)
+    _at_most(size, MAX_SIZE, "size", MAX_SIZE_TEXT, value, SIZE_FORMS)
+    return size
+
+
+def parse_rate(value: str | int | float) -> float:
+    """Parse "15Mbit/s", "2Mbps", "10MB/s", "500KiB/s" or a number into bytes per second,
+    at most MAX_RATE_BPS."""
+    rate = _parse_rate(value)
+    _at_most(rate, MAX_RATE_BPS, "rate", MAX_RATE_TEXT, value, RATE_FORMS)
+    return rate
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Parse "90s", "1h30m", "250ms", "1d" or a number of seconds into seconds, at most
+    MAX_DURATION_S."""
+    seconds = _parse_duration(value)
+    _at_most(seconds, MAX_DURATION_S, "duration", MAX_DURATION_TEXT, value, DURATION_FORMS)
+    return seconds
 
 
 def format_size(n: int) -> str:
