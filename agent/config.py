@@ -182,7 +182,7 @@ class _Table:
             )
             return default
         if abs(value) > MAX_INTEGER:
-            self.report(name, "is far too large", f"e.g. {name} = {default}")
+            self.report(name, "is far too large", "give a number of sensible size")
             return default
         return value
 
@@ -437,7 +437,7 @@ def _class(table: _Table, name: str) -> ClassSettings | None:
         )
     t.require("rank", "rank = 0 (lower is served first)")
     rank = t.integer("rank", -1)  # -1 when missing or invalid: already reported
-    if type(t.raw("rank")) is int:
+    if type(t.raw("rank")) is int and rank == t.raw("rank"):  # else already reported
         t.ensure("rank", rank >= 0, "must not be negative", "use 0 for the most urgent class")
     policy = t.choice("policy", ("refuse", "evict-oldest"), "evict-oldest")
     ttl = t.duration("ttl", None)

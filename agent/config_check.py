@@ -29,6 +29,10 @@ from agent.settings import BackendSettings, KeySettings, MqttSettings, SecretRef
 
 # Kernel and device file systems: nothing skyferry keeps or watches belongs there.
 PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
+SECRET_FIX = {
+    "file": "give a file only the user skyferry runs as can read (chmod 600), holding the secret",
+    "env": "set the variable in the service's environment (systemd: EnvironmentFile=)",
+}
 KEYGEN_FIX = "create keys with `skyferry keygen --out DIR --site SITE` and point {key} at {file}"
 
 
@@ -88,14 +92,15 @@ def _check_keys(keys: KeySettings, problems: list[str]) -> None:
             try:
                 load(path)  # what the daemon does at start: its verdict is the last word
             except KeyFileError as e:
-                problem = f"{key}: {e} (got {_short(str(path))}); point it at {made} from keygen"
+                what = str(e).replace(str(path), "the file")
+                problem = f"{key}: {what} (got {_got(path)}); point it at {made} from keygen"
         if problem is not None:
             problems.append(problem)
 
 
 def _key_file_problem(key: str, path: Path, private: bool, made: str) -> str | None:
     """The clearest single problem with a key file before it is parsed, or None."""
-    got = _short(str(path))
+    got = _got(path)
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -126,6 +131,11 @@ def _key_file_problem(key: str, path: Path, private: bool, made: str) -> str | N
 # ---- folders ---------------------------------------------------------------------------------
 
 
+def _got(path: Path) -> str:
+    """A path as the problem line shows it: whole (unlike other values), it is the point."""
+    return repr(str(path))
+
+
 def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
@@ -146,14 +156,14 @@ def _kind(mode: int) -> str:
 
 def _folder_problem(key: str, path: Path, *, may_create: bool) -> str | None:
     """Why `path` cannot serve as a folder skyferry reads and writes, or None."""
-    got = _short(str(path))
+    got = _got(path)
     pseudo = _pseudo_root(path)
     if pseudo is not None:
         return (f"{key}: is under {pseudo}, a kernel file system (got {got}); "
                 "give a folder on a disk")
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return _missing_folder_problem(key, path, may_create)
     except OSError as e:
         return f"{key}: cannot be looked at: {e.strerror} (got {got}); fix the path"
@@ -167,12 +177,12 @@ def _folder_problem(key: str, path: Path, *, may_create: bool) -> str | None:
 
 
 def _missing_folder_problem(key: str, path: Path, may_create: bool) -> str | None:
-    got = _short(str(path))
+    got = _got(path)
     if not may_create:  # a spool without `create = true`: a typo would ingest nothing, silently
         return (f"{key}: the folder does not exist (got {got}); create it (mkdir -p {path}), "
                 "fix the path, or set create = true in this [[spool]] to let skyferry create it")
     parent = path.parent
-    while not parent.exists() and parent != parent.parent:
+    while not os.path.lexists(parent) and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return (f"{key}: does not exist and cannot be created: {parent} is not a folder this "
@@ -213,7 +223,7 @@ def _overlaps(settings: Settings) -> list[str]:
         for label, other in others:
             rel = _relation(real, other)
             if rel is not None:
-                problems.append(f"{key}: {rel} {label} ({other}) (got {_short(str(spool.path))})"
+                problems.append(f"{key}: {rel} {label} ({other}) (got {_got(spool.path)})"
                                 f"; give folders that do not overlap ({why})")
                 break
         spools.append((f"spool[{i}].path", real))
@@ -229,12 +239,12 @@ def _done_overlap(i: int, done: Path, protected: list[tuple[str, Path]],
     key = f"spool[{i}].done_dir"
     own = spools[i][1]
     if done == own or own.is_relative_to(done):
-        return [f"{key}: {_relation(done, own)} this spool's path ({own}) (got {_short(str(done))})"
+        return [f"{key}: {_relation(done, own)} this spool's path ({own}) (got {_got(done)})"
                 "; give a folder outside the spool (or leave done_dir out for <path>/done)"]
     for label, other in protected + [s for j, s in enumerate(spools) if j != i]:
         rel = _relation(done, other)
         if rel is not None:
-            return [f"{key}: {rel} {label} ({other}) (got {_short(str(done))}); moved files "
+            return [f"{key}: {rel} {label} ({other}) (got {_got(done)}); moved files "
                     "must land where nothing else reads or deletes them: give another folder"]
     return []
 
@@ -262,7 +272,7 @@ def _check_socket(path: Path, problems: list[str]) -> None:
         return
     if not stat.S_ISSOCK(mode):
         problems.append(f"put.socket: is {_kind(mode)} that the daemon would replace with its "
-                        f"socket (got {_short(str(path))}); give a path where nothing else is")
+                        f"socket (got {_got(path)}); give a path where nothing else is")
 
 
 # ---- backend and MQTT secrets ----------------------------------------------------------------
@@ -287,7 +297,7 @@ def _check_backend(backend: BackendSettings, environ: Mapping[str, str],
         try:
             value = read_secret(ref, environ, f"backend {name.replace('_', ' ')}")
         except SkyferryError as e:
-            problems.append(f"{key}: {e}")
+            problems.append(_secret_problem(key, e, ref))
             continue
         if name == "connection_string":
             try:
@@ -305,7 +315,14 @@ def _check_backend(backend: BackendSettings, environ: Mapping[str, str],
         try:
             open_backend(backend, environ)  # what the daemon does at start (no request yet)
         except SkyferryError as e:
-            problems.append(f"backend.url: {e}")
+            problems.append(f"backend.url: {e} (got {_short(backend.url)}); fix [backend]")
+
+
+def _secret_problem(key: str, e: SkyferryError, ref: SecretRef) -> str:
+    """The reader's own message, with a fix when it has none."""
+    text = str(e)
+    return f"{key}: {text}" if ";" in text else (f"{key}: {text} (got {ref.describe()}); "
+                                                 f"{SECRET_FIX[ref.source]}")
 
 
 def _secret_form_problem(name: str, key: str, ref: SecretRef, value: str) -> str | None:
@@ -334,10 +351,10 @@ def _check_mqtt(mqtt: MqttSettings, environ: Mapping[str, str], problems: list[s
         try:
             read_secret(mqtt.password, environ)
         except SkyferryError as e:
-            problems.append(f"{key}: {e}")
+            problems.append(_secret_problem(key, e, mqtt.password))
     if mqtt.tls is not None:
         for name in ("ca_file", "cert_file", "key_file"):
             path: Path | None = getattr(mqtt.tls, name)
             if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
                 problems.append(f"mqtt.tls.{name}: is not a readable file (got "
-                                f"{_short(str(path))}); give the path of the PEM file")
+                                f"{_got(path)}); give the path of the PEM file")

@@ -119,11 +119,17 @@ def test_example_schedule_windows_are_valid(tmp_path: Path) -> None:
     assert settings.windows.cycle == CycleWindow(open_s=15.0, closed_s=10.0)
 
 
-def test_check_config_prints_ok_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    assert check_config_main(EXAMPLE) == 0
+def test_check_config_prints_ok_and_summary(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # check-config also checks what the file points at (keys, folders): the example with its
+    # paths moved under tmp_path and its keys made (tests/test_config_corpus.py).
+    from tests.test_config_corpus import example_site
+
+    example = example_site(tmp_path / "example")
+    assert check_config_main(example) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"OK: {EXAMPLE}"
-    for word in ("camp-alpha", "sensors", "camera", "bulk", "file:///var/lib/skyferry-cloud"):
+    assert out[0] == f"OK: {example}"
+    for word in ("camp-alpha", "sensors", "camera", "bulk", f"file://{tmp_path}/example/cloud"):
         assert word in out[1]
     assert "always" in out[1]
 

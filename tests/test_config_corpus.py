@@ -1,0 +1,345 @@
+"""`check-config` refuses everything `run` would refuse at start, naming the key (issue 13, acc. 3).
+
+A corpus of broken configs, each made from a working throw-away site by one change to the file
+or to what it points at (key files, folders, secrets). For each: `check-config` exits 2 with one
+line per problem naming the key path and a fix, no traceback; `run` gives the same verdict and
+starts nothing. Both run in-process through the real CLI entry point (`agent.cli.main`); a few
+go through `python -m agent` as well. The documented example passes once its paths exist.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import cli
+from agent.backends import AZURITE_KEY
+from agent.crypto import generate_keys
+from tests.sitekit import Site
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "skyferry.toml"
+BIG = "9" * 400  # the issue's 400-digit numbers
+Change = Callable[[Site], None]
+
+
+def config(changes: dict[str, Any] | Callable[[Site], dict[str, Any]]) -> Change:
+    """A change to the config file: `changes` merged into the site's tables (see Site.extra)."""
+    def apply(site: Site) -> None:
+        site.extra = changes(site) if callable(changes) else changes
+        site.write_config()
+    return apply
+
+
+def spools(*entries: Callable[[Site], dict[str, Any]]) -> Change:
+    """Replace the [[spool]] list; each entry is built from the site."""
+    return config(lambda s: {"spool": [e(s) for e in entries]})
+
+
+def spool_at(path: Callable[[Site], Path], name: str = "files", **kw: Any
+             ) -> Callable[[Site], dict[str, Any]]:
+    return lambda s: {"name": name, "path": str(path(s)), **kw}
+
+
+def chmod(name: str, mode: int) -> Change:
+    return lambda s: (s.keys.edge_dir / name).chmod(mode)
+
+
+def key_points_at(key: str, target: Callable[[Site], Path]) -> Change:
+    return config(lambda s: {"keys": {key: str(target(s))}})
+
+
+def write_key(name: str, data: bytes, mode: int = 0o600) -> Change:
+    def apply(site: Site) -> None:
+        path = site.keys.edge_dir / name
+        path.write_bytes(data)
+        path.chmod(mode)
+    return apply
+
+
+def secret_file(site: Site, text: str, mode: int = 0o600) -> str:
+    path = site.root / "secret"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def azure(extra: Callable[[Site], dict[str, Any]]) -> Change:
+    return config(lambda s: {"backend": {"url": "azure://container", "account": "acct",
+                                         **extra(s)}})
+
+
+def both(*changes: Change) -> Change:
+    def apply(site: Site) -> None:
+        for c in changes:
+            c(site)
+    return apply
+
+
+def make_file(rel: str) -> Change:
+    def apply(site: Site) -> None:
+        (site.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site.root / rel).write_bytes(b"x")
+    return apply
+
+
+def state(s: Site) -> Path:
+    return s.state
+
+
+def edge(s: Site) -> Path:
+    return s.keys.edge_dir
+
+
+def symlinked_spool(site: Site) -> None:
+    (site.root / "alias").symlink_to(site.spool())
+    spools(spool_at(lambda s: s.spool()),
+           spool_at(lambda s: s.root / "alias", "other"))(site)
+
+
+def state_inside_spool(site: Site) -> None:
+    config(lambda s: {"site": {"state_dir": str(s.spool() / "state")}})(site)
+
+
+def done_in_other_spool(site: Site) -> None:
+    (site.root / "b").mkdir()
+    spools(spool_at(lambda s: s.spool(), after="move", done_dir=str(site.root / "b" / "done")),
+           spool_at(lambda s: s.root / "b", "other"))(site)
+
+
+# (id, change, key path the message must name)
+CORPUS: list[tuple[str, Change, str]] = [
+    # ---- absurd numbers --------------------------------------------------------------------
+    ("size-400-digits", config({"store": {"quota": BIG}}), "store.quota"),
+    ("size-400-digit-integer", config({"store": {"quota": int(BIG)}}), "store.quota"),
+    ("size-over-max", config({"chunking": {"pack_size": "2048TiB"}}), "chunking.pack_size"),
+    ("duration-400-digits", config({"uplink": {"aging": BIG + "s"}}), "uplink.aging"),
+    ("duration-bare-400-digits", config({"uplink": {"retry_max": BIG}}), "uplink.retry_max"),
+    ("duration-over-max", config({"backend": {"timeout": "4000d"}}), "backend.timeout"),
+    ("spool-settle-infinite", spools(spool_at(lambda s: s.spool(), settle=BIG + "h")),
+     "spool[0].settle"),
+    ("cycle-infinite", config({"windows": {"mode": "schedule",
+                                           "cycle": {"open": BIG + "s", "closed": "1s"}}}),
+     "windows.cycle.open"),
+    ("rate-400-digits", config({"uplink": {"rate": BIG + "Mbit/s"}}), "uplink.rate"),
+    ("rate-400-digit-integer", config({"uplink": {"rate": int(BIG)}}), "uplink.rate"),
+    ("rate-over-max", config({"uplink": {"rate": "1Tbit/s"}}), "uplink.rate"),
+    ("integer-400-digits", config({"uplink": {"streams": int(BIG)}}), "uplink.streams"),
+    ("rank-400-digits", config({"classes": {"normal": {"rank": int(BIG)}}}),
+     "classes.normal.rank"),
+    ("ratio-nan", config({"compression": {"min_ratio": float("nan")}}),
+     "compression.min_ratio"),
+    ("mqtt-batch-400-digits", config({"mqtt": {"batch": {"max_bytes": BIG}}}),
+     "mqtt.batch.max_bytes"),
+    # ---- key files -------------------------------------------------------------------------
+    ("signing-key-missing", lambda s: (s.keys.edge_dir / "site.key").unlink(),
+     "keys.signing_key"),
+    ("recipient-missing", lambda s: (s.keys.edge_dir / "recipient.pub").unlink(),
+     "keys.recipient_public"),
+    ("dedup-missing", lambda s: (s.keys.edge_dir / "dedup.key").unlink(), "keys.dedup_key"),
+    ("signing-key-644", chmod("site.key", 0o644), "keys.signing_key"),
+    ("signing-key-640", chmod("site.key", 0o640), "keys.signing_key"),
+    ("dedup-key-604", chmod("dedup.key", 0o604), "keys.dedup_key"),
+    ("public-key-as-signing-key",
+     key_points_at("signing_key", lambda s: s.keys.cloud_dir / "sites" / f"{s.site_id}.pub"),
+     "keys.signing_key"),
+    ("recipient-private-as-public",
+     key_points_at("recipient_public", lambda s: s.keys.cloud_dir / "recipient.key"),
+     "keys.recipient_public"),
+    ("x25519-as-signing-key",
+     key_points_at("signing_key", lambda s: s.keys.cloud_dir / "recipient.key"),
+     "keys.signing_key"),
+    ("signing-key-not-pem", write_key("site.key", b"not a key\n"), "keys.signing_key"),
+    ("signing-key-is-a-folder", key_points_at("signing_key", lambda s: s.keys.edge_dir),
+     "keys.signing_key"),
+    ("dedup-key-not-hex", write_key("dedup.key", b"zz" * 32 + b"\n"), "keys.dedup_key"),
+    ("dedup-key-short", write_key("dedup.key", b"ab" * 16 + b"\n"), "keys.dedup_key"),
+    # ---- backend and MQTT secrets ----------------------------------------------------------
+    ("azure-key-not-base64", azure(lambda s: {"account_key_file": secret_file(s, "no base64!")}),
+     "backend.account_key_file"),
+    ("azure-key-file-644", azure(lambda s: {"account_key_file": secret_file(s, AZURITE_KEY,
+                                                                             0o644)}),
+     "backend.account_key_file"),
+    ("azure-key-file-missing", azure(lambda s: {"account_key_file": str(s.root / "nope")}),
+     "backend.account_key_file"),
+    ("azure-key-env-unset", azure(lambda s: {"account_key_env": "SKYFERRY_TEST_UNSET_VAR"}),
+     "backend.account_key_env"),
+    ("connection-string-bad-key", azure(lambda s: {"connection_string_file": secret_file(
+        s, "AccountName=acct;AccountKey=not*base64;EndpointSuffix=core.windows.net")}),
+     "backend.connection_string_file"),
+    ("s3-secret-env-unset", config({"backend": {
+        "url": "s3://bucket", "access_key_id": "AKIA", "region": "us-east-1",
+        "secret_access_key_env": "SKYFERRY_TEST_UNSET_VAR"}}),
+     "backend.secret_access_key_env"),
+    ("mqtt-password-644", config(lambda s: {"mqtt": {
+        "username": "u", "password_file": secret_file(s, "pw", 0o644)}}),
+     "mqtt.password_file"),
+    # ---- state_dir -------------------------------------------------------------------------
+    ("state-dir-is-a-file", both(make_file("state"), config({})), "site.state_dir"),
+    ("state-dir-under-proc", config({"site": {"state_dir": "/proc/self/skyferry"}}),
+     "site.state_dir"),
+    ("state-dir-parent-is-a-file", both(make_file("blocker"), config(
+        lambda s: {"site": {"state_dir": str(s.root / "blocker" / "state")}})),
+     "site.state_dir"),
+    # ---- spool paths -----------------------------------------------------------------------
+    ("spool-is-a-file", both(make_file("plain"), spools(spool_at(lambda s: s.root / "plain"))),
+     "spool[0].path"),
+    ("spool-under-proc", spools(spool_at(lambda s: Path("/proc/self/fd"))), "spool[0].path"),
+    ("spool-missing", spools(spool_at(lambda s: s.root / "typo")), "spool[0].path"),
+    ("spool-missing-create-false", spools(spool_at(lambda s: s.root / "typo", create=False)),
+     "spool[0].path"),
+    ("spool-is-state-dir", spools(spool_at(state, create=True)), "spool[0].path"),
+    ("spool-contains-state-dir", state_inside_spool, "spool[0].path"),
+    ("spool-inside-state-dir", spools(spool_at(lambda s: s.state / "in", create=True)),
+     "spool[0].path"),
+    ("spool-is-key-folder", spools(spool_at(edge)), "spool[0].path"),
+    ("spool-contains-key-folder", spools(spool_at(lambda s: s.root / "keys")),
+     "spool[0].path"),
+    ("spool-inside-spool", spools(spool_at(lambda s: s.spool()),
+                                  spool_at(lambda s: s.spool() / "sub", "sub", create=True)),
+     "spool[1].path"),
+    ("spool-same-via-symlink", symlinked_spool, "spool[1].path"),
+    ("done-dir-is-state-dir", spools(spool_at(lambda s: s.spool(), after="move",
+                                              done_dir="STATE")),
+     "spool[0].done_dir"),
+    ("done-dir-in-other-spool", done_in_other_spool, "spool[0].done_dir"),
+    ("done-dir-is-spool", spools(spool_at(lambda s: s.spool(), after="move",
+                                          done_dir="SPOOL")), "spool[0].done_dir"),
+    ("done-dir-is-a-file", both(make_file("donefile"), spools(spool_at(
+        lambda s: s.spool(), after="move", done_dir="ROOT/donefile"))), "spool[0].done_dir"),
+    ("backend-folder-in-spool", config(lambda s: {"backend": {"url": f"file://{s.spool()}/c"}}),
+     "backend.url"),
+    ("backend-folder-is-a-file", both(make_file("cloudfile"), config(
+        lambda s: {"backend": {"url": f"file://{s.root}/cloudfile"}})), "backend.url"),
+    ("put-socket-is-the-key", config(lambda s: {"put": {"socket": str(edge(s) / "site.key")}}),
+     "put.socket"),
+]
+
+
+def expand(site: Site) -> None:
+    """Placeholders some cases use for paths only known once the site exists."""
+    text = site.config.read_text()
+    text = (text.replace('"STATE"', f'"{site.state}"').replace('"SPOOL"', f'"{site.spool()}"')
+            .replace('"ROOT/', f'"{site.root}/'))
+    site.config.write_text(text)
+
+
+PROBLEM_LINE = re.compile(r"^(?:skyferry run: error: )?(?P<file>\S+\.toml): (?P<key>[\w.\[\]-]+)"
+                          r": (?P<rest>.+)$")
+
+
+def verdict(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """Exit code and the key paths named, one problem a line; no traceback, no other lines."""
+    rc = cli.main(args)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    keys = []
+    for line in out.err.splitlines():
+        m = PROBLEM_LINE.match(line)
+        assert m is not None, f"not a `<file>: <key>: <problem>` line: {line!r}"
+        assert ";" in m["rest"], f"no fix given: {line!r}"
+        keys.append(m["key"])
+    return rc, keys
+
+
+@pytest.fixture
+def no_daemon(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """`run` must refuse before the daemon starts; a start is recorded, not performed."""
+    import agent.daemon
+
+    started: list[Any] = []
+
+    async def fake_run_daemon(settings: Any, config: Any = None) -> None:
+        started.append(settings)
+
+    monkeypatch.setattr(agent.daemon, "run_daemon", fake_run_daemon)
+    monkeypatch.setattr("agent.telemetry.logs.setup_logging", lambda *a: None)
+    return started
+
+
+def test_corpus_is_large_and_covers_the_issue() -> None:
+    assert len(CORPUS) >= 40
+    assert len({c[0] for c in CORPUS}) == len(CORPUS)
+
+
+@pytest.mark.parametrize(("change", "key"), [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_check_config_and_run_refuse_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_daemon: list[Any],
+        change: Change, key: str) -> None:
+    site = Site(tmp_path / "site")
+    assert verdict(["check-config", str(site.config)], capsys) == (0, [])
+    change(site)
+    expand(site)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, keys = verdict(["check-config", str(site.config)], capsys)
+    assert rc == 2 and key in keys, (rc, keys)
+    run_rc, run_keys = verdict(["run", "-c", str(site.config)], capsys)
+    assert (run_rc, run_keys) == (rc, keys)
+    assert no_daemon == [], "run started the daemon on a config check-config refuses"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_missing_spool_folder_with_create_passes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_daemon: list[Any]) -> None:
+    site = Site(tmp_path / "site")
+    spools(spool_at(lambda s: s.root / "later" / "spool", create=True))(site)
+    assert verdict(["check-config", str(site.config)], capsys) == (0, [])
+    assert not (site.root / "later").exists(), "check-config must create nothing"
+    assert verdict(["run", "-c", str(site.config)], capsys) == (0, [])
+    assert len(no_daemon) == 1
+
+
+def example_site(root: Path) -> Path:
+    """The documented example with its absolute paths moved under `root` and its keys made."""
+    text = EXAMPLE.read_text()
+    for old, new in (("/var/lib/skyferry-cloud", root / "cloud"),
+                     ("/var/lib/skyferry", root / "state"), ("/srv/spool", root / "spool")):
+        text = text.replace(old, str(new))
+    root.mkdir(parents=True)
+    (root / "skyferry.toml").write_text(text)
+    keys = generate_keys(root / "gen", "camp-alpha")
+    shutil.copytree(keys.edge_dir, root / "keys")  # keys/... relative to the config file
+    for name in ("sensors", "camera"):
+        (root / "spool" / name).mkdir(parents=True)
+    return root / "skyferry.toml"
+
+
+def test_the_example_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   no_daemon: list[Any]) -> None:
+    path = example_site(tmp_path / "example")
+    assert verdict(["check-config", str(path)], capsys) == (0, [])
+    assert verdict(["run", "-c", str(path)], capsys) == (0, [])
+    assert len(no_daemon) == 1
+    # The example's own paths, unchanged, are what `check-config` would see on a fresh
+    # machine without keys: refused by key path, not by a traceback.
+    rc, keys = verdict(["check-config", str(EXAMPLE)], capsys)
+    assert rc == 2 and "keys.signing_key" in keys
+
+
+@pytest.mark.parametrize("case", ["signing-key-640", "spool-is-state-dir", "rate-400-digits",
+                                  "state-dir-under-proc"])
+def test_the_real_command_gives_the_same_lines(tmp_path: Path, case: str) -> None:
+    """Through `python -m agent` (a fresh interpreter, real exit code and stderr)."""
+    change, key = next(c[1:] for c in CORPUS if c[0] == case)
+    site = Site(tmp_path / "site")
+    change(site)
+    expand(site)
+    lines = {}
+    for args in (["check-config", str(site.config)], ["run", "-c", str(site.config)]):
+        r = subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(
+                               Path(__file__).resolve().parents[1])})
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stdout == ""
+        assert f"{site.config}: {key}: " in r.stderr
+        lines[args[0]] = [ln.removeprefix("skyferry run: error: ")
+                          for ln in r.stderr.splitlines()]
+    assert lines["check-config"] == lines["run"]
+    assert not site.state.exists()
