@@ -3,7 +3,8 @@
 #   a virtualenv under $PREFIX (/opt/skyferry) with skyferry and its dependencies,
 #   the unit (/etc/systemd/system/skyferry.service), its user (sysusers.d), and
 #   /etc/skyferry/skyferry.toml (the documented example; an existing one is kept).
-# Then: put keys under /etc/skyferry/keys, edit the config, `skyferry check-config`,
+# Then: put keys under /etc/skyferry/keys (private keys 0600, owned by skyferry), edit the
+#       config, `skyferry check-config` (as the user skyferry),
 #       `systemctl enable --now skyferry`.
 #
 # Variables: PYTHON (python3), PREFIX, PACKAGE, DESTDIR (stage into a folder instead of /: no user is
@@ -50,10 +51,17 @@ chgrp -R skyferry "$CONFDIR"
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
+# Private keys are 0600 and owned by the service user, never group-readable: the group
+# skyferry also holds the producers allowed to use the put socket. skyferry refuses any other
+# mode (agent/crypto.py), and `check-config` says so by key path.
 cat <<MSG
 skyferry: installed. Next:
   skyferry keygen --out /root/skyferry-keys --site SITE   # on a trusted machine
-  copy keys/edge/* to $CONFDIR/keys/ (chgrp skyferry, mode 0640 / 0644)
-  edit $CONFDIR/skyferry.toml, then: $PREFIX/venv/bin/skyferry check-config $CONFDIR/skyferry.toml
+  cd /root/skyferry-keys   # then copy the edge keys (private ones 0600, owned by skyferry):
+  install -d -m 0750 -o root -g skyferry $CONFDIR/keys
+  install -m 0600 -o skyferry -g skyferry edge/site.key edge/dedup.key $CONFDIR/keys/
+  install -m 0644 -o root -g root edge/recipient.pub $CONFDIR/keys/
+  edit $CONFDIR/skyferry.toml, then check it as the service user:
+  runuser -u skyferry -- $PREFIX/venv/bin/skyferry check-config $CONFDIR/skyferry.toml
   systemctl enable --now skyferry;  journalctl -u skyferry -f
 MSG

@@ -343,3 +343,24 @@ def test_the_real_command_gives_the_same_lines(tmp_path: Path, case: str) -> Non
                           for ln in r.stderr.splitlines()]
     assert lines["check-config"] == lines["run"]
     assert not site.state.exists()
+
+
+def test_install_script_modes_are_the_ones_the_agent_accepts(tmp_path: Path) -> None:
+    """install.sh tells operators how to install the edge keys; the agent must accept exactly
+    that, and the private keys it names must not be readable by the group or others."""
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "install.sh").read_text()
+    modes: dict[str, int] = {}
+    for line in script.splitlines():
+        m = re.match(r"\s*install -m (0[0-7]{3})\b.*?((?:\s+edge/\S+)+)", line)
+        if m:
+            for f in m[2].split():
+                modes[f.removeprefix("edge/")] = int(m[1], 8)
+    assert set(modes) == {"site.key", "dedup.key", "recipient.pub"}, modes
+    assert modes["site.key"] & 0o077 == 0 and modes["dedup.key"] & 0o077 == 0
+    assert "0640" not in script.split("cat <<MSG")[1]
+    site = Site(tmp_path / "site")
+    for name, mode in modes.items():
+        (site.keys.edge_dir / name).chmod(mode)
+    from agent.config_check import check_settings, load_checked
+
+    assert check_settings(load_checked(site.config), os.environ) == []
