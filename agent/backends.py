@@ -80,6 +80,7 @@ class ObjectInfo:
     size: int
 
 
+CHECK_PREFIX = ".skyferry-check/"  # `Backend.check` lists it; nothing is written there
 CONNECTIONS_TTL_S = 0.1  # `Backend.connections` reads the kernel's table at most this often
 
 
@@ -295,6 +296,22 @@ class Backend:
                     yield ObjectInfo(self._strip(meta["path"]), int(meta["size"]))
         except Exception as e:
             raise self._fail("list", prefix, e) from e
+
+    async def check(self) -> None:
+        """One cheap authenticated request: list a prefix nothing is ever written under.
+
+        Unlike a HEAD of a missing key (404 whether or not the container exists), a listing
+        needs the container or bucket to exist and the credentials to be accepted: a wrong
+        container raises PermanentBackendError "not_found", a wrong key "auth"; a link that is
+        down raises TransientBackendError. Nothing is written.
+        """
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                stream = obstore.list(self._store, prefix=self._full(CHECK_PREFIX), chunk_size=1)
+                async for _ in stream:
+                    break
+        except Exception as e:
+            raise self._fail("list", CHECK_PREFIX, e) from e
 
     async def delete(self, key: str) -> None:
         try:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.backend_health import BackendHealth
 from agent.backends import open_backend
 from agent.compression_policy import HORIZON_S, RETUNE_EVERY_S, AutoLevel
 from agent.crypto import load_edge_keys
@@ -87,6 +88,10 @@ class Daemon:
             run_blocking=self.run_blocking, metrics=self.metrics,
             notifier=notifier or Notifier(None), environ=self.environ, clock=clock)
         self.service.mqtt_source = self.mqtt
+        # Backend checked at start and at each window opening (agent/backend_health.py).
+        self.backend_health = BackendHealth(self.backend, self.gate, self.metrics, clock,
+                                            settings.uplink.retry_max_s)
+        self.uplink.health = self.service.backend_health = self.backend_health
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[Any]] = {}
 
@@ -232,6 +237,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self._spawn("gate", self.gate.run())
+                self._spawn("backend-health", self.backend_health.run())
                 self._spawn("uplink", self.uplink.run())
                 self._spawn("put", self.put_server.run())
                 self._spawn("housekeeping", self._housekeeping())

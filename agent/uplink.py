@@ -14,6 +14,7 @@ import blake3
 from tenacity import AsyncRetrying, retry_if_exception, stop_never
 
 from agent import layout
+from agent.backend_health import BackendHealth
 from agent.backends import Backend, backoff, is_transient
 from agent.budget import Admission
 from agent.errors import BackendError, CorruptChunkError, DiskFullError, PermanentBackendError
@@ -92,6 +93,9 @@ class Uplink:
         # monotonic time, and is logged once per kind instead of once per chunk and worker.
         self._paused_until = 0.0
         self._refusal: str | None = None
+        # Set by the daemon: the backend check (agent/backend_health.py) holds uploads back
+        # while the backend refuses, and hears of refusals met by uploads.
+        self.health: BackendHealth | None = None
         self._index_full_logged = False
         # Window byte budget, rate cap and stream count (agent/budget.py): work is claimed
         # through it so nothing is begun that cannot finish before the window ends.
@@ -127,6 +131,9 @@ class Uplink:
     async def _worker(self, index: int) -> None:
         while True:
             await self.gate.wait_open()
+            if self.health is not None and not self.health.usable():
+                await self.health.wait_usable()  # refused, or not checked yet: claim nothing
+                continue
             pause = self._paused_until - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
@@ -358,6 +365,8 @@ class Uplink:
     def _refused(self, e: PermanentBackendError) -> None:
         """Credentials, permissions or a missing container: retrying now cannot help."""
         self._paused_until = time.monotonic() + self.settings.retry_max_s
+        if self.health is not None:
+            self.health.refused_upload(e)
         if self._refusal != e.kind:
             self._refusal = e.kind
             log_event(log, logging.ERROR, "backend_refused",

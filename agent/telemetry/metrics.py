@@ -31,6 +31,10 @@ class Metrics:
                                  ["class", "reason"], registry=r)
         self.errors = Counter("skyferry_errors", "Errors by kind", ["kind"], registry=r)
         self.gate_open = Gauge("skyferry_gate_open", "1 when uploads may run", registry=r)
+        self.backend_state = Gauge(
+            "skyferry_backend_state",
+            "1 for the backend's state at its last check (unknown, ok, refused, unreachable)",
+            ["state"], registry=r)
         self.compression_level = Gauge("skyferry_compression_level",
                                        "zstd level new chunks are sealed with", registry=r)
         self.compression_long_distance = Gauge(

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
+from agent.backend_health import BackendHealth
 from agent.gate import Clock, Gate
 from agent.settings import Settings
 from agent.sources.mqtt import MqttSource
@@ -50,6 +51,7 @@ class ServiceTelemetry:
         self.clock = clock
         self.environ = environ
         self.mqtt_source: MqttSource | None = None  # set by the daemon (and on reload)
+        self.backend_health: BackendHealth | None = None  # set by the daemon
         self.snapshot: Snapshot | None = None
         self.server: StatusServer | None = None
         self.tap = EventTap()
@@ -160,6 +162,7 @@ class ServiceTelemetry:
             quota_used=self.store.used_bytes, quota_limit=self.settings.store.quota_bytes,
             throughput_bps=self._throughput(now), mqtt=mqtt,
             problems=tuple(self.tap.recent_problems()),
+            backend=None if self.backend_health is None else self.backend_health.view.to_json(),
         )
         self.snapshot = snap
         if self.server is not None:

@@ -54,6 +54,9 @@ class Snapshot:
     throughput_bps: float
     mqtt: dict[str, Any] | None
     problems: tuple[dict[str, Any], ...] = ()
+    # The last backend check (agent/backend_health.py): state ok, refused, unreachable or
+    # unknown, the service's answer, and when; None when the daemon has no check.
+    backend: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,9 +85,11 @@ class Snapshot:
         per_class = " ".join(f"{c.name}={c.queued_items}" for c in self.classes if c.queued_items)
         nxt = self.seconds_to_next()
         when = "" if nxt is None else f", changes in {format_duration(nxt)}"
+        refused = self.backend is not None and self.backend.get("state") == "refused"
         return (f"queue {self.queued_items} objects ({format_size(self.queued_bytes)})"
                 + (f" [{per_class}]" if per_class else "")
-                + f"; gate {self.gate_state}{when}; link {'up' if self.link_up else 'down'}")
+                + f"; gate {self.gate_state}{when}; link {'up' if self.link_up else 'down'}"
+                + ("; BACKEND REFUSED" if refused else ""))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
