@@ -114,7 +114,7 @@ def _key_file_problem(key: str, path: Path, private: bool, made: str) -> str | N
         head = path.read_bytes()[:4096]
     except OSError as e:
         return (f"{key}: cannot be read: {e.strerror} (got {got}); make it readable by the user "
-                f"skyferry runs as (chown that user {path}, chmod 600 {path})")
+                f"skyferry runs as (e.g. chown skyferry {path}; chmod 600 {path})")
     if private and b"PUBLIC KEY" in head:
         return (f"{key}: holds a public key, not the private key (got {got}); point it at "
                 f"{made} (the private key from keygen)")

@@ -364,3 +364,75 @@ def test_install_script_modes_are_the_ones_the_agent_accepts(tmp_path: Path) -> 
     from agent.config_check import check_settings, load_checked
 
     assert check_settings(load_checked(site.config), os.environ) == []
+
+
+def as_user(uid: int, gid: int, args: list[str]) -> tuple[int, str]:
+    """`cli.main(args)` in a forked child running as uid:gid; its exit code and stderr.
+
+    In-process, because the interpreter (under /root here) is not one the user could start;
+    the modules it needs are imported by the caller first.
+    """
+    import contextlib
+    import io
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, run the command, report, never return
+        rc = 99
+        err = io.StringIO()
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = cli.main(args)
+        except BaseException as e:  # reported to the parent as a failure, with its text
+            err.write(f"Traceback: {e!r}")
+        finally:
+            os.write(write_end, err.getvalue().encode())
+            os._exit(rc)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        text = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as another user")
+def test_as_the_service_user_unreadable_keys_and_unwritable_folders_are_named(
+        no_daemon: list[Any]) -> None:
+    """Run as an unprivileged user (nobody), as the daemon would run: a key it cannot read and
+    a state_dir it cannot create are refused by key path, by check-config and run alike."""
+    import pwd
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="skyferry-nobody-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        site = Site(top / "site")
+        locked = top / "root-only"  # root's folder: nobody cannot create state_dir in it
+        locked.mkdir(mode=0o755)
+        config(lambda s: {"site": {"state_dir": str(locked / "state")}})(site)
+        for p in [site.root, *site.root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+        os.chown(site.keys.edge_dir / "site.key", 0, 0)  # still 0600: root's, not nobody's
+        # Loaded before the child drops root (the checks import them lazily).
+        import agent.config_check
+        import agent.daemon
+
+        assert agent.config_check and agent.daemon
+
+        lines = {}
+        for args in (["check-config", str(site.config)], ["run", "-c", str(site.config)]):
+            rc, err = as_user(nobody.pw_uid, nobody.pw_gid, args)
+            assert rc == 2 and "Traceback" not in err, err
+            lines[args[0]] = [ln.removeprefix("skyferry run: error: ")
+                              for ln in err.splitlines()]
+        assert lines["check-config"] == lines["run"]
+        keys = [ln.split(": ")[1] for ln in lines["run"]]
+        assert keys == ["keys.signing_key", "site.state_dir"], lines["run"]
+        assert "cannot be read" in lines["run"][0] and "cannot be created" in lines["run"][1]
+        assert not (locked / "state").exists()
+    finally:
+        shutil.rmtree(top)
