@@ -86,8 +86,9 @@ class BackendHealth:
         return self.view
 
     def refused_upload(self, e: PermanentBackendError) -> None:
-        """The uplink was refused (it logs that itself): uploads wait for the next check."""
-        self._record("refused", str(e), quiet=True)
+        """An upload was refused: logged like a refused check, and uploads wait for a check
+        that says ok (at the next window opening, or within `recheck_s`)."""
+        self._record("refused", str(e))
 
     async def run(self) -> None:
         await self.check()
@@ -105,7 +106,7 @@ class BackendHealth:
                 await self.check()
                 last = time.monotonic()
 
-    def _record(self, state: State, reason: str | None, quiet: bool = False) -> None:
+    def _record(self, state: State, reason: str | None) -> None:
         before = self.view.state
         self.view = BackendView(state, reason, self.clock())
         if state == "refused":
@@ -113,20 +114,20 @@ class BackendHealth:
         else:
             self._usable.set()
         self._set_gauge()
-        if state != before and not quiet:
+        if state != before:
             self._log(state, reason)
 
     def _log(self, state: State, reason: str | None) -> None:
         url = self.backend.url
         if state == "refused":
             log_event(log, logging.ERROR, "backend_refused",
-                      f"backend check refused: {reason}; uploads wait and the queue is "
-                      "kept; the check is repeated at each window opening",
+                      f"backend refused: {reason}; uploads wait and the queue is kept; the "
+                      "backend is checked again at each window opening",
                       backend=url, where=self.backend.where)
         elif state == "unreachable":
             log_event(log, logging.WARNING, "backend_unreachable",
-                      f"backend check unanswered: {reason}; normal while the link is "
-                      "down, it is checked again at the next window",
+                      f"backend did not answer its check: {reason}; normal while the link "
+                      "is down, it is checked again at the next window",
                       backend=url, where=self.backend.where)
         else:
             log_event(log, logging.INFO, "backend_ok",

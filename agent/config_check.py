@@ -18,6 +18,7 @@ import binascii
 import json
 import os
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -49,15 +50,15 @@ def check_settings(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     """Every problem with what `settings` point at, one line each (empty: `run` can start)."""
     problems: list[str] = []
     _check_keys(settings.keys, problems)
-    problems += filter(None, [_folder_problem("site.state_dir", settings.site.state_dir,
-                                              may_create=True)])
+    folders = [("site.state_dir", settings.site.state_dir, True)]
     for i, spool in enumerate(settings.spools):
-        where = f"spool[{i}]"
-        problems += filter(None, [_folder_problem(f"{where}.path", spool.path,
-                                                  may_create=spool.create)])
+        folders.append((f"spool[{i}].path", spool.path, spool.create))
         if spool.after == "move" and spool.done_dir is not None:
-            problems += filter(None, [_folder_problem(f"{where}.done_dir", spool.done_dir,
-                                                      may_create=True)])
+            folders.append((f"spool[{i}].done_dir", spool.done_dir, True))
+    for key, path, may_create in folders:
+        problem = _folder_problem(key, path, may_create=may_create)
+        if problem is not None:
+            problems.append(problem)
     problems += _overlaps(settings)
     _check_socket(settings.put.socket, problems)
     _check_backend(settings.backend, environ, problems)
@@ -68,8 +69,6 @@ def check_settings(settings: Settings, environ: Mapping[str, str]) -> list[str]:
 
 def print_problems(error: ConfigError, prefix: str = "") -> None:
     """One line per problem on stderr, each naming the file (check-config and run)."""
-    import sys
-
     where = f"{error.path}: " if error.path else ""
     for problem in error.problems:
         print(f"{prefix}{where}{problem}", file=sys.stderr)

@@ -366,7 +366,10 @@ class Uplink:
         """Credentials, permissions or a missing container: retrying now cannot help."""
         self._paused_until = time.monotonic() + self.settings.retry_max_s
         if self.health is not None:
+            # One line per change of the backend's state, shared with its checks; uploads
+            # wait until a check says ok again.
             self.health.refused_upload(e)
+            return
         if self._refusal != e.kind:
             self._refusal = e.kind
             log_event(log, logging.ERROR, "backend_refused",

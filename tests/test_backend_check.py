@@ -177,12 +177,29 @@ def test_a_fixed_key_is_picked_up_at_the_next_window_and_the_queue_drains(
         assert time.monotonic() < deadline, site.log_tail()
         time.sleep(0.05)
     assert cloud.objects() == {}
-    (tmp_path / "wrong-account.key").write_text(AZURITE_KEY + "\n")  # the operator fixes it
+    key_file = tmp_path / "wrong-account.key"
+    key_file.write_text(AZURITE_KEY + "\n")  # the operator fixes it
     site.wait_drained(timeout=60, expect_objects=2)
-    assert [e["event"] for e in site.log_events()
-            if e.get("event", "").startswith("backend_")][-1] == "backend_ok"
-    assert len(cloud.objects()) > 0
+    assert backend_events(site)[-1] == "backend_ok"
+    uploaded = cloud.objects()
+    assert len(uploaded) > 0
+    # The key goes bad again: the next window's check says so, once, and nothing more leaves.
+    key_file.write_text(WRONG_KEY + "\n")
+    deadline = time.monotonic() + 10
+    while backend_events(site)[-1] != "backend_refused":
+        assert time.monotonic() < deadline, site.log_tail()
+        time.sleep(0.05)
+    (site.spool() / "late.bin").write_bytes(os.urandom(30_000))
+    time.sleep(4)  # more windows open and close meanwhile
+    assert backend_events(site)[-2:] == ["backend_ok", "backend_refused"]
+    assert cloud.objects() == uploaded
     assert site.stop() == 0
+    assert site.status()["queued_objects"] == 1
+
+
+def backend_events(site: Site) -> list[str]:
+    return [e["event"] for e in site.log_events()
+            if e.get("event") in ("backend_ok", "backend_refused", "backend_unreachable")]
 
 
 def health_of(table: dict[str, Any], tmp_path: Path) -> BackendHealth:
