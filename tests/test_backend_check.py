@@ -135,7 +135,9 @@ def test_refusal_is_said_within_5s_shown_in_status_and_the_queue_is_kept(
         assert time.monotonic() - started < START_LIMIT_S, (
             f"no backend_refused line within {START_LIMIT_S}s of start:\n{site.log_tail()}")
         time.sleep(0.05)
+    took = time.monotonic() - started
     events = refused_events(site)
+    print(f"\n{kind} {case}: backend_refused {took:.2f}s after the daemon was started")
     assert len(events) == 1
     message = events[0]["msg"]
     expected = "no-such-container" if case == "wrong-container" else "HTTP 403"
