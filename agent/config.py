@@ -616,6 +616,7 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
     )
     scan = t.duration("scan_interval", defaults.scan_interval_s)
     t.positive("scan_interval", scan, 'give a duration such as "1s"')
+    create = _boolean(t, "create", defaults.create)
     return SpoolSettings(
         name=name or "",
         path=path,
@@ -624,7 +625,7 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
         after=cast(AfterIngest, after),
         done_dir=done_dir,
         scan_interval_s=scan,
-        create=_boolean(t, "create", defaults.create),
+        create=create,
     )
 
 
