@@ -343,17 +343,28 @@ def _secret_form_problem(name: str, key: str, ref: SecretRef, value: str) -> str
 
 
 def _check_mqtt(mqtt: MqttSettings, environ: Mapping[str, str], problems: list[str]) -> None:
-    from agent.sources.mqtt import read_secret
-
-    if mqtt.password is not None:
-        key = f"mqtt.password_{mqtt.password.source}"
-        try:
-            read_secret(mqtt.password, environ)
-        except SkyferryError as e:
-            problems.append(_secret_problem(key, e, mqtt.password))
+    ref = mqtt.password
+    if ref is not None:
+        # The rule the MQTT source applies when it connects: set, readable, private.
+        key = f"mqtt.password_{ref.source}"
+        if ref.source == "env" and environ.get(ref.where) is None:
+            problems.append(f"{key}: environment variable {ref.where} is not set (got "
+                            f"{ref.describe()}); {SECRET_FIX['env']}")
+        elif ref.source == "file":
+            path = Path(ref.where)
+            try:
+                mode = path.stat().st_mode
+                path.read_bytes()
+            except OSError as e:
+                problems.append(f"{key}: cannot be read: {e.strerror} (got {_got(path)}); "
+                                f"{SECRET_FIX['file']}")
+            else:
+                if mode & 0o077:
+                    problems.append(f"{key}: other users can access the password file (got "
+                                    f"mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")
     if mqtt.tls is not None:
         for name in ("ca_file", "cert_file", "key_file"):
-            path: Path | None = getattr(mqtt.tls, name)
-            if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+            pem: Path | None = getattr(mqtt.tls, name)
+            if pem is not None and not (pem.is_file() and os.access(pem, os.R_OK)):
                 problems.append(f"mqtt.tls.{name}: is not a readable file (got "
-                                f"{_got(path)}); give the path of the PEM file")
+                                f"{_got(pem)}); give the path of the PEM file")
