@@ -311,7 +311,21 @@ class Backend:
                 async for _ in stream:
                     break
         except Exception as e:
-            raise self._fail("list", CHECK_PREFIX, e) from e
+            failure = self._fail("list", CHECK_PREFIX, e)
+            if not (isinstance(failure, PermanentBackendError) and failure.kind == "auth"):
+                raise failure from e
+            # Listing may be all these credentials lack (an Azure SAS without "l"): a HEAD
+            # of a missing key is answered 404 when the key itself is accepted.
+            if not await self._missing(CHECK_PREFIX + "probe"):
+                raise failure from e
+
+    async def _missing(self, key: str) -> bool:
+        """True when the service says `key` does not exist (and so accepted the request)."""
+        try:
+            await self._bounded(obstore.head_async(self._store, self._full(key)), 0)
+        except Exception as e:
+            return isinstance(self._fail("head", key, e), ObjectNotFoundError)
+        return False
 
     async def delete(self, key: str) -> None:
         try:

@@ -204,6 +204,24 @@ def backend_events(site: Site) -> list[str]:
             if e.get("event") in ("backend_ok", "backend_refused", "backend_unreachable")]
 
 
+def container_sas(container: str, key: str, permissions: str) -> str:
+    """A service SAS for a container (version 2019-12-12), signed by hand: the SDK is not a
+    dependency, and the string to sign is short (learn.microsoft.com, "Create a service SAS")."""
+    import base64
+    import hashlib
+    import hmac
+    from datetime import UTC, datetime, timedelta
+    from urllib.parse import urlencode
+
+    expiry = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    version = "2019-12-12"
+    fields = [permissions, "", expiry, f"/blob/devstoreaccount1/{container}", "", "", "",
+              version, "c", "", "", "", "", "", ""]
+    digest = hmac.new(base64.b64decode(key), "\n".join(fields).encode(), hashlib.sha256)
+    return urlencode({"sv": version, "sr": "c", "sp": permissions, "se": expiry,
+                      "sig": base64.b64encode(digest.digest()).decode()})
+
+
 def health_of(table: dict[str, Any], tmp_path: Path) -> BackendHealth:
     path = tmp_path / f"backend-{len(list(tmp_path.iterdir()))}.toml"
     path.write_text(render_toml({"backend": table}))
@@ -231,3 +249,28 @@ def test_states_ok_refused_unreachable(make_cloud: MakeCloud, tmp_path: Path) ->
 
     assert asyncio.run(states()) == ["ok", "refused", "refused", "unreachable"]
     assert cloud.objects() == {}, "the check writes nothing"
+
+
+def test_credentials_that_may_not_list_are_not_taken_for_a_refusal(
+        make_cloud: MakeCloud, tmp_path: Path) -> None:
+    """A SAS token that may read and write but not list (least privilege for an edge site:
+    Azurite answers its listing 403) passes the check through a HEAD of a missing key (404);
+    a token with a bad signature is refused."""
+    cloud = make_cloud("azurite")
+    container = cloud.url.removeprefix("azure://")
+
+    def sas_table(name: str, key: str = AZURITE_KEY) -> dict[str, Any]:
+        token = container_sas(name, key, "rcw")
+        path = tmp_path / f"sas-{name}-{len(key)}"
+        path.write_text(token)
+        path.chmod(0o600)
+        table = {k: v for k, v in cloud.table.items() if k != "account_key_file"}
+        return {**table, "url": f"azure://{name}", "sas_token_file": str(path)}
+
+    async def states() -> list[str]:
+        out = []
+        for table in (sas_table(container), sas_table(container, WRONG_KEY)):
+            out.append((await health_of(table, tmp_path).check()).state)
+        return out
+
+    assert asyncio.run(states()) == ["ok", "refused"]
