@@ -31,7 +31,7 @@ from agent.gate import Gate
 from agent.settings import WindowSettings
 from agent.telemetry.metrics import Metrics
 from agent.windows.schedule import Schedule
-from tests.emulators import MOTO_BIN, S3_SECRET_ENV, Cloud, Emulator, _cloud_tables
+from tests.emulators import MOTO_BIN, Cloud, Emulator, _cloud_tables
 from tests.sitekit import Site, free_port, render_toml
 
 MakeSite = Callable[..., Site]
@@ -117,7 +117,6 @@ def test_refusal_is_said_within_5s_shown_in_status_and_the_queue_is_kept(
         tmp_path: Path, kind: str, case: str) -> None:
     if kind == "moto" and case == "wrong-key":
         em: Emulator = request.getfixturevalue("moto_auth")
-        os.environ.setdefault(S3_SECRET_ENV, "test")
         table, _ = _cloud_tables(tmp_path / "moto-auth", em, None, "")
         cloud_objects: Callable[[], dict[str, int]] | None = None  # no key it would accept
     else:
