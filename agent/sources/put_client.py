@@ -79,7 +79,7 @@ def _once(socket_path: Path, msg: dict[str, Any], fds: list[int],
     with s:
         s.settimeout(timeout_s)
         try:
-            s.connect(str(socket_path))
+            _connect(s, socket_path, timeout_s)
         except (FileNotFoundError, ConnectionRefusedError):
             return None
         except OSError as e:
@@ -97,6 +97,21 @@ def _once(socket_path: Path, msg: dict[str, Any], fds: list[int],
     except ValueError:
         raise SourceError(f"the daemon at {socket_path} gave no answer; see its log") from None
     return reply
+
+
+def _connect(s: socket.socket, socket_path: Path, timeout_s: float) -> None:
+    # A unix socket whose backlog is full refuses a non-blocking connect (EAGAIN) instead of
+    # waiting: try again until the timeout.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            s.connect(str(socket_path))
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise SourceError(f"the daemon at {socket_path} accepts no connection; it is "
+                                  "busy or stuck, see its log") from None
+            time.sleep(BUSY_WAIT_S / 5)
 
 
 def _read_line(s: socket.socket, socket_path: Path) -> bytes:
