@@ -78,14 +78,19 @@ def start(site: Site) -> None:
 # The interpreter lives under /root (mode 0700), which `nobody` cannot enter: the client
 # starts as root, imports what it needs, then drops to nobody/nogroup before it opens or
 # sends anything. The open and SO_PEERCRED both see nobody.
-_AS_NOBODY = """
-import os, sys, json, socket
-import agent.cli, agent.config, agent.sources.put_client, agent.units, agent.status_view
+_AS_NOBODY = f"""
+import importlib, os, sys, json, socket
+for name in ("agent.cli", "agent.config", "agent.sources.put", "agent.sources.put_client",
+             "agent.units", "agent.status_view"):
+    try:
+        importlib.import_module(name)
+    except ImportError:  # a module this version lacks is one its client does not use
+        pass
 os.setgroups([])
-os.setgid({uid})
-os.setuid({uid})
+os.setgid({NOBODY})
+os.setuid({NOBODY})
 if sys.argv[1] == "cli":
-    sys.exit(agent.cli.main(sys.argv[2:]))
+    sys.exit(importlib.import_module("agent.cli").main(sys.argv[2:]))
 # raw: send a put request carrying an O_PATH descriptor (which needs no read permission)
 fd = os.open(sys.argv[3], os.O_PATH)
 s = socket.socket(socket.AF_UNIX)
@@ -93,7 +98,7 @@ s.connect(sys.argv[2])
 req = {{"op": "put", "path": sys.argv[3], "name": "stolen", "priority": "normal"}}
 socket.send_fds(s, [json.dumps(req).encode() + b"\\n"], [fd])
 print(s.makefile().readline())
-""".format(uid=NOBODY)
+"""
 
 
 def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
