@@ -157,6 +157,8 @@ class PutServer:
                 await loop.sock_sendall(conn, _line(reply))
         except (OSError, TimeoutError):
             pass  # the client went away; a put it asked for is durable all the same
+        except Exception:  # one connection's failure must never end the server
+            log.exception("put socket: a connection failed")
         finally:
             for fd in fds:
                 os.close(fd)
@@ -211,7 +213,7 @@ class PutServer:
 
 
 def _line(reply: dict[str, Any]) -> bytes:
-    return json.dumps(reply).encode() + b"\n"
+    return json.dumps(reply, default=str).encode() + b"\n"
 
 
 def received_file(fds: list[int], shown: Path) -> tuple[int, os.stat_result]:

@@ -2,7 +2,8 @@
 `/status.json`.
 
 It runs prometheus-client's threaded WSGI server, so scrapes and page loads never wait on the
-event loop; the page reads the latest `Snapshot` (replaced whole by the loop, so a reader
+event loop, with a cap on connections and a deadline for each (anyone who can reach the port
+can open connections); the page reads the latest `Snapshot` (replaced whole by the loop, so a reader
 always sees one consistent picture). No framework: one HTML string, refreshed by the browser.
 """
 
