@@ -173,6 +173,17 @@ def test_a_descriptor_that_is_not_a_regular_file_is_refused(
     bad_class = raw_request(sock_path(site), {"op": "put", "path": "p", "name": "p",
                                               "priority": "asap"})
     assert not bad_class["ok"] and "unknown class 'asap'" in bad_class["error"]
+    for junk, why in ((b"not json\n", "malformed request"),
+                      (b"[1, 2]\n", "malformed request"),
+                      (b'{"op": "rm -rf"}\n', "unknown request"),
+                      (b"x" * 100_000, "longer than")):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(sock_path(site)))
+            s.sendall(junk)
+            answer = json.loads(s.makefile().readline())
+        assert not answer["ok"] and why in answer["error"], (junk[:20], answer)
+    assert len(events(site, "put_refused")) == 6  # one line each
     assert site.proc is not None and site.proc.poll() is None
     assert objects(site) == 0
     site.stop()
@@ -310,6 +321,8 @@ def test_put_during_daemon_start_succeeds(open_site: Callable[..., Site],
         site.wait_drained(expect_objects=i + 1)
         assert site.stop() == 0
     assert objects(site) == 4
+    print(f"{len(events(site, 'put_accepted'))} of 4 puts went through the daemon's socket, "
+          "the others into the store directly")
 
 
 def test_store_lock_is_waited_for_then_refused_with_one_clear_line(tmp_path: Path) -> None:

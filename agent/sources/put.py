@@ -167,7 +167,10 @@ class PutServer:
 
     async def _answer(self, line: bytes, fds: list[int], peer: Peer) -> dict[str, Any]:
         try:
-            req = json.loads(line)
+            try:
+                req = json.loads(line)
+            except ValueError:
+                raise Refused("malformed request: expected one line of JSON") from None
             if not isinstance(req, dict):
                 raise Refused("malformed request: expected a JSON object on one line")
             op = req.get("op", "put")
@@ -176,8 +179,6 @@ class PutServer:
             if op != "put":
                 raise Refused(f"unknown request {op!r}; use put or status")
             return await self._put(req, fds, peer)
-        except ValueError:
-            return self._refused(Refused("malformed request: expected one line of JSON"), peer)
         except (Refused, SkyferryError) as e:
             return self._refused(e, peer)
         except Exception as e:  # a bad client must never take the daemon down
