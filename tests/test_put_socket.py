@@ -115,6 +115,7 @@ def raw_request(path: Path, req: dict[str, Any], fds: list[int] | None = None) -
         return reply
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the client as nobody: needs root")
 def test_a_client_cannot_get_a_file_it_cannot_read_uploaded(open_site: Callable[..., Site],
                                                             tmp_path: Path) -> None:
     site = open_site()
@@ -170,6 +171,12 @@ def test_a_descriptor_that_is_not_a_regular_file_is_refused(
         os.close(r)
         os.close(w)
     assert not reply["ok"] and "not a regular file" in reply["error"]
+    f = site.root / "two.txt"
+    f.write_bytes(b"two descriptors")
+    with open(f, "rb") as a, open(f, "rb") as b:
+        two = raw_request(sock_path(site), {"op": "put", "path": "two", "name": "two",
+                                            "priority": "normal"}, [a.fileno(), b.fileno()])
+    assert not two["ok"] and "2 descriptors came with the request" in two["error"]
     bad_class = raw_request(sock_path(site), {"op": "put", "path": "p", "name": "p",
                                               "priority": "asap"})
     assert not bad_class["ok"] and "unknown class 'asap'" in bad_class["error"]
@@ -183,7 +190,7 @@ def test_a_descriptor_that_is_not_a_regular_file_is_refused(
             s.sendall(junk)
             answer = json.loads(s.makefile().readline())
         assert not answer["ok"] and why in answer["error"], (junk[:20], answer)
-    assert len(events(site, "put_refused")) == 6  # one line each
+    assert len(events(site, "put_refused")) == 7  # one line each
     assert site.proc is not None and site.proc.poll() is None
     assert objects(site) == 0
     site.stop()
