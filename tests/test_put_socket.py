@@ -242,7 +242,7 @@ def test_300_idle_put_connections_are_closed_and_pin_no_threads(
             c.close()
     print(f"threads {before} before, {during} with 300 idle connections; all closed in "
           f"{took:.1f}s")
-    assert during <= before + 2
+    assert during <= before + 4  # the daemon's own pools may add a worker meanwhile
     # The capped ones were turned away at once, the others closed by the timeout, and
     # the refusals are logged a few times, not 300 times.
     assert 0 < len(events(site, "put_busy")) <= 3
@@ -290,12 +290,12 @@ def test_400_idle_http_connections_are_closed_and_pin_few_threads(
             c.close()
     print(f"threads {before} before, {during} with 400 idle connections; trickle closed "
           f"after {trickle_closed}s")
-    assert during <= before + HTTP_MAX_CONNECTIONS + 2
+    assert during <= before + HTTP_MAX_CONNECTIONS + 4
     assert trickle_closed is not None and trickle_closed <= HTTP_DEADLINE_S + MARGIN_S
     assert 0 < len(events(site, "http_busy")) <= 3
     time.sleep(0.5)
     after = threads(site.proc.pid)
-    assert after <= before + 2, f"{after} threads after the connections closed ({before})"
+    assert after <= before + 4, f"{after} threads after the connections closed ({before})"
     body = _get(url + "/metrics")
     assert body is not None and b"skyferry_queue_items" in body
     assert site.stop() == 0
