@@ -322,7 +322,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent.units import format_duration, format_size
 
     settings = _load(args)
-    data = with_daemon(status_data(settings, time.time()), request_status(settings.put.socket))
+    try:
+        reply = request_status(settings.put.socket)
+    except SkyferryError as e:  # e.g. not in the socket's group: the store still tells a lot
+        reply = {"ok": False, "unreachable": True, "error": str(e)}
+    data = with_daemon(status_data(settings, time.time()), reply)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

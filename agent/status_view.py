@@ -22,7 +22,8 @@ def with_daemon(data: dict[str, Any], reply: dict[str, Any] | None) -> dict[str,
         gate.update(state=NOT_RUNNING, open=False, paused=None)
         return data
     if not reply.get("ok"):
-        data["daemon"] = {"running": True, "error": str(reply.get("error"))}
+        data["daemon"] = {"running": None if reply.get("unreachable") else True,
+                          "error": str(reply.get("error"))}
         gate.update(state="unknown", open=None, paused=None)
         return data
     live: dict[str, Any] = reply.get("status") or {}
@@ -53,7 +54,9 @@ def daemon_lines(data: dict[str, Any]) -> list[str]:
     """The text lines about the daemon, the gate and the backend."""
     d = data.get("daemon") or {}
     g = data["gate"]
-    if not d.get("running"):
+    if d.get("running") is None:
+        head = f"daemon: unknown: {d.get('error')}; the queue is read from the store"
+    elif not d.get("running"):
         head = ("daemon: not running; the queue is read from the store, and nothing is sent "
                 "until the daemon starts")
     elif d.get("error"):
