@@ -83,3 +83,25 @@ async def test_status_of_a_paused_daemon_says_paused(make_site: Callable[..., Si
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+def test_a_backend_state_in_the_daemons_snapshot_is_shown() -> None:
+    """The daemon's snapshot may carry its backend check (ok, or refused with the reason)."""
+    from agent.status_view import daemon_lines, with_daemon
+
+    gate = {"mode": "always", "window_open": True, "window_end": None, "next_change": None}
+    snap = {"gate_state": "open", "gate_open": True, "paused": False, "flushing": False,
+            "link_up": True, "classes": [], "queued_items": 0, "queued_bytes": 0,
+            "time_iso": "2026-12-05T07:00:00+00:00", "mqtt": None,
+            "backend": {"state": "refused", "reason": "403 AuthorizationFailure",
+                        "checked_at": "2026-12-05T07:00:00+00:00"}}
+    data = with_daemon({"gate": dict(gate), "classes": {}},
+                       {"ok": True, "status": {"pid": 42, "snapshot": snap}})
+    assert data["backend"]["state"] == "refused"
+    assert "backend: refused: 403 AuthorizationFailure" in daemon_lines(data)
+    assert "gate: open (mode always)" in daemon_lines(data)[1]
+    del snap["backend"]
+    data = with_daemon({"gate": dict(gate), "classes": {}},
+                       {"ok": True, "status": {"pid": 42, "snapshot": snap}})
+    assert "backend" not in data and not any(
+        line.startswith("backend:") for line in daemon_lines(data))
