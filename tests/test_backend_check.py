@@ -4,9 +4,9 @@
 The backend is checked with one small authenticated request at start and at each window
 opening (agent/backend_health.py). Against Azurite and moto (tests/emulators.py; a second moto
 with authentication switched on for the wrong-key case): the daemon logs one `backend_refused`
-line within 5 s of start, /status.json and the gauge show it, nothing is uploaded or changed in
-the queue, and the daemon stays up. An endpoint that does not answer is "unreachable", not a
-refusal.
+line within 5 s of start; `skyferry status`, /status.json and the gauge show it; nothing is
+uploaded or changed in the queue, and the daemon stays up. An endpoint that does not answer is
+"unreachable", not a refusal.
 """
 
 from __future__ import annotations
@@ -153,6 +153,11 @@ def test_refusal_is_said_within_5s_shown_in_status_and_the_queue_is_kept(
         time.sleep(0.2)
     assert backend["state"] == "refused" and expected in backend["reason"], backend
     assert backend["checked_at"] is not None
+    # `skyferry status` asks the running daemon and prints its snapshot's backend entry.
+    text = site.cli("status", "-c", str(site.config)).stdout
+    assert f"backend: refused: {backend['reason']}" in text, text
+    assert json.loads(site.cli("status", "-c", str(site.config), "--json").stdout)[
+        "backend"]["state"] == "refused"
     assert metric(site, 'skyferry_backend_state{state="refused"}') == 1.0
     assert metric(site, 'skyferry_backend_state{state="ok"}') == 0.0
     time.sleep(2)  # the gate is open all along: nothing may be uploaded meanwhile
