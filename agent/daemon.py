@@ -22,6 +22,7 @@ from agent.gate import Clock, Gate
 from agent.pipeline import BatchRequest, IngestRequest, IngestResult, PackResult, Pipeline
 from agent.reload import plan_reload
 from agent.settings import Settings, SpoolSettings
+from agent.sources import spool_lease
 from agent.sources.mqtt import MqttSource
 from agent.sources.put import PutServer
 from agent.sources.spool import SpoolSource
@@ -137,7 +138,14 @@ class Daemon:
 
     def _spool(self, spool: SpoolSettings) -> SpoolSource:
         return SpoolSource(spool, self.ingest, self.ingest_pack, self.settings.chunking,
-                           workers=INGEST_WORKERS)
+                           workers=INGEST_WORKERS, protected=self._protected_paths(),
+                           metrics=self.metrics)
+
+    def _protected_paths(self) -> tuple[Path, ...]:
+        """What no spool may ever read: the state_dir, the key files and their folders."""
+        keys = self.settings.keys
+        files = (keys.recipient_public, keys.signing_key, keys.dedup_key)
+        return (self.settings.site.state_dir, *files, *{f.parent for f in files})
 
     async def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
         """Like `ingest`, for small files sealed together (one pack)."""
@@ -371,6 +379,9 @@ async def run_daemon(settings: Settings, config: Path | None = None) -> None:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
+    # A writer opening a spool file the daemon holds a read lease on sends SIGIO, whose
+    # default action would end the daemon (agent/sources/spool_lease.py).
+    spool_lease.install_sigio_handler()
     _test_hooks(loop, environ)
     with contextlib.suppress(asyncio.CancelledError):
         await daemon.run(stop)

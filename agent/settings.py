@@ -89,6 +89,7 @@ class SpoolSettings:
     after: AfterIngest = "delete"
     done_dir: Path | None = None  # used when after == "move"; default <path>/done
     scan_interval_s: float = 1.0
+    create: bool = False  # make the folder if it is missing (else: an error, retried)
 
     @property
     def effective_done_dir(self) -> Path:

@@ -30,6 +30,10 @@ class Metrics:
         self.evictions = Counter("skyferry_evictions", "Objects dropped (quota or TTL)",
                                  ["class", "reason"], registry=r)
         self.errors = Counter("skyferry_errors", "Errors by kind", ["kind"], registry=r)
+        self.spool_skipped = Counter(
+            "skyferry_spool_skipped",
+            "Spool entries passed over or kept in place (once per path and reason)",
+            ["source", "reason"], registry=r)
         self.gate_open = Gauge("skyferry_gate_open", "1 when uploads may run", registry=r)
         self.compression_level = Gauge("skyferry_compression_level",
                                        "zstd level new chunks are sealed with", registry=r)
