@@ -1,0 +1,254 @@
+"""Hostile spool inputs (issue 13): a sloppy producer, a careless operator, a hostile local
+user. The daemon never stops for a spool file, logs one line per path, ingests everything
+else, and reads, writes and deletes nothing outside its spool folders.
+
+The daemon runs as root without CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER (setpriv):
+the kernel then refuses it files and folders by their modes exactly as it refuses a service
+user (root bypasses them otherwise; the venv's interpreter lives under /root, out of reach of
+an unprivileged uid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import stat
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sitekit import Site, drop_file, tree_digest, wait_for
+
+MakeSite = Callable[..., Site]
+NO_DAC = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--")
+BAD_NAME = b"bad-\xff\x1b[31m.txt"
+BAD_SHOWN = "bad-\\xff\\x1b[31m.txt"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="needs root and setpriv to run a daemon without DAC caps")
+
+
+def daemon_has_open(pid: int, path: Path) -> bool:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd_dir / fd) == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def while_ingested(site: Site, path: Path, data: bytes, act: Callable[[], None],
+                   tries: int = 4) -> bool:
+    """Drop `data` at path and call `act` while the daemon has the file open (mid-ingest).
+
+    Returns False when the daemon finished before it could be caught, `tries` times.
+    """
+    assert site.proc is not None
+    for attempt in range(tries):
+        name = path if attempt == 0 else path.with_name(f"{path.stem}-{attempt}{path.suffix}")
+        drop_file(path.parent, name.name, data + bytes([attempt]))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and name.exists():
+            if daemon_has_open(site.proc.pid, name):
+                act_path[0] = name
+                act()
+                return True
+            time.sleep(0.0005)
+        assert site.proc.poll() is None, site.log_tail()
+    return False
+
+
+act_path: list[Path] = [Path()]
+
+
+def spool_config(site: Site) -> list[dict[str, Any]]:
+    return [{"name": "files", "path": str(site.spool("files")), "settle": "0.3s",
+             "scan_interval": "0.1s"},
+            {"name": "moved", "path": str(site.spool("moved")), "settle": "0.3s",
+             "scan_interval": "0.1s", "after": "move"}]
+
+
+def skipped_lines(site: Site) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in site.log_events():
+        if e.get("event") == "spool_skipped":
+            out.setdefault(f"{e['source']}:{e['file']}", []).append(e)
+    return out
+
+
+def metric_counts(site: Site) -> dict[tuple[str, str], float]:
+    """(source, reason) -> skyferry_spool_skipped_total, from the metrics endpoint."""
+    url = f"http://127.0.0.1:{site.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("skyferry_spool_skipped_total{"):
+            labels, value = line.rsplit(" ", 1)
+            kv = dict(part.split("=", 1) for part in labels[labels.index("{") + 1:-1].split(","))
+            out[(kv["source"].strip('"'), kv["reason"].strip('"'))] = float(value)
+    return out
+
+
+class HeldWriter(threading.Thread):
+    """A producer that writes, keeps the file open past `settle`, then appends and closes."""
+
+    def __init__(self, path: Path, first: bytes, second: bytes, pause: float) -> None:
+        super().__init__(daemon=True)
+        self.path, self.first, self.second, self.pause = path, first, second, pause
+
+    def run(self) -> None:
+        with open(self.path, "wb") as f:
+            f.write(self.first)
+            f.flush()
+            time.sleep(self.pause)
+            f.write(self.second)
+
+
+def make_hostile(files: Path, moved: Path, outside: Path) -> dict[str, bytes]:
+    """The static hostile entries; returns what must stay byte-identical in place."""
+    rng = random.Random(13)
+    stay: dict[str, bytes] = {}
+    for name, size in (("secret-small.txt", 1000), ("secret-large.bin", 2 << 20)):
+        data = rng.randbytes(size)
+        (files / name).write_bytes(data)
+        (files / name).chmod(0)
+        stay[name] = data
+    (files / os.fsdecode(BAD_NAME)).write_bytes(b"bad name")
+    (outside / "target.txt").write_bytes(b"OUTSIDE")
+    (files / "link-out").symlink_to(outside / "target.txt")
+    os.mkfifo(files / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(files / "sock"))
+    sock.close()
+    (files / "ro").mkdir()
+    stay["ro/kept.txt"] = b"accepted, but its folder is read-only\n" * 10
+    (files / "ro" / "kept.txt").write_bytes(stay["ro/kept.txt"])
+    (files / "ro").chmod(0o555)
+    (moved / "done").write_bytes(b"I am a file named done")
+    stay["moved:done"] = b"I am a file named done"
+    return stay
+
+
+def test_hostile_inputs_to_a_running_daemon(make_site: MakeSite, tmp_path: Path) -> None:
+    site = make_site(spools={"files": "normal", "moved": "normal"})
+    site.extra = {"spool": spool_config(site)}
+    site.write_config()
+    files, moved = site.spool("files"), site.spool("moved")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stay = make_hostile(files, moved, outside)
+    rng = random.Random(7)
+    good = {"a.txt": b"hello\n" * 300, "sub/b.csv": b"t,v\n1,2\n" * 400,
+            "big.bin": rng.randbytes(3 << 20)}
+    for name, data in good.items():
+        drop_file(files, name, data)
+    drop_file(moved, "m.txt", b"moved spool data\n" * 50)
+
+    site.start(wrap=NO_DAC)
+    try:
+        writer = HeldWriter(files / "growing.log", b"first part\n" * 1000,
+                            b"appended after a pause longer than settle\n", pause=2.0)
+        writer.start()
+        big = rng.randbytes(48 << 20)
+        assert while_ingested(site, files / "vanish.bin", big, lambda: act_path[0].unlink()), \
+            "never caught the daemon reading vanish.bin"
+        vanished = act_path[0]
+        appended_at: dict[str, float] = {}
+
+        def append() -> None:
+            t0 = time.monotonic()
+            with open(act_path[0], "ab") as f:  # breaks the daemon's lease: SIGIO
+                appended_at["open_s"] = time.monotonic() - t0
+                f.write(b"APPENDED")
+
+        assert while_ingested(site, files / "append-mid.bin", big, append), \
+            "never caught the daemon reading append-mid.bin"
+        appended = act_path[0]
+        expect_appended = appended.read_bytes()
+        writer.join(10)
+        expect_growing = b"first part\n" * 1000 + b"appended after a pause longer than settle\n"
+        assert appended_at["open_s"] < 10, "the writer waited for the lease to time out"
+
+        remaining = {"secret-small.txt", "secret-large.bin", os.fsdecode(BAD_NAME), "link-out",
+                     "pipe", "sock", "ro", "ro/kept.txt", "sub"}
+
+        def settled() -> bool:
+            left = {p.relative_to(files).as_posix() for p in files.rglob("*")}
+            st = site.status()
+            return (left == remaining and st["queued_objects"] == 0
+                    and {p.name for p in moved.iterdir()} == {"done", "m.txt"})
+        wait_for(settled, 60, "the spool to settle", site)
+        time.sleep(1.5)  # 15 more scans: nothing is logged again
+        assert site.proc is not None and site.proc.poll() is None
+        lines = skipped_lines(site)
+        counts = metric_counts(site)
+    finally:
+        (files / "ro").chmod(0o755)
+    assert site.stop() == 0
+
+    expect_once = {"files:secret-small.txt": "unreadable", "files:secret-large.bin": "unreadable",
+                   f"files:{BAD_SHOWN}": "bad_name", "files:link-out": "symlink",
+                   "files:pipe": "fifo", "files:sock": "socket",
+                   "files:ro/kept.txt": "undeletable", "moved:done": "done_refused",
+                   "moved:m.txt": "not_moved", f"files:{appended.name}": "changed",
+                   f"files:{vanished.name}": None}
+    for key, reason in expect_once.items():
+        got = lines.get(key, [])
+        assert len(got) == 1, (key, got)
+        if reason is not None:
+            assert got[0]["reason"] == reason, (key, got)
+    assert set(lines) == set(expect_once), sorted(set(lines) - set(expect_once))
+    for key, reason in expect_once.items():
+        if reason is not None:
+            label = (key.split(":")[0], reason)
+            assert counts.get(label, 0) >= 1, (label, counts)
+    raw = site.log_path.read_bytes()
+    raw.decode("utf-8")  # every line valid UTF-8, whatever the file names
+    assert b"Traceback" not in raw and b"Logging error" not in raw
+    for line in raw.splitlines():
+        if line.startswith(b"{"):
+            json.loads(line)
+
+    # Left in place, untouched; nothing outside the spool read or changed.
+    for name, data in stay.items():
+        path = moved / "done" if name == "moved:done" else files / name
+        path.chmod(0o600)
+        assert path.read_bytes() == data, name
+    assert (outside / "target.txt").read_bytes() == b"OUTSIDE"
+    assert stat.S_ISFIFO((files / "pipe").lstat().st_mode)
+
+    out = tmp_path / "restored"
+    site.restore(out)
+    got = tree_digest(out / site.site_id / "files")
+    want = {**good, "ro/kept.txt": stay["ro/kept.txt"], "growing.log": expect_growing,
+            appended.name: expect_appended}
+    vanished_name = vanished.name
+    got.pop(vanished_name, None)  # read whole before it went, or refused: either is right
+    assert got == tree_digest_of(tmp_path / "want", want)
+    assert expect_appended.endswith(b"APPENDED")
+    assert tree_digest(out / site.site_id / "moved") == tree_digest_of(
+        tmp_path / "want-moved", {"m.txt": b"moved spool data\n" * 50})
+
+
+def tree_digest_of(root: Path, files: dict[str, bytes]) -> dict[str, tuple[int, str]]:
+    for name, data in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return tree_digest(root)
+
