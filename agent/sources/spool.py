@@ -332,15 +332,15 @@ class SpoolSource:
             log_event(log, logging.DEBUG, "file_busy", f"{printable(c.name)} is still open "
                       "for writing", source=self.settings.name, file=printable(c.name))
             return
+        if hold.open_errno in (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            # Changed, gone or swapped since the scan: it settles again and is looked at anew.
+            self._stable_since.pop(c.name, None)
+            self._tell(c.name, "changed", f"{e} (left in place)", logging.INFO)
+            return
+        # Retrying cannot help until something changes (its mode, its owner, the file).
         self._failed[c.name] = version(c)
-        if hold.open_errno in (errno.EACCES, errno.EPERM):
-            reason = "unreadable"
-        elif hold.open_errno in (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            reason = "changed"  # changed, gone or swapped since the scan: looked at again
-        else:
-            reason = "unopenable"
-        self._tell(c.name, reason, f"{e} (left in place; tried again once it changes)",
-                   logging.WARNING if reason != "changed" else logging.INFO)
+        reason = "unreadable" if hold.open_errno in (errno.EACCES, errno.EPERM) else "unopenable"
+        self._tell(c.name, reason, f"{e} (left in place; tried again once it changes)")
 
     async def _ingest_one(self, p: _Pass, c: Candidate) -> bool:
         hold = Hold(p.root_fd, c)
