@@ -41,6 +41,7 @@ from tests.sitekit import Site, drop_file, tree_digest, wait_for
 
 MakeSite = Callable[..., Site]
 NO_DAC = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--")
+REPO = Path(__file__).resolve().parent.parent
 BAD_NAME = b"bad-\xff\x1b[31m.txt"
 BAD_SHOWN = "bad-\\xff\\x1b[31m.txt"
 
@@ -423,3 +424,42 @@ def test_state_dir_and_keys_are_never_ingested(tmp_path: Path) -> None:
         asyncio.run(inside.scan_once())
     assert taken == ["data.txt"]
     assert [e[0] for e in lines.events] == ["spool_unusable"]
+
+
+NO_LEASE_SCRIPT = """
+import os, sys
+from pathlib import Path
+from agent.sources import spool_lease
+from agent.sources.spool_files import Hold, Kept, dispose
+from agent.sources.spool_scan import scan_fd
+root = Path(sys.argv[1])
+assert spool_lease.install_sigio_handler()
+fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+files = {c.name: c for c in scan_fd(fd, root).files}
+hold = Hold(fd, files["same.txt"])
+os.close(hold.open())
+assert not hold.leased, "a lease without CAP_LEASE on another user's file"
+dispose(fd, files["same.txt"], hold, None)
+hold = Hold(fd, files["grown.txt"])
+os.close(hold.open())
+with open(root / "grown.txt", "ab") as f:
+    f.write(b" and more")
+try:
+    dispose(fd, files["grown.txt"], hold, None)
+    raise SystemExit("deleted a file that grew after it was sealed")
+except Kept as k:
+    assert k.reason == "changed", k.reason
+print("fallback ok")
+"""
+
+
+def test_without_cap_lease_stat_checks_still_keep_a_changed_file(tmp_path: Path) -> None:
+    for name in ("same.txt", "grown.txt"):
+        (tmp_path / name).write_bytes(b"sealed")
+        os.chown(tmp_path / name, 65534, 65534)  # a producer's file, not the daemon's
+    r = subprocess.run(["setpriv", "--bounding-set", "-lease", "--", sys.executable, "-c",
+                        NO_LEASE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and "fallback ok" in r.stdout, r.stderr
+    assert not (tmp_path / "same.txt").exists()
+    assert (tmp_path / "grown.txt").read_bytes() == b"sealed and more"

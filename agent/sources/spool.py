@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -39,7 +40,20 @@ log = logging.getLogger("skyferry.spool")
 REFUSED_BACKOFF_MAX_S = 5.0
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
+# Why a file could not be opened that a later scan may not see again: it changed, went, was
+# swapped for a link, or the process ran out of descriptors.
+_TRANSIENT = (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EMFILE, errno.ENFILE)
+
 Version = tuple[int, int, int, int]  # (inode, size, mtime, ctime): one version of a file
+
+
+def raise_open_file_limit() -> None:
+    """Soft descriptor limit up to the hard one: a pack of up to `pack_files` files holds a
+    descriptor per file (its read lease) until the files are deleted."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def version(c: Candidate) -> Version:
@@ -92,6 +106,7 @@ class SpoolSource:
         self._kept: dict[str, Candidate] = {}
         self._told: dict[str, set[str]] = {}  # path -> reasons logged while it is there
         self._root_trouble: str | None = None
+        self._errors: set[str] = set()  # unexpected errors logged (each once)
         self.accepted = 0
         self.ready_bytes = 0  # settled and not yet ingested (the compression policy asks)
 
@@ -100,19 +115,31 @@ class SpoolSource:
         return self.settings.effective_done_dir if self.settings.after == "move" else None
 
     async def run(self) -> None:
-        # A writer opening a leased file sends SIGIO, whose default action ends the process.
-        spool_lease.install_sigio_handler()
+        raise_open_file_limit()
         while True:
             try:
                 await self.scan_once()
             except Exception as e:  # the daemon never stops for a spool: log, retry
-                self._tell(".", "error", f"scan failed, retried: {type(e).__name__}: {e}",
-                           logging.ERROR)
+                self._unexpected(e)
             await asyncio.sleep(max(self.settings.scan_interval_s, self._backoff_s))
+
+    def _unexpected(self, e: Exception) -> None:
+        what = f"{type(e).__name__}: {e}"
+        if what in self._errors or len(self._errors) >= 100:
+            return
+        self._errors.add(what)
+        self._count("error")
+        log_event(log, logging.ERROR, "spool_error",
+                  f"spool {self.settings.name}: scan failed, retried at the next one: "
+                  f"{printable(what)}", source=self.settings.name)
 
     # ---- one pass ------------------------------------------------------------------------
 
     async def scan_once(self) -> None:
+        # A writer opening a leased file sends SIGIO, whose default action ends the process:
+        # leases are taken only once a handler is in place (the event loop's thread is the
+        # main thread in the daemon; elsewhere leases are not used).
+        spool_lease.install_sigio_handler()
         p = await asyncio.to_thread(self._open_pass)
         if p is None:
             return
@@ -332,7 +359,7 @@ class SpoolSource:
             log_event(log, logging.DEBUG, "file_busy", f"{printable(c.name)} is still open "
                       "for writing", source=self.settings.name, file=printable(c.name))
             return
-        if hold.open_errno in (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+        if hold.open_errno in _TRANSIENT:
             # Changed, gone or swapped since the scan: it settles again and is looked at anew.
             self._stable_since.pop(c.name, None)
             self._tell(c.name, "changed", f"{e} (left in place)", logging.INFO)
@@ -403,7 +430,8 @@ class SpoolSource:
                       duplicate=result.duplicate_of is not None)
             k = kept.get(c.name)
             if k is not None:
-                self._tell(c.name, k.reason, str(k))
+                self._tell(c.name, k.reason, str(k), logging.INFO
+                           if k.reason in ("changed", "gone") else logging.WARNING)
 
     def _dispose_all(self, p: _Pass, done: list[tuple[Candidate, Hold]]) -> dict[str, Kept]:
         kept: dict[str, Kept] = {}
