@@ -42,6 +42,7 @@ from tests.sitekit import Site, drop_file, tree_digest, wait_for
 MakeSite = Callable[..., Site]
 NO_DAC = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--")
 REPO = Path(__file__).resolve().parent.parent
+OLD_ATIME = 1_500_000_000
 BAD_NAME = b"bad-\xff\x1b[31m.txt"
 BAD_SHOWN = "bad-\\xff\\x1b[31m.txt"
 
@@ -64,12 +65,10 @@ def daemon_has_open(pid: int, path: Path) -> bool:
     return False
 
 
-def while_ingested(site: Site, path: Path, data: bytes, act: Callable[[], None],
-                   tries: int = 4) -> bool:
-    """Drop `data` at path and call `act` while the daemon has the file open (mid-ingest).
-
-    Returns False when the daemon finished before it could be caught, `tries` times.
-    """
+def while_ingested(site: Site, path: Path, data: bytes, act: Callable[[Path], None],
+                   tries: int = 4) -> Path:
+    """Drop `data` at path and call `act` while the daemon has the file open (mid-ingest);
+    returns the path it was done to (another name if the daemon was too quick)."""
     assert site.proc is not None
     for attempt in range(tries):
         name = path if attempt == 0 else path.with_name(f"{path.stem}-{attempt}{path.suffix}")
@@ -77,15 +76,11 @@ def while_ingested(site: Site, path: Path, data: bytes, act: Callable[[], None],
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and name.exists():
             if daemon_has_open(site.proc.pid, name):
-                act_path[0] = name
-                act()
-                return True
+                act(name)
+                return name
             time.sleep(0.0005)
         assert site.proc.poll() is None, site.log_tail()
-    return False
-
-
-act_path: list[Path] = [Path()]
+    raise AssertionError(f"never caught the daemon reading {path.name}")
 
 
 def spool_config(site: Site) -> list[dict[str, Any]]:
@@ -143,6 +138,7 @@ def make_hostile(files: Path, moved: Path, outside: Path) -> dict[str, bytes]:
         stay[name] = data
     (files / os.fsdecode(BAD_NAME)).write_bytes(b"bad name")
     (outside / "target.txt").write_bytes(b"OUTSIDE")
+    os.utime(outside / "target.txt", (OLD_ATIME, OLD_ATIME + 1))  # relatime: a read moves it
     (files / "link-out").symlink_to(outside / "target.txt")
     os.mkfifo(files / "pipe")
     sock = socket.socket(socket.AF_UNIX)
@@ -157,12 +153,48 @@ def make_hostile(files: Path, moved: Path, outside: Path) -> dict[str, bytes]:
     return stay
 
 
+def mid_ingest_changes(site: Site, files: Path, rng: random.Random
+                       ) -> tuple[str, str, bytes]:
+    """A large file deleted, and another appended to, while the daemon reads them; returns
+    (deleted name, appended name, the appended file's final content)."""
+    big = rng.randbytes(48 << 20)
+    vanished = while_ingested(site, files / "vanish.bin", big, lambda p: p.unlink())
+    opened_in: list[float] = []
+
+    def append(path: Path) -> None:
+        t0 = time.monotonic()
+        with open(path, "ab") as f:  # breaks the daemon's read lease: SIGIO
+            opened_in.append(time.monotonic() - t0)
+            f.write(b"APPENDED")
+
+    appended = while_ingested(site, files / "append-mid.bin", big, append)
+    assert opened_in[0] < 10, "the writer waited for the lease to time out"
+    return vanished.name, appended.name, appended.read_bytes()
+
+
+def check_lines(site: Site, lines: dict[str, list[dict[str, Any]]],
+                counts: dict[tuple[str, str], float], expect: dict[str, str | None]) -> None:
+    """One line per path (with its reason), counted; the log valid UTF-8 JSON, no traceback."""
+    for key, reason in expect.items():
+        got = lines.get(key, [])
+        assert len(got) == 1, (key, got)
+        if reason is not None:
+            assert got[0]["reason"] == reason, (key, got)
+            assert counts.get((key.split(":")[0], reason), 0) >= 1, (key, counts)
+    assert set(lines) == set(expect), sorted(set(lines) - set(expect))
+    raw = site.log_path.read_bytes()
+    raw.decode("utf-8")  # every line valid UTF-8, whatever the file names
+    assert b"Traceback" not in raw and b"Logging error" not in raw
+    for line in raw.splitlines():
+        if line.startswith(b"{"):
+            json.loads(line)
+
+
 def test_hostile_inputs_to_a_running_daemon(make_site: MakeSite, tmp_path: Path) -> None:
     site = make_site(spools={"files": "normal", "moved": "normal"})
     site.extra = {"spool": spool_config(site)}
     site.write_config()
-    files, moved = site.spool("files"), site.spool("moved")
-    outside = tmp_path / "outside"
+    files, moved, outside = site.spool("files"), site.spool("moved"), tmp_path / "outside"
     outside.mkdir()
     stay = make_hostile(files, moved, outside)
     rng = random.Random(7)
@@ -171,89 +203,51 @@ def test_hostile_inputs_to_a_running_daemon(make_site: MakeSite, tmp_path: Path)
     for name, data in good.items():
         drop_file(files, name, data)
     drop_file(moved, "m.txt", b"moved spool data\n" * 50)
+    growing = b"first part\n" * 1000 + b"appended after a pause longer than settle\n"
+    remaining = {"secret-small.txt", "secret-large.bin", os.fsdecode(BAD_NAME), "link-out",
+                 "pipe", "sock", "ro", "ro/kept.txt", "sub"}
+
+    def settled() -> bool:
+        left = {p.relative_to(files).as_posix() for p in files.rglob("*")}
+        return (left == remaining and site.status()["queued_objects"] == 0
+                and {p.name for p in moved.iterdir()} == {"done", "m.txt"})
 
     site.start(wrap=NO_DAC)
     try:
-        writer = HeldWriter(files / "growing.log", b"first part\n" * 1000,
-                            b"appended after a pause longer than settle\n", pause=2.0)
+        writer = HeldWriter(files / "growing.log", growing[:11000], growing[11000:], pause=2.0)
         writer.start()
-        big = rng.randbytes(48 << 20)
-        assert while_ingested(site, files / "vanish.bin", big, lambda: act_path[0].unlink()), \
-            "never caught the daemon reading vanish.bin"
-        vanished = act_path[0]
-        appended_at: dict[str, float] = {}
-
-        def append() -> None:
-            t0 = time.monotonic()
-            with open(act_path[0], "ab") as f:  # breaks the daemon's lease: SIGIO
-                appended_at["open_s"] = time.monotonic() - t0
-                f.write(b"APPENDED")
-
-        assert while_ingested(site, files / "append-mid.bin", big, append), \
-            "never caught the daemon reading append-mid.bin"
-        appended = act_path[0]
-        expect_appended = appended.read_bytes()
+        vanished, appended, final = mid_ingest_changes(site, files, rng)
         writer.join(10)
-        expect_growing = b"first part\n" * 1000 + b"appended after a pause longer than settle\n"
-        assert appended_at["open_s"] < 10, "the writer waited for the lease to time out"
-
-        remaining = {"secret-small.txt", "secret-large.bin", os.fsdecode(BAD_NAME), "link-out",
-                     "pipe", "sock", "ro", "ro/kept.txt", "sub"}
-
-        def settled() -> bool:
-            left = {p.relative_to(files).as_posix() for p in files.rglob("*")}
-            st = site.status()
-            return (left == remaining and st["queued_objects"] == 0
-                    and {p.name for p in moved.iterdir()} == {"done", "m.txt"})
         wait_for(settled, 60, "the spool to settle", site)
         time.sleep(1.5)  # 15 more scans: nothing is logged again
         assert site.proc is not None and site.proc.poll() is None
-        lines = skipped_lines(site)
-        counts = metric_counts(site)
+        lines, counts = skipped_lines(site), metric_counts(site)
     finally:
         (files / "ro").chmod(0o755)
     assert site.stop() == 0
-
-    expect_once = {"files:secret-small.txt": "unreadable", "files:secret-large.bin": "unreadable",
-                   f"files:{BAD_SHOWN}": "bad_name", "files:link-out": "symlink",
-                   "files:pipe": "fifo", "files:sock": "socket",
-                   "files:ro/kept.txt": "undeletable", "moved:done": "done_refused",
-                   "moved:m.txt": "not_moved", f"files:{appended.name}": "changed",
-                   f"files:{vanished.name}": None}
-    for key, reason in expect_once.items():
-        got = lines.get(key, [])
-        assert len(got) == 1, (key, got)
-        if reason is not None:
-            assert got[0]["reason"] == reason, (key, got)
-    assert set(lines) == set(expect_once), sorted(set(lines) - set(expect_once))
-    for key, reason in expect_once.items():
-        if reason is not None:
-            label = (key.split(":")[0], reason)
-            assert counts.get(label, 0) >= 1, (label, counts)
-    raw = site.log_path.read_bytes()
-    raw.decode("utf-8")  # every line valid UTF-8, whatever the file names
-    assert b"Traceback" not in raw and b"Logging error" not in raw
-    for line in raw.splitlines():
-        if line.startswith(b"{"):
-            json.loads(line)
+    check_lines(site, lines, counts, {
+        "files:secret-small.txt": "unreadable", "files:secret-large.bin": "unreadable",
+        f"files:{BAD_SHOWN}": "bad_name", "files:link-out": "symlink", "files:pipe": "fifo",
+        "files:sock": "socket", "files:ro/kept.txt": "undeletable",
+        "moved:done": "done_refused", "moved:m.txt": "not_moved",
+        f"files:{appended}": "changed", f"files:{vanished}": None})
 
     # Left in place, untouched; nothing outside the spool read or changed.
     for name, data in stay.items():
         path = moved / "done" if name == "moved:done" else files / name
         path.chmod(0o600)
         assert path.read_bytes() == data, name
+    assert (outside / "target.txt").stat().st_atime == OLD_ATIME, "read through the link"
     assert (outside / "target.txt").read_bytes() == b"OUTSIDE"
     assert stat.S_ISFIFO((files / "pipe").lstat().st_mode)
 
     out = tmp_path / "restored"
     site.restore(out)
     got = tree_digest(out / site.site_id / "files")
-    want = {**good, "ro/kept.txt": stay["ro/kept.txt"], "growing.log": expect_growing,
-            appended.name: expect_appended}
-    vanished_name = vanished.name
-    got.pop(vanished_name, None)  # read whole before it went, or refused: either is right
-    assert got == tree_digest_of(tmp_path / "want", want)
-    assert expect_appended.endswith(b"APPENDED")
+    got.pop(vanished, None)  # read whole before it went, or refused: either is right
+    assert final.endswith(b"APPENDED")
+    assert got == tree_digest_of(tmp_path / "want", {
+        **good, "ro/kept.txt": stay["ro/kept.txt"], "growing.log": growing, appended: final})
     assert tree_digest(out / site.site_id / "moved") == tree_digest_of(
         tmp_path / "want-moved", {"m.txt": b"moved spool data\n" * 50})
 
