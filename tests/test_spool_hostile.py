@@ -148,6 +148,10 @@ def make_hostile(files: Path, moved: Path, outside: Path) -> dict[str, bytes]:
     stay["ro/kept.txt"] = b"accepted, but its folder is read-only\n" * 10
     (files / "ro" / "kept.txt").write_bytes(stay["ro/kept.txt"])
     (files / "ro").chmod(0o555)
+    (files / "locked").mkdir()
+    stay["locked/x.txt"] = b"in a folder the daemon cannot open"
+    (files / "locked" / "x.txt").write_bytes(stay["locked/x.txt"])
+    (files / "locked").chmod(0)
     (moved / "done").write_bytes(b"I am a file named done")
     stay["moved:done"] = b"I am a file named done"
     return stay
@@ -205,7 +209,7 @@ def test_hostile_inputs_to_a_running_daemon(make_site: MakeSite, tmp_path: Path)
     drop_file(moved, "m.txt", b"moved spool data\n" * 50)
     growing = b"first part\n" * 1000 + b"appended after a pause longer than settle\n"
     remaining = {"secret-small.txt", "secret-large.bin", os.fsdecode(BAD_NAME), "link-out",
-                 "pipe", "sock", "ro", "ro/kept.txt", "sub"}
+                 "pipe", "sock", "ro", "ro/kept.txt", "sub", "locked", "locked/x.txt"}
 
     def settled() -> bool:
         left = {p.relative_to(files).as_posix() for p in files.rglob("*")}
@@ -224,11 +228,12 @@ def test_hostile_inputs_to_a_running_daemon(make_site: MakeSite, tmp_path: Path)
         lines, counts = skipped_lines(site), metric_counts(site)
     finally:
         (files / "ro").chmod(0o755)
+        (files / "locked").chmod(0o755)
     assert site.stop() == 0
     check_lines(site, lines, counts, {
         "files:secret-small.txt": "unreadable", "files:secret-large.bin": "unreadable",
         f"files:{BAD_SHOWN}": "bad_name", "files:link-out": "symlink", "files:pipe": "fifo",
-        "files:sock": "socket", "files:ro/kept.txt": "undeletable",
+        "files:sock": "socket", "files:ro/kept.txt": "undeletable", "files:locked": "unreadable",
         "moved:done": "done_refused", "moved:m.txt": "not_moved",
         f"files:{appended}": "changed", f"files:{vanished}": None})
 

@@ -362,12 +362,18 @@ class SpoolSource:
         if hold.open_errno in _TRANSIENT:
             # Changed, gone or swapped since the scan: it settles again and is looked at anew.
             self._stable_since.pop(c.name, None)
-            self._tell(c.name, "changed", f"{e} (left in place)", logging.INFO)
+            self._tell(c.name, "changed", "changed, went away or was replaced while it was "
+                       "being ingested; left in place, taken once it settles", logging.INFO)
+            log_event(log, logging.DEBUG, "ingest_failed", printable(str(e)),
+                      source=self.settings.name, file=printable(c.name))
             return
         # Retrying cannot help until something changes (its mode, its owner, the file).
         self._failed[c.name] = version(c)
-        reason = "unreadable" if hold.open_errno in (errno.EACCES, errno.EPERM) else "unopenable"
-        self._tell(c.name, reason, f"{e} (left in place; tried again once it changes)")
+        assert hold.open_errno is not None
+        unreadable = hold.open_errno in (errno.EACCES, errno.EPERM)
+        self._tell(c.name, "unreadable" if unreadable else "unopenable",
+                   f"cannot be opened by the service ({os.strerror(hold.open_errno)}); left in "
+                   "place, tried again once its mode, owner or content changes")
 
     async def _ingest_one(self, p: _Pass, c: Candidate) -> bool:
         hold = Hold(p.root_fd, c)

@@ -12,6 +12,7 @@ fstatat on the descriptor of the folder that holds them (scandir of a descriptor
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -168,7 +169,10 @@ def scan_fd(root_fd: int, root: Path, fence: Fence = Fence()) -> ScanResult:
         parts, expect = folders.pop()
         try:
             fd = open_folder(root_fd, parts)
-        except OSError:
+        except OSError as e:  # gone or swapped for a link: looked at again next scan
+            if e.errno in (errno.EACCES, errno.EPERM):
+                out.skipped.append(Skipped("/".join(parts), "unreadable",
+                                           f"folder cannot be opened: {e.strerror}"))
             continue
         try:
             if parts and ident(os.fstat(fd)) != expect:
