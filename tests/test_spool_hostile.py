@@ -45,6 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 OLD_ATIME = 1_500_000_000
 BAD_NAME = b"bad-\xff\x1b[31m.txt"
 BAD_SHOWN = "bad-\\xff\\x1b[31m.txt"
+# What stays in the spool "files" (folders included) once everything else is ingested.
+REMAINING = {"secret-small.txt", "secret-large.bin", os.fsdecode(BAD_NAME), "link-out", "pipe",
+             "sock", "ro", "ro/kept.txt", "sub", "locked", "locked/x.txt"}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="needs root and setpriv to run a daemon without DAC caps")
@@ -208,12 +211,10 @@ def test_hostile_inputs_to_a_running_daemon(make_site: MakeSite, tmp_path: Path)
         drop_file(files, name, data)
     drop_file(moved, "m.txt", b"moved spool data\n" * 50)
     growing = b"first part\n" * 1000 + b"appended after a pause longer than settle\n"
-    remaining = {"secret-small.txt", "secret-large.bin", os.fsdecode(BAD_NAME), "link-out",
-                 "pipe", "sock", "ro", "ro/kept.txt", "sub", "locked", "locked/x.txt"}
 
     def settled() -> bool:
         left = {p.relative_to(files).as_posix() for p in files.rglob("*")}
-        return (left == remaining and site.status()["queued_objects"] == 0
+        return (left == REMAINING and site.status()["queued_objects"] == 0
                 and {p.name for p in moved.iterdir()} == {"done", "m.txt"})
 
     site.start(wrap=NO_DAC)
