@@ -44,6 +44,10 @@ _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # swapped for a link, or the process ran out of descriptors.
 _TRANSIENT = (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EMFILE, errno.ENFILE)
 
+# Accepted files kept for a reason of their own (a new version, a writer): looked at anew,
+# not merely disposed of again.
+_KEPT_FOR_NOW = ("changed", "gone", "busy")
+
 Version = tuple[int, int, int, int]  # (inode, size, mtime, ctime): one version of a file
 
 
@@ -73,6 +77,12 @@ class _Pass:
         if self.move and self.done is None:
             raise Kept("not_moved", "cannot be moved: done/ is not usable (see the line about "
                        "it); it stays in the spool")
+        if not hold.opened:  # accepted before, so not read now: take its lease all the same
+            try:
+                os.close(hold.open())
+            except BlockingIOError:
+                raise Kept("busy", "is open for writing; it stays and is looked at again once "
+                           "it settles") from None
         dispose(self.root_fd, c, hold, self.done)
 
     def close(self) -> None:
@@ -245,8 +255,7 @@ class SpoolSource:
         for c in retry:
             hold = Hold(p.root_fd, c)
             try:
-                os.close(hold.open())  # takes the lease: no writer may have it open now
-                p.dispose(c, hold)
+                p.dispose(c, hold)  # takes the lease first: no writer may have it open
             except (Kept, OSError):
                 continue
             finally:
@@ -437,7 +446,7 @@ class SpoolSource:
             k = kept.get(c.name)
             if k is not None:
                 self._tell(c.name, k.reason, str(k), logging.INFO
-                           if k.reason in ("changed", "gone") else logging.WARNING)
+                           if k.reason in _KEPT_FOR_NOW else logging.WARNING)
 
     def _dispose_all(self, p: _Pass, done: list[tuple[Candidate, Hold]]) -> dict[str, Kept]:
         kept: dict[str, Kept] = {}
@@ -446,7 +455,7 @@ class SpoolSource:
                 p.dispose(c, hold)
             except Kept as k:
                 kept[c.name] = k
-                if k.reason not in ("changed", "gone"):
+                if k.reason not in _KEPT_FOR_NOW:
                     self._kept[c.name] = c  # the same version is not ingested again
             except OSError as e:
                 kept[c.name] = Kept("not_disposed", f"cannot be disposed of: {e.strerror}")

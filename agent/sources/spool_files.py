@@ -46,8 +46,10 @@ class Hold:
         self.busy = False  # open for writing by someone: not settled after all
         self.leased = False
         self.open_errno: int | None = None  # why the file could not be opened, if it could not
+        self.opened = False
 
     def open(self) -> int:
+        self.opened = True
         parts = self.c.parts
         try:
             parent = open_folder(self.root_fd, parts[:-1])
