@@ -11,9 +11,9 @@ outside the spool is in it, and every file stored is a version its producer wrot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -162,8 +162,13 @@ class Racer(threading.Thread):
             except OSError:  # the daemon made done/ again and moved files into it
                 for p in sorted(done.rglob("*")):
                     if p.is_file():
-                        os.renames(p, aside / p.relative_to(done))
-                shutil.rmtree(done, ignore_errors=True)
+                        (aside / p.relative_to(done)).parent.mkdir(parents=True, exist_ok=True)
+                        os.rename(p, aside / p.relative_to(done))
+                for d in sorted((p for p in done.rglob("*") if p.is_dir()), reverse=True):
+                    with contextlib.suppress(OSError):  # never a file removed: only empty dirs
+                        d.rmdir()
+                with contextlib.suppress(OSError):
+                    done.rmdir()
 
 
 def open_blob(path: Path, recipient: Any) -> bytes:
