@@ -395,6 +395,14 @@ def test_a_missing_spool_folder_is_one_line_and_retried(tmp_path: Path) -> None:
     asyncio.run(source.scan_once())
     assert made.is_dir()
 
+    (tmp_path / "a-file").write_bytes(b"not a folder")
+    for path in (tmp_path / "a-file", Path("/proc/self")):
+        source, taken, metrics = spool_source(path, create=True)
+        with Lines() as lines:
+            for _ in range(2):
+                asyncio.run(source.scan_once())
+        assert [e[0] for e in lines.events] == ["spool_unusable"] and taken == []
+
 
 def test_state_dir_and_keys_are_never_ingested(tmp_path: Path) -> None:
     spool = tmp_path / "spool"

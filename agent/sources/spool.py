@@ -60,6 +60,15 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _on_pseudo_fs(fd: int) -> bool:
+    dev = os.fstat(fd).st_dev
+    for pseudo in ("/proc", "/sys"):
+        with contextlib.suppress(OSError):
+            if os.stat(pseudo).st_dev == dev:
+                return True
+    return False
+
+
 def version(c: Candidate) -> Version:
     assert c.st is not None
     return c.st.st_ino, c.st.st_size, c.st.st_mtime_ns, c.st.st_ctime_ns
@@ -198,6 +207,9 @@ class SpoolSource:
             if self.settings.create:
                 path.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, _ROOT_FLAGS)
+            if _on_pseudo_fs(fd):
+                os.close(fd)
+                raise OSError(errno.EPERM, "it is on /proc or /sys, which hold no producer files")
         except OSError as e:
             how = ("does not exist: create it, or set create = true in its [[spool]] section"
                    if e.errno == errno.ENOENT else f"cannot be used: {e.strerror}")
