@@ -138,14 +138,14 @@ class Daemon:
 
     def _spool(self, spool: SpoolSettings) -> SpoolSource:
         return SpoolSource(spool, self.ingest, self.ingest_pack, self.settings.chunking,
-                           workers=INGEST_WORKERS, protected=self._protected_paths(),
-                           metrics=self.metrics)
+                           workers=INGEST_WORKERS, protected=self._key_paths(),
+                           metrics=self.metrics, state_dir=self.settings.site.state_dir)
 
-    def _protected_paths(self) -> tuple[Path, ...]:
-        """What no spool may ever read: the state_dir, the key files and their folders."""
+    def _key_paths(self) -> tuple[Path, ...]:
+        """What no spool may ever read besides the state_dir: the keys and their folders."""
         keys = self.settings.keys
         files = (keys.recipient_public, keys.signing_key, keys.dedup_key)
-        return (self.settings.site.state_dir, *files, *{f.parent for f in files})
+        return (*files, *{f.parent for f in files})
 
     async def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
         """Like `ingest`, for small files sealed together (one pack)."""

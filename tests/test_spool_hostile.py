@@ -419,19 +419,20 @@ def test_state_dir_and_keys_are_never_ingested(tmp_path: Path) -> None:
         return IngestResult("obj", 0, 0, 0, 0)
 
     settings = SpoolSettings(name="s", path=spool, settle_s=0.0)
-    source = SpoolSource(settings, ingest, protected=(state, key))
+    source = SpoolSource(settings, ingest, protected=(key,), state_dir=state)
     with Lines() as lines:
         asyncio.run(source.scan_once())
     assert taken == ["data.txt"]
     assert (state / "index.sqlite").exists() and key.exists()
     assert ("spool_skipped", "site.key", "protected") in lines.events
 
-    inside = SpoolSource(SpoolSettings(name="t", path=state, settle_s=0.0), ingest,
-                         protected=(state,))
+    inside = SpoolSource(SpoolSettings(name="t", path=state / "sub", settle_s=0.0,
+                                       create=True), ingest, state_dir=state)
     with Lines() as lines:
         asyncio.run(inside.scan_once())
     assert taken == ["data.txt"]
     assert [e[0] for e in lines.events] == ["spool_unusable"]
+    assert not (state / "sub").exists(), "create = true made a folder inside state_dir"
 
 
 NO_LEASE_SCRIPT = """

@@ -243,7 +243,7 @@ def test_symlink_races_never_reach_outside_the_spool(tmp_path: Path, after: str)
 
     metrics = Metrics()
     source = SpoolSource(settings, ingest, ingest_pack, CHUNKING, workers=2,
-                         protected=(state, *key_files, e), metrics=metrics)
+                         protected=(*key_files, e), metrics=metrics, state_dir=state)
     locks = {f: threading.Lock() for f in FOLDERS}
     producer = Producer(spool, 700, locks)
     targets = [*sorted((outside.root).glob("f*.txt")), index, *key_files]

@@ -104,14 +104,16 @@ class SpoolSource:
     def __init__(self, settings: SpoolSettings, ingest: Ingest,
                  ingest_pack: IngestPack | None = None, chunking: ChunkingSettings | None = None,
                  workers: int = 2, protected: tuple[Path, ...] = (),
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, state_dir: Path | None = None) -> None:
         self.settings = settings
         self.ingest = ingest
         self.ingest_pack = ingest_pack
         self.chunking = chunking if ingest_pack is not None else None
         self.workers = max(1, workers)
-        # The state_dir and the keys: never entered nor read, even if a spool holds them.
-        self.protected = protected
+        # The state_dir and the keys: never entered nor read, even if a spool holds them; a
+        # spool inside the state_dir is refused whole.
+        self.state_dir = state_dir
+        self.protected = (*protected, state_dir) if state_dir is not None else protected
         self.metrics = metrics
         self._stable_since: dict[str, tuple[Version, float]] = {}
         self._refused_logged: set[str] = set()  # refusal kinds logged this episode
@@ -229,9 +231,12 @@ class SpoolSource:
         return fd
 
     def _inside_protected(self, path: Path) -> bool:
+        """The spool is one of the protected paths, or inside the state_dir."""
         real = Path(os.path.realpath(path))
-        return any(real == p or (p.name and real.is_relative_to(p) and p.is_dir())
-                   for p in (Path(os.path.realpath(q)) for q in self.protected))
+        if any(real == Path(os.path.realpath(q)) for q in self.protected):
+            return True
+        return self.state_dir is not None and real.is_relative_to(
+            os.path.realpath(self.state_dir))
 
     def _fence(self, p: _Pass) -> Fence:
         protected: set[Ident] = set()
