@@ -100,13 +100,18 @@ class Racer(threading.Thread):
         self.locks, self.move = locks, move
         self.stop = threading.Event()
         self.swaps = 0
+        self.error: BaseException | None = None
         self.rng = random.Random(2)
 
     def run(self) -> None:
         kinds = [self.swap_file, self.swap_folder] + ([self.swap_done] if self.move else [])
-        while not self.stop.is_set():
-            self.rng.choice(kinds)()
-            time.sleep(self.rng.random() * 0.002)
+        try:
+            while not self.stop.is_set():
+                self.rng.choice(kinds)()
+                time.sleep(self.rng.random() * 0.002)
+        except BaseException as e:
+            self.error = e
+            raise
 
     def hold(self) -> None:
         time.sleep(self.rng.random() * 0.004)
@@ -198,7 +203,10 @@ async def drive(source: SpoolSource, producer: Producer, racer: Racer, spool: Pa
     producer.start()
     racer.start()
     deadline = time.monotonic() + 40
-    while producer.is_alive() and time.monotonic() < deadline:
+    # Until every file is written and the racer has swapped often enough (a loaded machine
+    # slows its sleeps down), whichever comes last.
+    while ((producer.is_alive() or racer.swaps < 300) and racer.is_alive()
+           and time.monotonic() < deadline):
         await source.scan_once()
     racer.stop.set()
     racer.join(10)
@@ -264,6 +272,7 @@ def test_symlink_races_never_reach_outside_the_spool(tmp_path: Path, after: str)
 def check(after: str, racer: Racer, metrics: Metrics, outside: Outside, index: Path,
           index_ino: int, state: Path, spool: Path, producer: Producer,
           store_files: dict[str, list[bytes]]) -> None:
+    assert racer.error is None, repr(racer.error)
     assert racer.swaps > 200, racer.swaps
     hits = {labels["reason"]: value for m in metrics.spool_skipped.collect()
             for sample in m.samples if sample.name.endswith("_total")
