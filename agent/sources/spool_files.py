@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from agent.sources import spool_lease
 from agent.sources.spool_lease import Lease
 from agent.sources.spool_scan import DIR_FLAGS, Candidate, open_folder
 
+ASIDE_SUFFIX = ".skyferry-accepted"
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _COPY_BLOCK = 1 << 20
 
@@ -121,11 +123,50 @@ def dispose(root_fd: int, c: Candidate, hold: Hold, done: DoneDir | None) -> Non
                        "version is ingested once it settles")
         _unchanged(parent, parts[-1], c)
         if done is None:
-            _try(lambda: os.unlink(parts[-1], dir_fd=parent), "undeletable", "cannot be deleted")
+            _delete(parent, parts[-1], c)
         else:
-            done.move(parent, c, hold)
+            done.move(parent, c)
     finally:
         os.close(parent)
+
+
+def _is_sealed(fd: int, name: str, c: Candidate) -> bool:
+    assert c.st is not None
+    try:
+        now = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return False
+    # The rename itself moved ctime: the inode, its size and mtime say it is the one checked.
+    return same_file(now, c.st) and (now.st_size, now.st_mtime_ns) == (c.st.st_size,
+                                                                        c.st.st_mtime_ns)
+
+
+def _take(src: int, name: str, dst: int, dst_name: str, c: Candidate) -> None:
+    """Rename what is at `name` to dst_name, then make sure it is the file that was sealed.
+
+    Checking first and renaming after would leave an instant in which a producer's new
+    version (or a link) renamed over the name is taken in its place; renamed first, what is
+    checked is exactly what was taken. Anything else goes back, never over a newer entry.
+    """
+    os.rename(name, dst_name, src_dir_fd=src, dst_dir_fd=dst)
+    if _is_sealed(dst, dst_name, c):
+        return
+    try:
+        os.link(dst_name, name, src_dir_fd=dst, dst_dir_fd=src, follow_symlinks=False)
+    except FileExistsError:  # yet another version came: keep this one in sight too
+        os.rename(dst_name, f"{name}.{os.getpid()}-{time.monotonic_ns()}.kept",
+                  src_dir_fd=dst, dst_dir_fd=src)
+    except OSError:  # no hard link to another user's file (protected_hardlinks)
+        os.rename(dst_name, name, src_dir_fd=dst, dst_dir_fd=src)
+    else:
+        os.unlink(dst_name, dir_fd=dst)
+    raise Kept("changed", "was replaced at the instant it was to go; the new one is ingested")
+
+
+def _delete(parent: int, name: str, c: Candidate) -> None:
+    aside = f".{name}{ASIDE_SUFFIX}"  # hidden: never taken by a scan
+    _try(lambda: _take(parent, name, parent, aside, c), "undeletable", "cannot be deleted")
+    _try(lambda: os.unlink(aside, dir_fd=parent), "undeletable", "cannot be deleted")
 
 
 def _try(fn: Callable[[], None], reason: str, what: str) -> None:
@@ -155,25 +196,29 @@ class DoneDir:
                        f"{e.strerror}; the file stays in the spool") from None
         return fd
 
-    def move(self, parent: int, c: Candidate, hold: Hold) -> None:
+    def move(self, parent: int, c: Candidate) -> None:
         parts = c.parts
         dest = self._folder(parts[:-1])
         try:
             try:
-                os.rename(parts[-1], parts[-1], src_dir_fd=parent, dst_dir_fd=dest)
+                _take(parent, parts[-1], dest, parts[-1], c)
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise Kept("not_moved", f"cannot be moved to done/: {e.strerror}; it "
                                "stays in the spool") from None
-                self._copy(parent, dest, parts[-1], hold)
+                self._copy(parent, dest, parts[-1], c)
         finally:
             os.close(dest)
 
-    def _copy(self, parent: int, dest: int, name: str, hold: Hold) -> None:
+    def _copy(self, parent: int, dest: int, name: str, c: Candidate) -> None:
         """done/ on another file system: copy under a temporary name, rename, delete."""
         tmp = f".{name}.skyferry-tmp"
         src = os.open(name, FILE_FLAGS, dir_fd=parent)
         try:
+            assert c.st is not None
+            if not same_file(os.fstat(src), c.st):
+                raise Kept("changed", "was replaced at the instant it was to go; the new one "
+                           "is ingested")
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o640, dir_fd=dest)
             try:
@@ -185,8 +230,7 @@ class DoneDir:
         finally:
             os.close(src)
         os.rename(tmp, name, src_dir_fd=dest, dst_dir_fd=dest)
-        _try(lambda: os.unlink(name, dir_fd=parent), "undeletable",
-             "was copied to done/ but cannot be deleted")
+        _delete(parent, name, c)
 
 
 def _enter(fd: int, name: str, create: bool) -> int:
