@@ -408,12 +408,14 @@ class Restorer:
             progress.advance(0, 1)
             return
         wanted = {r.entry for r in refs}
-        splitter = PackSplitter(m, None, set())
         failure = ""
+        splitter = PackSplitter(m, target, wanted)
         try:
-            splitter = await self.restore_pack(m, target, wanted, progress)
+            await self.stream_object(m, splitter.write, progress)
         except ITEM_ERRORS as e:
             failure = str(e)
+        finally:
+            splitter.abort()
         for r in refs:
             if r.entry in splitter.ok:
                 report.objects_ok += 1

@@ -35,8 +35,9 @@ class Ref(NamedTuple):
         return f"{self.site}/{self.source}/{self.name} (object {self.object_id}{pack})"
 
     @property
-    def order(self) -> tuple[str, str]:
-        return (self.created, self.object_id)
+    def order(self) -> tuple[str, str, int]:
+        """Newer is later: by `created`, then object id, then place in the pack."""
+        return (self.created, self.object_id, self.entry)
 
 
 def refs_of(m: Manifest, key: str) -> list[Ref]:
