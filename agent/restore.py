@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TextIO, TypeVar
+from typing import TypeVar
 
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -31,7 +29,7 @@ from agent.manifest import KIND_MQTT_BATCH, Manifest, check_name
 from agent.restore_fs import TargetDir
 from agent.restore_pack import PackSplitter
 from agent.restore_plan import Ref, by_manifest, drop_conflicts, newest_per_name, refs_of
-from agent.units import format_size
+from agent.restore_progress import Progress
 
 SiteKeys = Callable[[str], Ed25519PublicKey]
 MAX_MANIFEST_BYTES = restore_io.MAX_MANIFEST_PLAINTEXT
@@ -39,6 +37,9 @@ OBJECTS_AT_ONCE = 4  # objects restored at the same time (their chunks: `paralle
 T = TypeVar("T")
 # What a bad object, manifest or file can raise: reported per item, never a traceback.
 ITEM_ERRORS = (SkyferryError, OSError)
+# What a signed manifest from a compromised site can still make the JSON parser raise (nesting
+# deeper than the interpreter's recursion limit, numbers beyond float range).
+DECODE_ERRORS = (*ITEM_ERRORS, ValueError, TypeError, RecursionError, OverflowError)
 
 
 @dataclass
@@ -88,36 +89,6 @@ def _safe_component(value: str, what: str) -> str:
     return value
 
 
-class Progress:
-    """One self-rewriting status line on a terminal; silent otherwise."""
-
-    def __init__(self, total_objects: int, total_bytes: int, stream: TextIO = sys.stderr,
-                 enabled: bool | None = None) -> None:
-        self.total_objects, self.total_bytes = total_objects, total_bytes
-        self.objects = self.bytes = 0
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-        self._last = 0.0
-        self._start = time.monotonic()
-
-    def advance(self, nbytes: int, objects: int = 0) -> None:
-        self.bytes += nbytes
-        self.objects += objects
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.2 or self.objects == self.total_objects):
-            self._last = now
-            rate = self.bytes / max(1e-6, now - self._start)
-            self.stream.write(
-                f"\r{self.objects}/{self.total_objects} objects  "
-                f"{format_size(self.bytes)}/{format_size(self.total_bytes)}  "
-                f"{format_size(int(rate))}/s   ")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-
-
 class Restorer:
     def __init__(self, backend: Backend, recipient: X25519PrivateKey, site_keys: SiteKeys,
                  parallel: int = 8) -> None:
@@ -146,9 +117,6 @@ class Restorer:
             return [i async for i in self.backend.list(prefix)]
 
         return await retrying(listing)
-
-    async def _keys(self, prefix: str) -> list[str]:
-        return [i.key for i in await self._listing(prefix)]
 
     async def manifest_keys(self, site: str, since: datetime | None,
                             report: RestoreReport) -> list[ObjectInfo]:
@@ -202,7 +170,7 @@ class Restorer:
         _safe_component(m.site, "site")
         _safe_component(m.source, "source")
         safe_relative(m.name)
-        _check_created(m)
+        _created_at(m)
         for i, ref in enumerate(m.chunks):
             if ref.length > restore_io.MAX_CHUNK_PLAINTEXT:
                 raise FormatError(
@@ -222,7 +190,7 @@ class Restorer:
                 crypto.parse_header(blob).plaintext_len))
             m: Manifest | None = await asyncio.to_thread(self._decode_manifest, info.key, blob)
             del blob
-        except ITEM_ERRORS as e:
+        except DECODE_ERRORS as e:
             report.problems.append(Problem(info.key, str(e)))
             m = None
         try:
@@ -297,16 +265,6 @@ class Restorer:
             await asyncio.to_thread(out.commit, m.mtime_ns)
         finally:
             out.discard()
-
-    async def restore_pack(self, m: Manifest, target: TargetDir | None, wanted: set[int],
-                           progress: Progress | None) -> PackSplitter:
-        """Stream a pack once, writing its wanted files below target (or only checking)."""
-        splitter = PackSplitter(m, target, wanted)
-        try:
-            await self.stream_object(m, splitter.write, progress)
-        finally:
-            splitter.abort()
-        return splitter
 
     async def run(self, target: Path | None, sites: list[str] | None = None,
                   since: datetime | None = None, show_progress: bool | None = None
@@ -451,10 +409,6 @@ def _created_at(m: Manifest) -> datetime:
         raise FormatError(f"manifest {m.object_id}: created {m.created!r} has no time zone "
                           "(the format writes UTC with an offset)")
     return t
-
-
-def _check_created(m: Manifest) -> None:
-    _created_at(m)
 
 
 def _key_day(key: str) -> str:

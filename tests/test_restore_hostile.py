@@ -360,3 +360,17 @@ def test_parallel_must_be_sensible(cloud: Cloud, tmp_path: Path, value: str) -> 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--parallel" in lines[0] and value in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_signed_json_that_breaks_the_parser_is_a_problem(cloud: Cloud, tmp_path: Path) -> None:
+    """Nesting deeper than the recursion limit, an unparsable `created`: named, not raised."""
+    cloud.publish("good.bin", b"good")
+    m = cloud.manifest("deep.bin", b"")
+    deep_key = cloud.put_manifest(m, b"[" * 200_000 + b"]" * 200_000)
+    odd = cloud.manifest("odd-created.bin", b"x", created="yesterday")
+    odd_key = cloud.put_manifest(odd)
+    rep = cloud.restore(tmp_path / "out")
+    by_what = {p.what: p.reason for p in rep.problems}
+    assert set(by_what) == {deep_key, odd_key}, labels(rep)
+    assert "ISO-8601" in by_what[odd_key]
+    assert rep.objects_ok == 1
