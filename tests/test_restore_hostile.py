@@ -233,6 +233,7 @@ def test_garbage_objects_are_refused_by_size_before_reading(cloud: Cloud, tmp_pa
         r = cli(cloud, verb, out=tmp_path / "out")
         assert r.returncode == 1, r.stderr  # type: ignore[attr-defined]
         assert r.peak_rss <= RSS_LIMIT, (verb, r.peak_rss / MIB)  # type: ignore[attr-defined]
+        print(f"{verb}: peak RSS {r.peak_rss / MIB:.0f} MiB")  # type: ignore[attr-defined]
         rep = r.report  # type: ignore[attr-defined]
         whats = [p["what"] for p in rep["problems"]]
         assert sorted(w for w in whats if "garbage" in w) == garbage
@@ -272,6 +273,7 @@ def test_forged_plaintext_lengths_cost_no_memory(cloud: Cloud, tmp_path: Path) -
         r = cli(cloud, verb, out=tmp_path / "out")
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # type: ignore
         assert r.peak_rss <= RSS_LIMIT, (verb, r.peak_rss / MIB)  # type: ignore[attr-defined]
+        print(f"{verb}: peak RSS {r.peak_rss / MIB:.0f} MiB")  # type: ignore[attr-defined]
         rep = r.report  # type: ignore[attr-defined]
         assert rep["objects_ok"] == 1 and len(rep["problems"]) == 6, rep
         for key in forged:
@@ -291,7 +293,8 @@ def test_a_compromised_sites_signed_absurdities(cloud: Cloud, tmp_path: Path) ->
     naive = cloud.manifest("naive.bin", b"naive", created="2026-11-25T12:00:30")
     naive_key = cloud.put_manifest(naive)
     many = [f'{{"hash":"","id":"{i:x}","length":1,"offset":{i}}}' for i in range(1_000_000)]
-    refs_key = put_raw_manifest(cloud, "million.bin", many)
+    refs_key = put_raw_manifest(cloud, "million.bin", many)  # 47 MB: over the plaintext cap
+    tiny_key = put_raw_manifest(cloud, "tiny-refs.bin", many[:200_000])  # 9 MB, too many refs
     # Three manifests just under the caps, whose chunks are missing: each is loaded alone.
     big_keys = [put_raw_manifest(cloud, f"big{j}.bin", [
         f'{{"hash":"{"0" * 64}","id":"{j:02x}{i:062x}","length":1,"offset":{i}}}'
@@ -305,7 +308,10 @@ def test_a_compromised_sites_signed_absurdities(cloud: Cloud, tmp_path: Path) ->
         assert "more than the format's maximum chunk" in by_what[huge_key]
         assert "huge.bin" in by_what[huge_key]
         assert "time zone" in by_what[naive_key]
-        assert "maximum" in by_what[refs_key]
+        assert "maximum of 16777216" in by_what[refs_key]
+        assert "200002 JSON objects" in by_what[tiny_key]  # refs, the body, meta
+        assert not set(big_keys) & set(by_what)  # under the caps: loaded, their objects fail
+        print(f"{verb}: peak RSS {r.peak_rss / MIB:.0f} MiB")  # type: ignore[attr-defined]
         for j in range(3):
             assert [w for w in by_what if f"big{j}.bin" in w], by_what
         assert rep["objects_ok"] == 1, rep
@@ -374,3 +380,25 @@ def test_signed_json_that_breaks_the_parser_is_a_problem(cloud: Cloud, tmp_path:
     assert set(by_what) == {deep_key, odd_key}, labels(rep)
     assert "ISO-8601" in by_what[odd_key]
     assert rep.objects_ok == 1
+
+
+def test_backend_get_refuses_an_object_over_max_size_unread(tmp_path: Path) -> None:
+    import asyncio
+
+    from agent.backends import open_backend
+    from agent.errors import ObjectTooLargeError
+
+    sparse(tmp_path / "big", 100 * MIB)
+    backend = open_backend(f"file://{tmp_path}")
+    with pytest.raises(ObjectTooLargeError, match="104857600 bytes"):
+        asyncio.run(backend.get("big", max_size=MIB))
+    assert asyncio.run(backend.get("big", max_size=100 * MIB))[:4] == bytes(4)
+
+
+def test_large_buffers_are_given_back_to_the_system() -> None:
+    """The allocator adapter (agent/memtune.py) takes effect on this (glibc) system."""
+    import platform
+
+    from agent.memtune import release_large_buffers
+
+    assert release_large_buffers() is (platform.libc_ver()[0] == "glibc")
