@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -103,12 +104,17 @@ class Restorer:
         self._manifest_budget = restore_io.Budget(restore_io.MANIFEST_BUDGET)
 
     async def sites(self) -> list[str]:
-        seen: set[str] = set()
-        for info in await self._listing(""):
-            parts = info.key.split("/")
-            if len(parts) >= 3 and parts[1] == "manifests":
-                seen.add(parts[0])
-        return sorted(seen)
+        """Sites with manifests; the listing is scanned, not kept (it holds every chunk)."""
+
+        async def scan() -> set[str]:
+            seen: set[str] = set()
+            async for info in self.backend.list(""):
+                parts = info.key.split("/", 2)
+                if len(parts) == 3 and parts[1] == "manifests":
+                    seen.add(parts[0])
+            return seen
+
+        return sorted(await retrying(scan))
 
     async def _listing(self, prefix: str) -> list[ObjectInfo]:
         """Every object under prefix; a listing cut half-way is started again."""
@@ -243,7 +249,7 @@ class Restorer:
                 got = pending.popleft()[1]
                 try:
                     whole.update(data)
-                    await asyncio.to_thread(sink, data)
+                    await _settled(sink, data)
                     if progress:
                         progress.advance(len(data))
                     del data
@@ -259,10 +265,10 @@ class Restorer:
     async def restore_object(self, m: Manifest, target: TargetDir,
                              progress: Progress | None) -> None:
         """Write one whole object below target; on any failure nothing is left of it."""
-        out = await asyncio.to_thread(target.new_file, _dest(m))
+        out = target.new_file(_dest(m))
         try:
             await self.stream_object(m, out.write, progress)
-            await asyncio.to_thread(out.commit, m.mtime_ns)
+            await _settled(out.commit, m.mtime_ns)
         finally:
             out.discard()
 
@@ -283,7 +289,7 @@ class Restorer:
         if target is None:
             await self._verify(names, since, report, show_progress)
             return report
-        dir_ = await asyncio.to_thread(TargetDir, target)
+        dir_ = TargetDir(target)
         try:
             await self._restore(dir_, names, since, report, show_progress)
         finally:
@@ -414,6 +420,22 @@ def _created_at(m: Manifest) -> datetime:
 def _key_day(key: str) -> str:
     parts = key.split("/")
     return "/".join(parts[2:5]) if len(parts) >= 6 else ""
+
+
+async def _settled(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in a thread; when cancelled, return only once the thread is done with it.
+
+    The thread writes to descriptors that the caller closes (and the kernel may hand out
+    again) when it unwinds: it must not unwind while the thread still uses them.
+    """
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(fut)
+        raise
 
 
 async def _workers(limit: int, items: Iterable[T], fn: Callable[[T], Awaitable[None]]) -> None:

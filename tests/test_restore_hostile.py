@@ -402,3 +402,43 @@ def test_large_buffers_are_given_back_to_the_system() -> None:
     from agent.memtune import release_large_buffers
 
     assert release_large_buffers() is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named-temp"])
+def test_no_temp_file_outlives_a_cancelled_restore(cloud: Cloud, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   tmpfile: bool) -> None:
+    import asyncio
+
+    import agent.restore_fs
+
+    if not tmpfile:  # as on a filesystem without O_TMPFILE: a random name, O_EXCL
+        monkeypatch.setattr(agent.restore_fs, "_PROC_FD", str(tmp_path / "no-proc"))
+    pub = cloud.publish("slow.bin", os.urandom(200_000), chunk_size=50_000)
+    stalled = layout.chunk_key(SITE, pub.manifest.chunks[2].id)
+    out = tmp_path / "out"
+    restorer = cloud.restorer(parallel=1)
+    real_get = restorer.backend.get
+    reached = asyncio.Event()
+
+    async def get(key: str, max_size: int | None = None) -> bytes:
+        if key == stalled:
+            reached.set()
+            await asyncio.Event().wait()  # a download that never ends
+        return await real_get(key, max_size)
+
+    monkeypatch.setattr(restorer.backend, "get", get)
+
+    async def scenario() -> list[str]:
+        task = asyncio.create_task(restorer.run(out, show_progress=False))
+        await asyncio.wait_for(reached.wait(), 30)
+        during = os.listdir(out / FILES)  # the file being written is invisible or temporary
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return during
+
+    during = asyncio.run(scenario())
+    assert during == ([] if tmpfile else [n for n in during if n.startswith(".skyferry-tmp-")])
+    assert tmpfile or len(during) == 1
+    assert os.listdir(out / FILES) == []
