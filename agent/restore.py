@@ -102,6 +102,7 @@ class Restorer:
         self._fetch_slots = asyncio.Semaphore(parallel)
         self._chunk_budget = restore_io.Budget(restore_io.CHUNK_BUDGET)
         self._manifest_budget = restore_io.Budget(restore_io.MANIFEST_BUDGET)
+        self._blob_budget = restore_io.Budget(restore_io.SEALED_MANIFEST_BUDGET)
 
     async def sites(self) -> list[str]:
         """Sites with manifests; the listing is scanned, not kept (it holds every chunk)."""
@@ -158,11 +159,32 @@ class Restorer:
         return self._decode_manifest(key, await self._manifest_blob(key, size))
 
     async def _manifest_blob(self, key: str, size: int | None) -> bytes:
+        """The sealed manifest, refused unread when larger than the cap or than listed."""
         cap = restore_io.MAX_SEALED_MANIFEST
         if size is not None and size > cap:
             raise FormatError(f"{key} is {size} bytes, more than a manifest can be ({cap}): "
                               "not read")
-        return await retrying(lambda: self.backend.get(key, max_size=cap))
+        return await retrying(lambda: self.backend.get(key, max_size=size or cap))
+
+    async def _load_counted(self, info: ObjectInfo) -> tuple[Manifest, int]:
+        """A manifest and the share of the manifest budget it holds (give it back when done).
+
+        Its sealed bytes are counted against a budget of their own while they are fetched and
+        until they are parsed: a worker holding them waits for manifest budget, and one
+        holding manifest budget never waits for them, so neither can wait for the other.
+        """
+        held = await self._blob_budget.take(info.size or restore_io.MAX_SEALED_MANIFEST)
+        try:
+            blob = await self._manifest_blob(info.key, info.size or None)
+            cost = await self._manifest_budget.take(restore_io.manifest_cost(
+                crypto.parse_header(blob).plaintext_len))
+            try:
+                return await asyncio.to_thread(self._decode_manifest, info.key, blob), cost
+            except BaseException:
+                self._manifest_budget.give(cost)
+                raise
+        finally:
+            self._blob_budget.give(held)
 
     def _decode_manifest(self, key: str, blob: bytes) -> Manifest:
         signed = restore_io.open_manifest(blob, self.recipient)
@@ -190,15 +212,11 @@ class Restorer:
         """The manifest under info.key, counted against the manifest budget while it is held;
         None (and a problem in the report) when it cannot be used, or is older than since."""
         cost = 0
+        m: Manifest | None = None
         try:
-            blob = await self._manifest_blob(info.key, info.size)
-            cost = await self._manifest_budget.take(restore_io.manifest_cost(
-                crypto.parse_header(blob).plaintext_len))
-            m: Manifest | None = await asyncio.to_thread(self._decode_manifest, info.key, blob)
-            del blob
+            m, cost = await self._load_counted(info)
         except DECODE_ERRORS as e:
             report.problems.append(Problem(info.key, str(e)))
-            m = None
         try:
             yield m if m is None or since is None or _created_at(m) >= since else None
         finally:
@@ -317,8 +335,9 @@ class Restorer:
                        report: RestoreReport, show_progress: bool | None) -> None:
         """Index every name, choose what to write, then write it manifest by manifest."""
         refs: list[Ref] = []
+        sizes: dict[str, int] = {}  # manifest key -> its size in the listing
         for site in sites:
-            refs += await self._index(site, since, report)
+            refs += await self._index(site, since, report, sizes)
         chosen, report.superseded = newest_per_name(refs)
         del refs
         chosen, refused = drop_conflicts(chosen)
@@ -327,27 +346,29 @@ class Restorer:
         groups = by_manifest(chosen)
 
         async def one(key: str) -> None:
-            await self._restore_manifest(key, groups.pop(key), target, report, progress)
+            info = ObjectInfo(key, sizes[key])
+            await self._restore_manifest(info, groups.pop(key), target, report, progress)
 
         await _workers(OBJECTS_AT_ONCE, list(groups), one)
         progress.close()
 
-    async def _index(self, site: str, since: datetime | None,
-                     report: RestoreReport) -> list[Ref]:
+    async def _index(self, site: str, since: datetime | None, report: RestoreReport,
+                     sizes: dict[str, int]) -> list[Ref]:
         refs: list[Ref] = []
 
         async def one(info: ObjectInfo) -> None:
             async with self._manifest_or_problem(info, since, report) as m:
                 if m is not None:
                     refs.extend(refs_of(m, info.key))
+                    sizes[info.key] = info.size
 
         await _workers(self.parallel, await self.manifest_keys(site, since, report), one)
         return refs
 
-    async def _restore_manifest(self, key: str, refs: list[Ref], target: TargetDir,
+    async def _restore_manifest(self, info: ObjectInfo, refs: list[Ref], target: TargetDir,
                                 report: RestoreReport, progress: Progress) -> None:
         """Load a chosen manifest again (only its index entry was kept) and write its files."""
-        async with self._manifest_or_problem(ObjectInfo(key, 0), None, report) as m:
+        async with self._manifest_or_problem(info, None, report) as m:
             if m is None or m.created != refs[0].created:
                 why = ("its manifest could not be read again (see above)" if m is None else
                        "its manifest changed while restore was running")

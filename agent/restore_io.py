@@ -27,9 +27,10 @@ MAX_MANIFEST_OBJECTS = 1 << 17
 # Bytes of memory one manifest may cost per byte of its plaintext while it is checked and
 # parsed (measured: ~7 for a body of chunk references at the peak, ~5 once parsed).
 MANIFEST_COST_FACTOR = 8
-# With the interpreter and libraries (~45 MiB), both budgets full stay under 256 MiB of RSS.
+# With the interpreter and libraries (~45 MiB), all budgets full stay under 256 MiB of RSS.
 CHUNK_BUDGET = 64 << 20  # chunk bytes (sealed, opened, decompressed) held at once
 MANIFEST_BUDGET = 112 << 20  # parsed manifests held at once (one at the maximum size)
+SEALED_MANIFEST_BUDGET = 20 << 20  # sealed manifests fetched and not yet parsed
 
 
 def sealed_max(plaintext_len: int) -> int:

@@ -281,6 +281,31 @@ def test_forged_plaintext_lengths_cost_no_memory(cloud: Cloud, tmp_path: Path) -
     assert good.key
 
 
+def test_many_largest_forged_manifests_are_read_one_at_a_time(cloud: Cloud,
+                                                               tmp_path: Path) -> None:
+    """Only recipient.pub needed: eight manifests at the size cap, uncompressed, unsigned."""
+    from agent import crypto
+    from agent.restore_io import MAX_MANIFEST_PLAINTEXT
+
+    good = cloud.publish("good.bin", b"good" * 1000)
+    plain = os.urandom(MAX_MANIFEST_PLAINTEXT)
+    blob = crypto.seal(plain, cloud.keys.edge.recipient_public, kind=crypto.KIND_MANIFEST,
+                       compression=crypto.COMPRESSION_NONE, plaintext_len=len(plain))
+    forged = [f"{SITE}/manifests/2026/11/25/big-{i}" for i in range(8)]
+    for key in forged:
+        cloud.write(key, blob)
+    for verb in ("verify", "restore"):
+        r = cli(cloud, verb, out=tmp_path / "out")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # type: ignore
+        assert r.peak_rss <= RSS_LIMIT, (verb, r.peak_rss / MIB)  # type: ignore[attr-defined]
+        print(f"{verb}: peak RSS {r.peak_rss / MIB:.0f} MiB")  # type: ignore[attr-defined]
+        rep = r.report  # type: ignore[attr-defined]
+        assert sorted(p["what"] for p in rep["problems"]) == forged, rep
+        assert all("signature" in p["reason"] for p in rep["problems"])
+        assert rep["objects_ok"] == 1
+    assert good.key
+
+
 def test_a_compromised_sites_signed_absurdities(cloud: Cloud, tmp_path: Path) -> None:
     """A signed 64 GiB chunk, a 1M-chunk-reference manifest, three big legal manifests, a
     naive `created` with --since: each is a named problem; the rest is restored."""
@@ -442,3 +467,19 @@ def test_no_temp_file_outlives_a_cancelled_restore(cloud: Cloud, tmp_path: Path,
     assert during == ([] if tmpfile else [n for n in during if n.startswith(".skyferry-tmp-")])
     assert tmpfile or len(during) == 1
     assert os.listdir(out / FILES) == []
+
+
+@pytest.mark.parametrize("name", ["c" * (NAME_MAX + 1), "d/" + "é" * 128,
+                                  ".skyferry-tmp-" + "ab" * 16])
+def test_put_refuses_names_restore_could_never_write(make_site: object, tmp_path: Path,
+                                                     name: str) -> None:
+    """What cannot be restored is refused at ingest, with the reason and what to do."""
+    site = make_site()  # type: ignore[operator]
+    f = tmp_path / "x.txt"
+    f.write_bytes(b"x")
+    r = site.cli("put", "-c", str(site.config), str(f), "--name", name, check=False)
+    assert r.returncode == 1, r.stdout
+    assert "rename" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert ("at most 255" in r.stderr) != name.startswith(".skyferry-tmp-"), r.stderr
+    ok = site.cli("put", "-c", str(site.config), str(f), "--name", "c" * NAME_MAX, check=False)
+    assert ok.returncode == 0, ok.stderr
