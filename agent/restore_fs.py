@@ -55,9 +55,13 @@ class TargetDir:
     """The restore target, held open; folders below it are opened one component at a time."""
 
     def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)  # the target itself is the operator's choice
         self.root = root
-        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            root.mkdir(parents=True, exist_ok=True)  # the target itself is the operator's choice
+            self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RestoreError(f"cannot restore into {root}: {e.strerror}; give a folder "
+                               "(it is created if missing) with --to") from None
         self.tmpfile = os.path.isdir(_PROC_FD)  # O_TMPFILE files are linked via /proc
 
     def close(self) -> None:

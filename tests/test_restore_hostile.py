@@ -382,6 +382,15 @@ def test_nothing_found_is_not_success(cloud: Cloud, tmp_path: Path, verb: str) -
     assert len(r.stderr.strip().splitlines()) == 1 and not missing.exists()
 
 
+def test_a_target_that_is_a_file_is_one_line(cloud: Cloud, tmp_path: Path) -> None:
+    cloud.publish("x", b"x")
+    (tmp_path / "file").write_bytes(b"not a folder")
+    r = run_cli("restore", "--backend", cloud.url, "--key", str(cloud.keys.recipient_key),
+                "--to", str(tmp_path / "file"))
+    assert r.returncode == 2 and "cannot restore into" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "100000"])
 def test_parallel_must_be_sensible(cloud: Cloud, tmp_path: Path, value: str) -> None:
     cloud.publish("x", b"x")
