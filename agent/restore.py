@@ -344,6 +344,7 @@ class Restorer:
         report.problems += [Problem(r.label, why) for r, why in refused]
         progress = Progress(len(chosen), sum(r.size for r in chosen), enabled=show_progress)
         groups = by_manifest(chosen)
+        del chosen  # the index shrinks as manifests are done (groups.pop)
 
         async def one(key: str) -> None:
             info = ObjectInfo(key, sizes[key])
