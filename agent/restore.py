@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -28,6 +26,7 @@ from agent.errors import (
 )
 from agent.manifest import KIND_MQTT_BATCH, Manifest, check_name
 from agent.restore_fs import TargetDir
+from agent.restore_io import settled, workers
 from agent.restore_pack import PackSplitter
 from agent.restore_plan import Ref, by_manifest, drop_conflicts, newest_per_name, refs_of
 from agent.restore_progress import Progress
@@ -35,7 +34,6 @@ from agent.restore_progress import Progress
 SiteKeys = Callable[[str], Ed25519PublicKey]
 MAX_MANIFEST_BYTES = restore_io.MAX_MANIFEST_PLAINTEXT
 OBJECTS_AT_ONCE = 4  # objects restored at the same time (their chunks: `parallel` at most)
-T = TypeVar("T")
 # What a bad object, manifest or file can raise: reported per item, never a traceback.
 ITEM_ERRORS = (SkyferryError, OSError)
 # What a signed manifest from a compromised site can still make the JSON parser raise (nesting
@@ -151,7 +149,7 @@ class Restorer:
                 if m is not None:
                     out.append(m)
 
-        await _workers(self.parallel, await self.manifest_keys(site, since, report), one)
+        await workers(self.parallel, await self.manifest_keys(site, since, report), one)
         return out
 
     async def load_manifest(self, key: str, size: int | None = None) -> Manifest:
@@ -267,7 +265,7 @@ class Restorer:
                 got = pending.popleft()[1]
                 try:
                     whole.update(data)
-                    await _settled(sink, data)
+                    await settled(sink, data)
                     if progress:
                         progress.advance(len(data))
                     del data
@@ -286,7 +284,7 @@ class Restorer:
         out = target.new_file(_dest(m))
         try:
             await self.stream_object(m, out.write, progress)
-            await _settled(out.commit, m.mtime_ns)
+            await settled(out.commit, m.mtime_ns)
         finally:
             out.discard()
 
@@ -328,18 +326,21 @@ class Restorer:
                     progress.total_bytes += m.size
                     await self._write_refs(m, refs, None, report, progress)
 
-        await _workers(OBJECTS_AT_ONCE, infos, one)
+        await workers(OBJECTS_AT_ONCE, infos, one)
         progress.close()
 
     async def _restore(self, target: TargetDir, sites: list[str], since: datetime | None,
                        report: RestoreReport, show_progress: bool | None) -> None:
-        """Index every name, choose what to write, then write it manifest by manifest."""
-        refs: list[Ref] = []
-        sizes: dict[str, int] = {}  # manifest key -> its size in the listing
+        """Site by site: paths never meet across sites, and only one site's index is held."""
         for site in sites:
-            refs += await self._index(site, since, report, sizes)
-        chosen, report.superseded = newest_per_name(refs)
-        del refs
+            await self._restore_site(target, site, since, report, show_progress)
+
+    async def _restore_site(self, target: TargetDir, site: str, since: datetime | None,
+                            report: RestoreReport, show_progress: bool | None) -> None:
+        """Index every name, choose what to write, then write it manifest by manifest."""
+        sizes: dict[str, int] = {}  # manifest key -> its size in the listing
+        chosen, superseded = newest_per_name(await self._index(site, since, report, sizes))
+        report.superseded += superseded
         chosen, refused = drop_conflicts(chosen)
         report.problems += [Problem(r.label, why) for r, why in refused]
         progress = Progress(len(chosen), sum(r.size for r in chosen), enabled=show_progress)
@@ -350,7 +351,7 @@ class Restorer:
             info = ObjectInfo(key, sizes[key])
             await self._restore_manifest(info, groups.pop(key), target, report, progress)
 
-        await _workers(OBJECTS_AT_ONCE, list(groups), one)
+        await workers(OBJECTS_AT_ONCE, list(groups), one)
         progress.close()
 
     async def _index(self, site: str, since: datetime | None, report: RestoreReport,
@@ -363,7 +364,7 @@ class Restorer:
                     refs.extend(refs_of(m, info.key))
                     sizes[info.key] = info.size
 
-        await _workers(self.parallel, await self.manifest_keys(site, since, report), one)
+        await workers(self.parallel, await self.manifest_keys(site, since, report), one)
         return refs
 
     async def _restore_manifest(self, info: ObjectInfo, refs: list[Ref], target: TargetDir,
@@ -442,32 +443,3 @@ def _created_at(m: Manifest) -> datetime:
 def _key_day(key: str) -> str:
     parts = key.split("/")
     return "/".join(parts[2:5]) if len(parts) >= 6 else ""
-
-
-async def _settled(fn: Callable[..., T], *args: object) -> T:
-    """fn(*args) in a thread; when cancelled, return only once the thread is done with it.
-
-    The thread writes to descriptors that the caller closes (and the kernel may hand out
-    again) when it unwinds: it must not unwind while the thread still uses them.
-    """
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(fut)
-        raise
-
-
-async def _workers(limit: int, items: Iterable[T], fn: Callable[[T], Awaitable[None]]) -> None:
-    """Run fn on every item, `limit` at a time, without a task (or coroutine) per item."""
-    it = iter(items)
-
-    async def worker() -> None:
-        for item in it:
-            await fn(item)
-
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(limit):
-            tg.create_task(worker())

@@ -1,14 +1,18 @@
-"""Reading sealed objects on the cloud side within fixed memory bounds (docs/FORMAT.md, "Limits").
+"""Reading sealed objects on the cloud side within fixed bounds (docs/FORMAT.md, "Limits").
 
 Whatever a bucket holds, an object is never read when its size exceeds what the format allows
 for it, a plaintext is never allocated beyond the format's maximum, and the bytes restore
-holds at once are counted against a budget.
+holds at once are counted against a budget. Also the few task helpers restore runs its work
+with (bounded workers; threads that finish before their caller unwinds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -31,6 +35,7 @@ MANIFEST_COST_FACTOR = 8
 CHUNK_BUDGET = 64 << 20  # chunk bytes (sealed, opened, decompressed) held at once
 MANIFEST_BUDGET = 112 << 20  # parsed manifests held at once (one at the maximum size)
 SEALED_MANIFEST_BUDGET = 20 << 20  # sealed manifests fetched and not yet parsed
+T = TypeVar("T")
 
 
 def sealed_max(plaintext_len: int) -> int:
@@ -137,3 +142,32 @@ def check_manifest_body(body: bytes) -> None:
     if objects > MAX_MANIFEST_OBJECTS:
         raise FormatError(f"manifest holds {objects} JSON objects (chunk references and pack "
                           f"entries), more than the format's maximum of {MAX_MANIFEST_OBJECTS}")
+
+
+async def settled(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in a thread; when cancelled, return only once the thread is done with it.
+
+    The thread writes to descriptors that the caller closes (and the kernel may hand out
+    again) when it unwinds: it must not unwind while the thread still uses them.
+    """
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(fut)
+        raise
+
+
+async def workers(limit: int, items: Iterable[T], fn: Callable[[T], Awaitable[None]]) -> None:
+    """Run fn on every item, `limit` at a time, without a task (or coroutine) per item."""
+    it = iter(items)
+
+    async def worker() -> None:
+        for item in it:
+            await fn(item)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(limit):
+            tg.create_task(worker())

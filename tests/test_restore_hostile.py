@@ -492,3 +492,23 @@ def test_put_refuses_names_restore_could_never_write(make_site: object, tmp_path
     assert ("at most 255" in r.stderr) != name.startswith(".skyferry-tmp-"), r.stderr
     ok = site.cli("put", "-c", str(site.config), str(f), "--name", "c" * NAME_MAX, check=False)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_budgets_smaller_than_the_work_only_slow_it_down(cloud: Cloud, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects streaming at once share budgets that fit one chunk or one manifest: each waits
+    its turn, none waits for good."""
+    import agent.restore_io
+
+    monkeypatch.setattr(agent.restore_io, "CHUNK_BUDGET", agent.restore_io.chunk_cost(MIB))
+    monkeypatch.setattr(agent.restore_io, "MANIFEST_BUDGET", 1)
+    monkeypatch.setattr(agent.restore_io, "SEALED_MANIFEST_BUDGET", 1)
+    data = {f"o{i}.bin": os.urandom(3 * MIB + i) for i in range(6)}
+    for name, d in data.items():
+        cloud.publish(name, d, chunk_size=MIB)
+    cloud.publish_pack([(f"p{i}", os.urandom(MIB // 3)) for i in range(5)], chunk_size=MIB // 2)
+    out = tmp_path / "out"
+    rep = cloud.restore(out)
+    assert rep.ok and rep.objects_ok == 11, labels(rep)
+    got = files_below(out / FILES)
+    assert all(got[n] == d for n, d in data.items())
