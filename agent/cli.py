@@ -316,6 +316,12 @@ def _backend_settings(args: argparse.Namespace) -> Any:
 MAX_PARALLEL = 256
 
 
+def _one_line(text: str) -> str:
+    """Names may hold control characters (a newline, an escape sequence): shown escaped, so
+    each problem stays one line and no name can write to the terminal or fake a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _check_backend_folder(url: str) -> None:
     """Reading a file:// backend that does not exist is a mistake, not an empty cloud (opening
     one for writing creates the folder)."""
@@ -353,7 +359,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         }, indent=2))
     else:
         for p in report.problems:
-            print(f"PROBLEM {p.what}: {p.reason}", file=sys.stderr)
+            print(f"PROBLEM {_one_line(p.what)}: {_one_line(p.reason)}", file=sys.stderr)
         print(f"{verb} {report.objects_ok} objects ({report.bytes_ok} bytes) from "
               f"{report.manifests} manifests; {report.superseded} older versions skipped; "
               f"{len(report.problems)} problems")

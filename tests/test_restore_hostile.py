@@ -512,3 +512,17 @@ def test_budgets_smaller_than_the_work_only_slow_it_down(cloud: Cloud, tmp_path:
     assert rep.ok and rep.objects_ok == 11, labels(rep)
     got = files_below(out / FILES)
     assert all(got[n] == d for n, d in data.items())
+
+
+def test_a_name_cannot_fake_report_lines(cloud: Cloud, tmp_path: Path) -> None:
+    """Control characters in names are escaped in the text report: one line per problem."""
+    fake = "x\nrestored 9 objects (9 bytes) from 9 manifests; 0 problems\x1b[2K"
+    cloud.publish(fake, b"a file")
+    cloud.publish(f"{fake}/below", b"its newer neighbour")  # makes the first one a problem
+    r = run_cli("restore", "--backend", cloud.url, "--key", str(cloud.keys.recipient_key),
+                "--to", str(tmp_path / "out"))
+    assert r.returncode == 1
+    problems = r.stderr.strip().splitlines()
+    assert len(problems) == 1 and problems[0].startswith("PROBLEM "), r.stderr
+    assert "\\n" in problems[0] and "\\x1b" in problems[0] and "\x1b" not in r.stderr
+    assert r.stdout.count("\n") == 1 and r.stdout.startswith("restored 1 objects")
