@@ -176,16 +176,17 @@ def validate_name(name: str) -> None:
 
 def _check_components(name: str) -> None:
     """The rules for single components, only for names that might break them."""
+    shown = repr(name) if len(name) <= 80 else f"{name[:77]!r}..."
     for part in name.split("/"):
         size = len(part.encode("utf-8"))
         if size > NAME_MAX:
             raise UnsafePathError(
-                f"name {name!r}: the component {part[:40]!r}... is {size} bytes in UTF-8; "
-                f"filesystems take at most {NAME_MAX}, so it could never be restored: "
-                "rename it (or give a shorter --name)")
+                f"name {shown}: a component is {size} bytes in UTF-8; filesystems take at "
+                f"most {NAME_MAX}, so it could never be restored: rename it (or give a "
+                "shorter --name)")
         if TEMP_NAME.fullmatch(part):
             raise UnsafePathError(
-                f"name {name!r}: {part!r} has the form restore's temporary files take "
+                f"name {shown}: {part!r} has the form restore's temporary files take "
                 f"({TEMP_PREFIX}<32 hex digits>): rename it")
 
 
