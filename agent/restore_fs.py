@@ -158,6 +158,8 @@ class NewFile:
             self.discard()
 
     def _check_final(self) -> None:
+        """Refuse (and report) a link or folder at the final name. Safety does not rest on
+        this check: a link planted after it is replaced by the rename, never followed."""
         try:
             st = os.stat(self.name, dir_fd=self.folder, follow_symlinks=False)
         except FileNotFoundError:
