@@ -373,12 +373,39 @@ def _backend_settings(args: argparse.Namespace) -> Any:
     return BackendSettings(url=args.backend)
 
 
+MAX_PARALLEL = 256
+
+
+def _one_line(text: str) -> str:
+    """Names may hold control characters (a newline, an escape sequence): shown escaped, so
+    each problem stays one line and no name can write to the terminal or fake a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _check_backend_folder(url: str) -> None:
+    """Reading a file:// backend that does not exist is a mistake, not an empty cloud (opening
+    one for writing creates the folder)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "file" and not Path(unquote(parts.path)).is_dir():
+        raise SkyferryError(f"backend folder {unquote(parts.path)} ({url}) does not exist: "
+                            "check the --backend URL")
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from agent.backends import open_backend
     from agent.crypto import load_recipient_private
+    from agent.memtune import release_large_buffers
     from agent.restore import Restorer, site_key_loader
 
-    backend = open_backend(_backend_settings(args))
+    if not 1 <= args.parallel <= MAX_PARALLEL:
+        raise SkyferryError(f"--parallel must be between 1 and {MAX_PARALLEL} concurrent "
+                            f"downloads, not {args.parallel}")
+    settings = _backend_settings(args)
+    _check_backend_folder(settings.url)
+    release_large_buffers()  # peak RSS stays bounded (agent/memtune.py)
+    backend = open_backend(settings)
     recipient = load_recipient_private(args.key)
     restorer = Restorer(backend, recipient, site_key_loader(args.key.parent), args.parallel)
     target = args.to if args.command == "restore" else None
@@ -392,7 +419,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         }, indent=2))
     else:
         for p in report.problems:
-            print(f"PROBLEM {p.what}: {p.reason}", file=sys.stderr)
+            print(f"PROBLEM {_one_line(p.what)}: {_one_line(p.reason)}", file=sys.stderr)
         print(f"{verb} {report.objects_ok} objects ({report.bytes_ok} bytes) from "
               f"{report.manifests} manifests; {report.superseded} older versions skipped; "
               f"{len(report.problems)} problems")
