@@ -30,7 +30,8 @@ from paho.mqtt.properties import Properties
 from agent.config import validate
 from agent.errors import ConfigError
 from agent.reconnect import keep_connected
-from agent.sources.mqtt import MqttSource, _Paho, batch_name_prefix, encode_jsonl
+from agent.sources.mqtt import MqttSource, batch_name_prefix, encode_jsonl
+from agent.sources.mqtt_paho import PahoAccess
 from tests.mqttkit import (
     MOSQUITTO,
     Broker,
@@ -99,7 +100,7 @@ async def _session(port: int, received: list[aiomqtt.Message], ack: set[int],
     client = aiomqtt.Client("127.0.0.1", port, identifier="ack-contract",
                             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
                             properties=props)
-    paho_access = _Paho(client)
+    paho_access = PahoAccess(client)
     async with client:
         await client.subscribe("c/#", qos=1)
         async for msg in client.messages:

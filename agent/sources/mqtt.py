@@ -4,11 +4,9 @@ How "acknowledge only after durable" is kept
 --------------------------------------------
 aiomqtt (2.5) drives paho-mqtt from the event loop but always lets paho acknowledge a QoS 1
 message as soon as it is read. paho-mqtt 2.2 itself can wait: with `manual_ack` on, a QoS 1
-PUBACK is sent only when `ack(mid, 1)` is called. `_Paho` below reaches the paho client
-aiomqtt wraps (its `_client` attribute: aiomqtt is pinned to 2.5.x in pyproject.toml and
-`tests/test_mqtt.py::test_unacknowledged_messages_come_back` proves the contract against a
-real Mosquitto), turns manual acknowledgement on and records the CONNACK's session-present
-flag. Everything runs on the event loop, so no locking is needed.
+PUBACK is sent only when `ack(mid, 1)` is called. `agent.sources.mqtt_paho` (the one module that
+reaches into aiomqtt and paho, with its own tests) turns manual acknowledgement on, records the
+CONNACK's session-present flag and keeps the socket's write registration right.
 
 QoS 2 is not subscribed to: paho sends PUBREC (after which the broker discards its copy) as
 soon as the PUBLISH arrives, before the message could be made durable. Subscriptions are at
@@ -62,6 +60,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.errors import QuotaExceededError, SkyferryError, SourceError
 from agent.pipeline import BatchRequest, IngestResult
 from agent.reconnect import keep_connected
+from agent.sources.mqtt_paho import PahoAccess
 from agent.settings import MqttSettings, SecretRef
 from agent.telemetry.logs import log_event
 from agent.telemetry.metrics import Metrics
@@ -138,38 +137,6 @@ class _Batch:
     nbytes: int = 0
 
 
-class _Paho:
-    """The paho client inside aiomqtt: manual acknowledgement and the session-present flag."""
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        inner = getattr(client, "_client", None)
-        if not isinstance(inner, paho.Client):
-            raise SkyferryError(
-                "this aiomqtt does not wrap a paho-mqtt client where skyferry expects it; "
-                "install the aiomqtt version pinned in pyproject.toml")
-        self.client = inner
-        self.session_present = False
-        inner.manual_ack_set(True)
-        wrapped: Any = inner.on_connect  # aiomqtt's handler (paho types it loosely)
-
-        def on_connect(c: paho.Client, userdata: Any, flags: paho.ConnectFlags,
-                       reason: Any, properties: Any = None) -> None:
-            self.session_present = bool(flags.session_present)
-            if wrapped is not None:
-                wrapped(c, userdata, flags, reason, properties)
-
-        inner.on_connect = on_connect
-
-    def ack(self, mid: int, qos: int) -> None:
-        self.client.ack(mid, qos)
-
-    def flush(self) -> None:
-        """Write queued acknowledgements now instead of on the next loop iteration: every
-        millisecond between "durable" and "acknowledged" is a window for duplicates."""
-        if self.client.want_write():
-            self.client.loop_write()
-
-
 class MqttSource:
     """Subscribes, batches per class by size/count/age, commits, then acknowledges."""
 
@@ -183,7 +150,7 @@ class MqttSource:
         self.environ = environ
         self.connected = False
         self.generation = 0
-        self._paho: _Paho | None = None
+        self._paho: PahoAccess | None = None
         self._client_now: aiomqtt.Client | None = None
         self._batches: dict[str, _Batch] = {}
         self._acks: collections.deque[Received] = collections.deque()
@@ -253,7 +220,7 @@ class MqttSource:
 
     async def _connection(self) -> None:
         client = self._client()
-        paho_access = _Paho(client)
+        paho_access = PahoAccess(client)
         async with asyncio.timeout(max(10.0, 2 * self.settings.keepalive_s)):
             await client.__aenter__()
         try:
