@@ -54,6 +54,11 @@ class Commands:
             self.metrics.commands_refused.labels(e.reason).inc()
             return self._answer(e.name, False, f"refused ({e.reason}): {e}", logging.WARNING,
                                 result="refused", fields={"reason": e.reason})
+        answer = await self._apply(cmd)
+        answer["nonce"] = cmd["nonce"]  # lets `skyferry command --wait` find its answer
+        return answer
+
+    async def _apply(self, cmd: dict[str, Any]) -> dict[str, Any]:
         name = cmd["cmd"]
         if name == "pause":
             self.gate.set_paused(True)
