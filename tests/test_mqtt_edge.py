@@ -6,18 +6,20 @@ Each test runs the real daemon against its own Mosquitto (tests/mqttkit.py).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from tests.mqttkit import Broker, Publisher, check_sequences, read_restored_messages
+from tests.mqttkit import Broker, Publisher, free_port, read_restored_messages
 from tests.sitekit import Site, wait_for
+from tests.test_service import scrape, value
 
 TOPICS = [f"seq/t{i:02d}" for i in range(10)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -97,3 +99,120 @@ def test_idle_after_10000_messages_and_sigterm_without_traceback(
     stray = non_json_lines(site)
     assert not stray, "\n".join(stray[:20])
     assert not [e for e in site.log_events() if e.get("level") in ("error", "critical")]
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def publish_one(port: int, topic: str, payload: bytes, protocol: int = mqtt.MQTTv5) -> None:
+    """One QoS 1 message, returned once the broker acknowledged it."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(30)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def restored_records(site: Site, out: Path) -> list[dict[str, Any]]:
+    site.restore(out)
+    return list(read_restored_messages(out))
+
+
+# ---- memory bounded per message -----------------------------------------------------------------
+
+
+def test_message_at_max_size_raises_peak_rss_by_at_most_its_size_plus_64mib(
+        make_site: Callable[..., Site], broker: Broker, tmp_path: Path) -> None:
+    size = 32 << 20
+    site = mqtt_site(make_site, broker, max_message_size="32MiB")
+    start_and_connect(site)
+    assert site.proc is not None
+    time.sleep(1.5)  # started: imports, first housekeeping, compression level chosen
+    before = vm_hwm_kib(site.proc.pid)
+    payload = os.urandom(size)  # not UTF-8: the worst case, stored as base64
+    publish_one(broker.port, "seq/big", payload)
+    wait_for(lambda: durable(site) >= 1, 60, "the message stored", site)
+    raised = (vm_hwm_kib(site.proc.pid) - before) * 1024
+    print(f"peak RSS raised by {raised / 2**20:.1f} MiB for a {size >> 20} MiB message")
+    assert raised <= size + (64 << 20), f"peak RSS rose {raised / 2**20:.0f} MiB"
+    site.wait_drained(timeout=60)
+    assert site.stop() == 0
+    (record,) = restored_records(site, tmp_path / "out")
+    assert base64.b64decode(record["payload_base64"]) == payload
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_larger_messages_are_refused_and_the_rest_carries_on(
+        make_site: Callable[..., Site], broker: Broker, tmp_path: Path, protocol: str) -> None:
+    site = mqtt_site(make_site, broker, protocol=protocol, max_message_size="1MiB",
+                     batch={"max_age": "0.2s"}, site_extra={"telemetry": {
+                         "metrics_listen": f"127.0.0.1:{free_port()}"}})
+    start_and_connect(site)
+    wire = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+    publish_one(broker.port, "seq/a", b"before", wire)
+    publish_one(broker.port, "seq/a", b"x" * ((1 << 20) + 1), wire)
+    publish_one(broker.port, "seq/a", b"y" * (1 << 20), wire)  # exactly the maximum: kept
+    publish_one(broker.port, "seq/a", b"after", wire)
+    wait_for(lambda: durable(site) >= 3, 30, "three messages stored", site)
+    refused = [e for e in site.log_events() if e.get("event") == "mqtt_message_refused"]
+    if protocol == "3.1.1":  # the broker cannot be told: the agent refuses it, once
+        assert len(refused) == 1 and refused[0]["bytes"] == (1 << 20) + 1, refused
+        port = site.extra["telemetry"]["metrics_listen"].rsplit(":", 1)[1]
+        assert value(scrape(int(port)), "skyferry_mqtt_refused_total", reason="too_large") == 1
+    else:  # MQTT 5 Maximum Packet Size: the broker never sends it
+        assert refused == []
+    assert site.stop() == 0
+    start_and_connect(site)  # acknowledged (or dropped by the broker): not sent again
+    time.sleep(2.0)
+    site.wait_drained(timeout=30)
+    assert site.stop() == 0
+    assert len([e for e in site.log_events() if e.get("event") == "mqtt_message_refused"]) == (
+        1 if protocol == "3.1.1" else 0)
+    payloads = [r["payload"] for r in restored_records(site, tmp_path / "out")]
+    assert payloads == ["before", "y" * (1 << 20), "after"]
+
+
+# ---- a clean stop never duplicates --------------------------------------------------------------
+
+
+def test_sigterm_during_a_large_messages_ingest_then_restart_stores_it_once(
+        make_site: Callable[..., Site], broker: Broker, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The drain deadline is made to pass while the batch is being committed: the committed
+    # batch must still be acknowledged before the connection closes.
+    monkeypatch.setenv("SKYFERRY_TEST_HOOKS", "1")
+    monkeypatch.setenv("SKYFERRY_TEST_MQTT_DRAIN_S", "0.01")
+    metrics_port = free_port()
+    site = mqtt_site(make_site, broker, max_message_size="32MiB", site_extra={
+        "telemetry": {"metrics_listen": f"127.0.0.1:{metrics_port}"},
+        "compression": {"level": 9}})
+    start_and_connect(site)
+    payload = ("".join(f"line {i:08d} of a large telemetry dump\n" for i in range(800_000))
+               ).encode()[: 30 << 20]
+    publish_one(broker.port, "seq/big", payload)
+    wait_for(lambda: value(scrape(metrics_port), "skyferry_mqtt_messages_total",
+                           **{"class": "normal"}) >= 1, 30, "the message received", site)
+    assert site.stop() == 0
+    events = [e.get("event") for e in site.log_events()]
+    assert "mqtt_drain_timeout" in events
+    assert events.index("stopping") < events.index("mqtt_batch_accepted"), (
+        "SIGTERM did not land during the ingest")
+    start_and_connect(site)
+    time.sleep(3.0)  # a re-sent copy would arrive now
+    site.wait_drained(timeout=60)
+    assert site.stop() == 0
+    assert durable(site) == 1
+    stored = [e for e in site.log_events() if e.get("event") == "mqtt_batch_accepted"]
+    assert len(stored) == 1, stored
+    records = restored_records(site, tmp_path / "out")
+    assert [r["payload"].encode() for r in records] == [payload]
+    assert not non_json_lines(site), non_json_lines(site)[:20]

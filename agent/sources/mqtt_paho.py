@@ -16,6 +16,10 @@ tests/test_mqtt_paho.py checks every assumption below against a real Mosquitto):
    `add_writer` met a closed descriptor (an `add_writer ... Bad file descriptor` traceback).
    `_WriteWatch` replaces both callbacks: each one makes the loop's writer match what paho wants
    *when it runs* (a socket, with bytes to write), so a late one is harmless.
+4. Memory per message. paho's `_packet.decode_publish` splits a PUBLISH with `struct.unpack`
+   and an `{n}s` field for "the rest", which copies the remainder at every field: a 32 MiB
+   message briefly took over three times its size. `decode_publish` below gives the same
+   result from a memoryview with one copy of the payload, and is installed in its place.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket, MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.errors import SkyferryError
 
@@ -127,3 +136,59 @@ class PahoAccess:
         millisecond between "durable" and "acknowledged" is a window for duplicates."""
         if self.client.want_write():
             self.client.loop_write()
+
+
+def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion
+                   ) -> _packet.PublishPacket:
+    """paho's `_packet.decode_publish` (point 4 above), copying the payload once."""
+    view = memoryview(packet)
+    malformed = MalformedPacket
+    if len(view) < 2:
+        raise malformed("PUBLISH too short for its topic length")
+    slen = int.from_bytes(view[:2], "big")
+    pos = 2 + slen
+    if pos > len(view):
+        raise malformed("PUBLISH topic runs past the packet")
+    topic = bytes(view[2:pos])
+    if protocol != MQTTProtocolVersion.MQTTv5 and not topic:
+        raise malformed("topic can't be empty in MQTTv3")
+    qos = (header & 0x06) >> 1
+    mid = 0
+    if qos > 0:
+        if pos + 2 > len(view):
+            raise malformed("PUBLISH too short for its packet id")
+        mid = int.from_bytes(view[pos:pos + 2], "big")
+        pos += 2
+    properties = None
+    if protocol == MQTTProtocolVersion.MQTTv5:
+        length, used = _variable_int(view, pos)
+        if pos + used + length > len(view):
+            raise malformed("PUBLISH properties run past the packet")
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        try:
+            properties.unpack(bytes(view[pos:pos + used + length]))  # type: ignore[no-untyped-call]
+        except MalformedPacket:
+            raise
+        except MQTTException as e:
+            raise malformed(str(e)) from None
+        pos += used + length
+    return _packet.PublishPacket(
+        dup=bool(header & 0x08), qos=qos, retain=bool(header & 0x01), topic=topic, mid=mid,
+        properties=properties, payload=view[pos:].tobytes())
+
+
+def _variable_int(view: memoryview, pos: int) -> tuple[int, int]:
+    """An MQTT Variable Byte Integer at `pos`: (value, bytes used)."""
+    value = 0
+    for i in range(4):
+        if pos + i >= len(view):
+            break
+        byte = view[pos + i]
+        value += (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, i + 1
+    raise MalformedPacket("bad variable byte integer in PUBLISH properties")
+
+
+_ORIGINAL_DECODE_PUBLISH = _packet.decode_publish
+_packet.decode_publish = decode_publish
