@@ -445,6 +445,19 @@ class Pipeline:
         c = self.chunking
         return self._cut(f, size, c.min_size, c.avg_size, c.max_size, settle)
 
+    def _memory_pieces(self, data: bytes) -> Iterator[memoryview]:
+        """Content-defined pieces of an in-memory object: views into it, the same cuts as
+        `_file_pieces` (no copy into a cut buffer: up to 24 MiB less per batch)."""
+        c = self.chunking
+        view = memoryview(data)
+        if len(view) <= c.min_size:
+            if view:
+                yield view
+            return
+        cutter = FastCDC(c.avg_size - c.min_size, min_size=c.min_size, max_size=c.max_size)
+        for piece in cutter.cut_buf(view):
+            yield view[piece.offset:piece.offset + piece.length]
+
     def _pack_pieces(self, f: _Readable, size: int, settle: Settle
                      ) -> Iterator[memoryview]:
         c = self.chunking
@@ -605,9 +618,8 @@ class Pipeline:
             # its compression must stay cheap (level 19 took a core for a minute on 143 MiB,
             # and its context alone holds ~80 MiB).
             with self.compressor.capped(BATCH_MAX_LEVEL):
-                refs = self._seal(
-                    staged, lambda settle: self._file_pieces(io.BytesIO(req.data), size,
-                                                             settle), manifest, None)
+                refs = self._seal(staged, lambda _settle: self._memory_pieces(req.data),
+                                  manifest, None)
         finally:
             self.store.release(reserved)
         return self._result(staged, refs, evicted)
