@@ -19,7 +19,7 @@ import pytest
 
 from tests.mqttkit import Broker, Publisher, free_port, read_restored_messages
 from tests.sitekit import Site, wait_for
-from tests.test_service import scrape, value
+from tests.test_service import Watcher, scrape, value
 
 TOPICS = [f"seq/t{i:02d}" for i in range(10)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -216,4 +216,90 @@ def test_sigterm_during_a_large_messages_ingest_then_restart_stores_it_once(
     assert "mqtt_drain_timeout" in first_run
     assert first_run.index("stopping") < first_run.index("mqtt_batch_accepted")
     assert durable(site) == 1
+    assert not non_json_lines(site), non_json_lines(site)[:20]
+
+
+# ---- commands: only signed, fresh, first-seen ones ----------------------------------------------
+
+
+def test_unsigned_wrongly_signed_replayed_and_stale_commands_are_refused(
+        make_site: Callable[..., Site], broker: Broker, tmp_path: Path) -> None:
+    from agent.telemetry.command_auth import (
+        generate_operator_keys,
+        load_operator_private,
+        sign_command,
+    )
+
+    trusted_key, trusted_pub = generate_operator_keys(tmp_path / "op")
+    stranger_key, _ = generate_operator_keys(tmp_path / "stranger")
+    metrics_port = free_port()
+    site = mqtt_site(make_site, broker, status={
+        "publish": True, "commands": True, "interval": "1s",
+        "operator_keys": [str(trusted_pub)]},
+        site_extra={"telemetry": {"metrics_listen": f"127.0.0.1:{metrics_port}"}})
+    key, stranger = load_operator_private(trusted_key), load_operator_private(stranger_key)
+    sid = site.site_id
+    start_and_connect(site)
+    watcher = Watcher(broker.port, sid)
+    topic = f"skyferry/{sid}/cmd"
+
+    def send(payload: bytes, answers: int) -> dict[str, Any]:
+        watcher.client.publish(topic, payload, qos=1).wait_for_publish(5)
+        wait_for(lambda: len(watcher.command_answers()) >= answers, 10, "the answer", site)
+        return watcher.command_answers()[answers - 1]
+
+    def paused() -> bool:
+        return bool(value(scrape(metrics_port), "skyferry_paused"))
+
+    try:
+        watcher.wait_status(lambda s: s.get("state") == "running", 0, 30)
+        signed = json.loads(sign_command(key, sid, {"cmd": "pause"}))
+        tampered = json.dumps({**signed, "signed": signed["signed"].replace("pause", "flush")})
+        refusals = [
+            (b"pause", "unsigned"),
+            (b'{"cmd": "pause"}', "unsigned"),
+            (sign_command(stranger, sid, {"cmd": "pause"}), "bad_signature"),
+            (tampered.encode(), "bad_signature"),
+            (sign_command(key, sid, {"cmd": "pause"}, now=time.time() - 600), "stale"),
+            (sign_command(key, sid, {"cmd": "pause"}, now=time.time() + 600), "stale"),
+            (sign_command(key, "another-site", {"cmd": "pause"}), "other_site"),
+        ]
+        for i, (payload, reason) in enumerate(refusals, 1):
+            answer = send(payload, i)
+            assert (answer["ok"], answer["result"], answer.get("reason")) == (
+                False, "refused", reason), answer
+        assert not paused()
+
+        # A signed, fresh command is obeyed: sent with `skyferry command`, which waits for it.
+        r = site.cli("command", "--key", str(trusted_key), "--site", sid,
+                     "--broker", f"127.0.0.1:{broker.port}", "pause")
+        assert "pause applied" in r.stdout, r.stdout
+        wait_for(paused, 5, "the pause", site)
+        pause = sign_command(key, sid, {"cmd": "pause"})
+        resume = sign_command(key, sid, {"cmd": "resume"})
+        n = len(watcher.command_answers())
+        assert send(resume, n + 1)["result"] == "applied"
+        wait_for(lambda: not paused(), 5, "the resume", site)
+        assert send(pause, n + 2)["result"] == "applied"
+        assert send(resume, n + 3)["reason"] == "replay"  # the same bytes again
+        assert paused()
+        samples = scrape(metrics_port)
+        for reason in ("unsigned", "bad_signature", "stale", "other_site", "replay"):
+            expected = sum(r == reason for _, r in refusals) + (reason == "replay")
+            assert value(samples, "skyferry_commands_refused_total", reason=reason) == expected
+    finally:
+        watcher.close()
+    assert site.stop() == 0
+    # Seen nonces outlive a restart: the resume is still a replay.
+    start_and_connect(site)
+    watcher = Watcher(broker.port, sid)
+    try:
+        watcher.wait_status(lambda s: s.get("state") == "running", 0, 30)
+        assert send(resume, 1)["reason"] == "replay"
+    finally:
+        watcher.close()
+    assert site.stop() == 0
+    logged = [e for e in site.log_events() if e.get("event") == "command_refused"]
+    reasons = [r for _, r in refusals] + ["replay", "replay"]
+    assert [e["reason"] for e in logged] == reasons  # one line each
     assert not non_json_lines(site), non_json_lines(site)[:20]
