@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.mqttkit import Broker, Publisher, free_port, read_restored_messages
+from tests.mqttkit import Broker, Publisher, check_sequences, free_port, read_restored_messages
 from tests.sitekit import Site, wait_for
 from tests.test_service import Watcher, scrape, value
 
@@ -303,3 +303,44 @@ def test_unsigned_wrongly_signed_replayed_and_stale_commands_are_refused(
     reasons = [r for _, r in refusals] + ["replay", "replay"]
     assert [e["reason"] for e in logged] == reasons  # one line each
     assert not non_json_lines(site), non_json_lines(site)[:20]
+
+
+# ---- per-topic order across broker restarts -----------------------------------------------------
+
+
+def test_per_topic_order_holds_across_20_broker_restarts(
+        make_site: Callable[..., Site], tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker", persistence=True)
+    broker.start()
+    site = mqtt_site(make_site, broker, batch={"max_age": "0.3s"})
+    per_topic, restarts = 2000, 20
+    total = per_topic * len(TOPICS)
+    try:
+        start_and_connect(site)
+        pub = Publisher(broker.port, TOPICS, per_topic, rate=1200).start()
+        try:
+            for _ in range(restarts):
+                # Some messages stored since the last restart, unless the publisher is done.
+                target = durable(site) + 150
+                wait_for(lambda t=target: durable(site) >= t or pub.done.is_set(), 30,
+                         "messages between restarts", site)
+                n = connections(site)
+                broker.stop()  # clean: Mosquitto saves the session and its queue
+                broker.start()
+                wait_for(lambda n=n: connections(site) > n, 30, "the agent to reconnect", site)
+            assert pub.done.wait(120) and pub.error is None, pub.error
+            wait_for(lambda: durable(site) >= total, 60, f"{total} durable messages", site)
+        finally:
+            pub.close()
+        assert site.stop() == 0
+        start_and_connect(site)
+        site.wait_drained(timeout=60)
+        assert site.stop() == 0
+    finally:
+        broker.kill()
+    assert connections(site) >= restarts + 2
+    assert not pub.wire_problems, pub.wire_problems[:5]  # the publisher kept its own order
+    site.restore(tmp_path / "out")
+    dups, problems = check_sequences(read_restored_messages(tmp_path / "out"), TOPICS, per_topic)
+    print(f"{restarts} broker restarts: {total} messages, {dups} duplicates")
+    assert not problems, problems[:10]
