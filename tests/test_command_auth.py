@@ -98,3 +98,20 @@ def test_operator_keys_are_checked_and_never_overwritten(tmp_path: Path) -> None
         load_operator_key(private)
     with pytest.raises(KeyFileError, match="does not exist"):
         load_operator_key(tmp_path / "missing.pub")
+
+
+def test_keygen_operator_and_command_usage_errors(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    assert main(["keygen", "--operator", "--out", str(tmp_path / "ops")]) == 0
+    assert (tmp_path / "ops" / "operator.key").exists()
+    assert (tmp_path / "ops" / "operator.pub").exists()
+    assert main(["keygen", "--out", str(tmp_path / "site")]) == 2  # --site is needed
+    assert "needs --site" in capsys.readouterr().err
+    key = str(tmp_path / "ops" / "operator.key")
+    assert main(["command", "--key", key, "--site", "s", "priority", "obj"]) == 2
+    assert main(["command", "--key", key, "--site", "s", "pause", "extra"]) == 2
+    assert main(["command", "--key", key, "--site", "s", "--broker", "h:x", "pause"]) == 2
+    err = capsys.readouterr().err
+    assert "OBJECT CLASS" in err and "HOST:PORT" in err

@@ -176,22 +176,7 @@ class MqttSource:
             self.last_error = None
             self.metrics.mqtt_connected.set(1)
             self._on_connect(paho_access.session_present)
-            await self._subscribe(client)
-            consume = asyncio.create_task(self._consume(client))
-            stop = asyncio.create_task(self._stop.wait())
-            try:
-                await asyncio.wait({consume, stop}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                consume.cancel()
-                await self._settle()  # commits under way are acknowledged before the close
-                raise
-            finally:
-                stop.cancel()
-            if not consume.done():  # stopping: make everything durable and acknowledge it
-                consume.cancel()
-                await self._finish()
-            else:
-                consume.result()  # raises MqttError when the broker went away
+            await self._serve(client)
         finally:
             self.connected = False
             self._client_now = None
@@ -199,11 +184,40 @@ class MqttSource:
             with contextlib.suppress(Exception):  # the connection is gone anyway
                 await client.__aexit__(None, None, None)
 
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Consume until the broker goes away (MqttError) or a stop (everything received is
+        then made durable and acknowledged). Consuming starts before subscribing: a kept
+        session's backlog arrives ahead of the SUBACK, and must be taken (and acknowledged)
+        meanwhile, or a backlog larger than one timeout's worth is never got past."""
+        consume = asyncio.create_task(self._consume(client))
+        subscribe = asyncio.create_task(self._subscribe(client))
+        stop = asyncio.create_task(self._stop.wait())
+        waiting = {consume, subscribe, stop}
+        try:
+            while not (consume.done() or stop.done()):
+                _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if subscribe.done():
+                    subscribe.result()  # a refused or timed-out SUBSCRIBE: reconnect
+            broker_gone = consume.done()
+        except asyncio.CancelledError:
+            consume.cancel()
+            await self._settle()  # commits under way are acknowledged before the close
+            raise
+        finally:
+            stop.cancel()
+            subscribe.cancel()
+            if not consume.done():
+                consume.cancel()
+        if broker_gone:
+            consume.result()  # raises MqttError when the broker went away
+        await self._finish()  # stopping: make everything durable and acknowledge it
+
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         if not self.settings.subscriptions:
             return
         topics = [(s.topic, min(s.qos, 1)) for s in self.settings.subscriptions]
-        granted = await client.subscribe(topics)
+        # The SUBACK comes after whatever the broker queued for a kept session: wait long.
+        granted = await client.subscribe(topics, timeout=max(60.0, 4 * self.settings.keepalive_s))
         for (topic, _), code in zip(topics, granted, strict=False):
             value = code if isinstance(code, int) else int(cast(ReasonCode, code).value)
             if value >= 0x80:
