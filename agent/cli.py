@@ -37,15 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file; exit 2 on any error")
     p.add_argument("file", type=Path)
 
-    p = sub.add_parser("keygen", help="create the recipient, site signing and dedup keys "
-                       "(or, with --operator, an operator's command-signing key)")
-    p.add_argument("--out", type=Path, required=True, help="folder to create the keys in")
-    p.add_argument("--site", help="site id (as in [site] id); needed without --operator")
-    p.add_argument("--operator", action="store_true",
-                   help="make operator.key (keep it on the cloud side) and operator.pub (list "
-                        "it in the site's [mqtt.status] operator_keys) for `skyferry command`")
-
-    _command_parser(sub)
+    _key_parsers(sub)
 
     p = sub.add_parser("put", help="queue files now (through the daemon, or directly)")
     _config_arg(p)
@@ -90,7 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _command_parser(sub: Any) -> None:
+def _key_parsers(sub: Any) -> None:
+    """`keygen` and `command` (which signs with an operator key)."""
+    p = sub.add_parser("keygen", help="create the recipient, site signing and dedup keys "
+                       "(or, with --operator, an operator's command-signing key)")
+    p.add_argument("--out", type=Path, required=True, help="folder to create the keys in")
+    p.add_argument("--site", help="site id (as in [site] id); needed without --operator")
+    p.add_argument("--operator", action="store_true",
+                   help="make operator.key (keep it on the cloud side) and operator.pub (list "
+                        "it in the site's [mqtt.status] operator_keys) for `skyferry command`")
+
     p = sub.add_parser("command", help="sign an operator command and publish it to a site")
     p.add_argument("action", choices=("pause", "resume", "flush", "priority"))
     p.add_argument("args", nargs="*", metavar="ARG", help="priority: OBJECT CLASS")

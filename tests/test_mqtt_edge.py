@@ -17,6 +17,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.telemetry.command_auth import (
+    generate_operator_keys,
+    load_operator_private,
+    sign_command,
+)
 from tests.mqttkit import Broker, Publisher, check_sequences, free_port, read_restored_messages
 from tests.sitekit import Site, wait_for
 from tests.test_service import Watcher, scrape, value
@@ -222,87 +227,111 @@ def test_sigterm_during_a_large_messages_ingest_then_restart_stores_it_once(
 # ---- commands: only signed, fresh, first-seen ones ----------------------------------------------
 
 
-def test_unsigned_wrongly_signed_replayed_and_stale_commands_are_refused(
+class CommandBench:
+    """A daemon that trusts one operator key, a watcher of its answers, and a stranger's key."""
+
+    def __init__(self, make_site: Callable[..., Site], broker: Broker, root: Path) -> None:
+        self.key_file, public = generate_operator_keys(root / "op")
+        stranger_file, _ = generate_operator_keys(root / "stranger")
+        self.key = load_operator_private(self.key_file)
+        self.stranger = load_operator_private(stranger_file)
+        self.metrics_port = free_port()
+        self.broker = broker
+        self.site = mqtt_site(make_site, broker, status={
+            "publish": True, "commands": True, "interval": "1s",
+            "operator_keys": [str(public)]},
+            site_extra={"telemetry": {"metrics_listen": f"127.0.0.1:{self.metrics_port}"}})
+        self.sid = self.site.site_id
+        self.watcher: Watcher | None = None
+
+    def start(self) -> None:
+        start_and_connect(self.site)
+        self.watcher = Watcher(self.broker.port, self.sid)
+        self.watcher.wait_status(lambda s: s.get("state") == "running", 0, 30)
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        assert self.site.stop() == 0
+
+    def send(self, payload: bytes) -> dict[str, Any]:
+        """Publish on the cmd topic; the site's answer."""
+        assert self.watcher is not None
+        n = len(self.watcher.command_answers())
+        self.watcher.client.publish(f"skyferry/{self.sid}/cmd", payload,
+                                    qos=1).wait_for_publish(5)
+        wait_for(lambda: len(self.watcher.command_answers()) > n, 10, "the answer", self.site)
+        return self.watcher.command_answers()[n]
+
+    def paused(self) -> bool:
+        return bool(value(scrape(self.metrics_port), "skyferry_paused"))
+
+    def refused_logged(self) -> list[str]:
+        return [e["reason"] for e in self.site.log_events() if e.get("event") == "command_refused"]
+
+
+def test_unsigned_wrongly_signed_stale_and_misaddressed_commands_are_refused(
         make_site: Callable[..., Site], broker: Broker, tmp_path: Path) -> None:
-    from agent.telemetry.command_auth import (
-        generate_operator_keys,
-        load_operator_private,
-        sign_command,
-    )
-
-    trusted_key, trusted_pub = generate_operator_keys(tmp_path / "op")
-    stranger_key, _ = generate_operator_keys(tmp_path / "stranger")
-    metrics_port = free_port()
-    site = mqtt_site(make_site, broker, status={
-        "publish": True, "commands": True, "interval": "1s",
-        "operator_keys": [str(trusted_pub)]},
-        site_extra={"telemetry": {"metrics_listen": f"127.0.0.1:{metrics_port}"}})
-    key, stranger = load_operator_private(trusted_key), load_operator_private(stranger_key)
-    sid = site.site_id
-    start_and_connect(site)
-    watcher = Watcher(broker.port, sid)
-    topic = f"skyferry/{sid}/cmd"
-
-    def send(payload: bytes, answers: int) -> dict[str, Any]:
-        watcher.client.publish(topic, payload, qos=1).wait_for_publish(5)
-        wait_for(lambda: len(watcher.command_answers()) >= answers, 10, "the answer", site)
-        return watcher.command_answers()[answers - 1]
-
-    def paused() -> bool:
-        return bool(value(scrape(metrics_port), "skyferry_paused"))
-
+    bench = CommandBench(make_site, broker, tmp_path)
+    key, sid = bench.key, bench.sid
+    signed = json.loads(sign_command(key, sid, {"cmd": "pause"}))
+    tampered = json.dumps({**signed, "signed": signed["signed"].replace("pause", "flush")})
+    refusals = [
+        (b"pause", "unsigned"),
+        (b'{"cmd": "pause"}', "unsigned"),
+        (sign_command(bench.stranger, sid, {"cmd": "pause"}), "bad_signature"),
+        (tampered.encode(), "bad_signature"),
+        (sign_command(key, sid, {"cmd": "pause"}, now=time.time() - 600), "stale"),
+        (sign_command(key, sid, {"cmd": "pause"}, now=time.time() + 600), "stale"),
+        (sign_command(key, "another-site", {"cmd": "pause"}), "other_site"),
+    ]
+    bench.start()
     try:
-        watcher.wait_status(lambda s: s.get("state") == "running", 0, 30)
-        signed = json.loads(sign_command(key, sid, {"cmd": "pause"}))
-        tampered = json.dumps({**signed, "signed": signed["signed"].replace("pause", "flush")})
-        refusals = [
-            (b"pause", "unsigned"),
-            (b'{"cmd": "pause"}', "unsigned"),
-            (sign_command(stranger, sid, {"cmd": "pause"}), "bad_signature"),
-            (tampered.encode(), "bad_signature"),
-            (sign_command(key, sid, {"cmd": "pause"}, now=time.time() - 600), "stale"),
-            (sign_command(key, sid, {"cmd": "pause"}, now=time.time() + 600), "stale"),
-            (sign_command(key, "another-site", {"cmd": "pause"}), "other_site"),
-        ]
-        for i, (payload, reason) in enumerate(refusals, 1):
-            answer = send(payload, i)
+        for payload, reason in refusals:
+            answer = bench.send(payload)
             assert (answer["ok"], answer["result"], answer.get("reason")) == (
                 False, "refused", reason), answer
-        assert not paused()
-
-        # A signed, fresh command is obeyed: sent with `skyferry command`, which waits for it.
-        r = site.cli("command", "--key", str(trusted_key), "--site", sid,
-                     "--broker", f"127.0.0.1:{broker.port}", "pause")
-        assert "pause applied" in r.stdout, r.stdout
-        wait_for(paused, 5, "the pause", site)
-        pause = sign_command(key, sid, {"cmd": "pause"})
-        resume = sign_command(key, sid, {"cmd": "resume"})
-        n = len(watcher.command_answers())
-        assert send(resume, n + 1)["result"] == "applied"
-        wait_for(lambda: not paused(), 5, "the resume", site)
-        assert send(pause, n + 2)["result"] == "applied"
-        assert send(resume, n + 3)["reason"] == "replay"  # the same bytes again
-        assert paused()
-        samples = scrape(metrics_port)
-        for reason in ("unsigned", "bad_signature", "stale", "other_site", "replay"):
-            expected = sum(r == reason for _, r in refusals) + (reason == "replay")
+        assert not bench.paused()
+        samples = scrape(bench.metrics_port)
+        for reason in ("unsigned", "bad_signature", "stale", "other_site"):
+            expected = sum(r == reason for _, r in refusals)
             assert value(samples, "skyferry_commands_refused_total", reason=reason) == expected
+        # The same command, signed by the trusted key for this site, now: obeyed.
+        assert bench.send(sign_command(key, sid, {"cmd": "pause"}))["result"] == "applied"
+        wait_for(bench.paused, 5, "the pause", bench.site)
     finally:
-        watcher.close()
-    assert site.stop() == 0
-    # Seen nonces outlive a restart: the resume is still a replay.
-    start_and_connect(site)
-    watcher = Watcher(broker.port, sid)
+        bench.stop()
+    assert bench.refused_logged() == [r for _, r in refusals]  # one line each
+    assert not non_json_lines(bench.site), non_json_lines(bench.site)[:20]
+
+
+def test_replayed_commands_are_refused_even_after_a_restart(
+        make_site: Callable[..., Site], broker: Broker, tmp_path: Path) -> None:
+    bench = CommandBench(make_site, broker, tmp_path)
+    pause = sign_command(bench.key, bench.sid, {"cmd": "pause"})
+    resume = sign_command(bench.key, bench.sid, {"cmd": "resume"})
+    bench.start()
     try:
-        watcher.wait_status(lambda s: s.get("state") == "running", 0, 30)
-        assert send(resume, 1)["reason"] == "replay"
+        # Sent with `skyferry command`, which waits for the site's answer.
+        r = bench.site.cli("command", "--key", str(bench.key_file), "--site", bench.sid,
+                           "--broker", f"127.0.0.1:{broker.port}", "pause")
+        assert "pause applied" in r.stdout, r.stdout
+        wait_for(bench.paused, 5, "the pause", bench.site)
+        assert bench.send(resume)["result"] == "applied"
+        wait_for(lambda: not bench.paused(), 5, "the resume", bench.site)
+        assert bench.send(pause)["result"] == "applied"
+        assert bench.send(resume)["reason"] == "replay"  # the same bytes again
+        assert bench.paused()
+        assert value(scrape(bench.metrics_port), "skyferry_commands_refused_total",
+                     reason="replay") == 1
     finally:
-        watcher.close()
-    assert site.stop() == 0
-    logged = [e for e in site.log_events() if e.get("event") == "command_refused"]
-    reasons = [r for _, r in refusals] + ["replay", "replay"]
-    assert [e["reason"] for e in logged] == reasons  # one line each
-    assert not non_json_lines(site), non_json_lines(site)[:20]
+        bench.stop()
+    bench.start()  # seen nonces outlive a restart
+    try:
+        assert bench.send(resume)["reason"] == "replay"
+    finally:
+        bench.stop()
+    assert bench.refused_logged() == ["replay", "replay"]
 
 
 # ---- per-topic order across broker restarts -----------------------------------------------------
@@ -329,7 +358,13 @@ def test_per_topic_order_holds_across_20_broker_restarts(
                 broker.start()
                 wait_for(lambda n=n: connections(site) > n, 30, "the agent to reconnect", site)
             assert pub.done.wait(120) and pub.error is None, pub.error
+            # Stored copies count re-sends too: wait for the stream to go quiet as well.
             wait_for(lambda: durable(site) >= total, 60, f"{total} durable messages", site)
+            last, since = durable(site), time.monotonic()
+            while time.monotonic() - since < 3.0:
+                time.sleep(0.2)
+                if durable(site) != last:
+                    last, since = durable(site), time.monotonic()
         finally:
             pub.close()
         assert site.stop() == 0
