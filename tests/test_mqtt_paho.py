@@ -175,3 +175,11 @@ def test_write_watch_on_a_plain_client_publishes_and_closes_cleanly(broker: Brok
         return errors
 
     assert asyncio.run(scenario()) == []
+
+
+def test_malloc_thresholds_are_fixed_on_glibc() -> None:
+    """agent/memory.py: what keeps a message's peak memory repeatable (the RSS test in
+    tests/test_mqtt_edge.py measures the effect)."""
+    from agent.memory import fix_malloc_thresholds
+
+    assert fix_malloc_thresholds() is True

@@ -53,6 +53,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import QuotaExceededError, SkyferryError
+from agent.memory import fix_malloc_thresholds
 from agent.pipeline import BatchRequest, IngestResult
 from agent.reconnect import keep_connected
 from agent.settings import MqttSettings
@@ -132,6 +133,7 @@ class MqttSource:
 
     async def run(self) -> None:
         """Connect, consume, reconnect with backoff; returns once `drain` has finished."""
+        fix_malloc_thresholds()  # peak memory per message: see agent/memory.py
         tick = asyncio.create_task(self._age_ticker(), name="mqtt-batch-ages")
         try:
             # A broker problem never takes the daemon down: it is logged and retried.
