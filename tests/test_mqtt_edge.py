@@ -379,3 +379,34 @@ def test_per_topic_order_holds_across_20_broker_restarts(
     dups, problems = check_sequences(read_restored_messages(tmp_path / "out"), TOPICS, per_topic)
     print(f"{restarts} broker restarts: {total} messages, {dups} duplicates")
     assert not problems, problems[:10]
+
+
+# ---- a batch's compression is bounded ------------------------------------------------------------
+
+
+def test_batches_are_compressed_at_level_9_at_most(tmp_path: Path) -> None:
+    """With the link closed `auto` can choose level 19 (a minute of CPU for 143 MiB, ~80 MiB of
+    context): an in-memory batch is compressed at BATCH_MAX_LEVEL at most; files are not."""
+    from agent.config import DEFAULT_CLASSES
+    from agent.crypto import generate_keys, load_edge_keys
+    from agent.pipeline import BATCH_MAX_LEVEL, BatchRequest, Pipeline
+    from agent.settings import ChunkingSettings, CompressionSettings
+    from agent.store import Store
+
+    gen = generate_keys(tmp_path / "keys", "s1")
+    keys = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
+    store = Store(tmp_path / "state", DEFAULT_CLASSES)
+    try:
+        pipeline = Pipeline("s1", keys, store, ChunkingSettings(), CompressionSettings(level=19))
+        pipeline.compressor.set_level(19, long_distance=True)
+        body = b"".join(f"line {i} of a telemetry dump\n".encode() for i in range(200_000))
+        t0 = time.process_time()
+        pipeline.ingest_batch(BatchRequest(body, "mqtt", "normal", "x-", ".jsonl", 1))
+        cpu = time.process_time() - t0
+        levels = sorted(pipeline.compressor._local.zstd)  # the contexts this thread made
+        assert max(level for level, _ in levels) == BATCH_MAX_LEVEL, levels
+        assert (19, True) not in levels
+        assert cpu < 5.0, f"{cpu:.1f} s of CPU for a {len(body) >> 20} MiB batch"
+    finally:
+        store.close()
