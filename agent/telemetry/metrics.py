@@ -79,6 +79,12 @@ class Metrics:
                             registry=r)
         self.commands = Counter("skyferry_commands", "Operator commands over MQTT",
                                 ["command", "result"], registry=r)
+        self.commands_refused = Counter("skyferry_commands_refused",
+                                        "Commands over MQTT refused (unsigned, bad signature, "
+                                        "stale, replay...)", ["reason"], registry=r)
+        self.mqtt_refused = Counter("skyferry_mqtt_refused",
+                                    "MQTT messages refused (larger than max_message_size)",
+                                    ["reason"], registry=r)
         self.mqtt_connected = Gauge("skyferry_mqtt_connected", "1 while connected to the broker",
                                     registry=r)
         self.mqtt_reconnects = Counter("skyferry_mqtt_reconnects",
