@@ -27,6 +27,7 @@ from agent.errors import (
     RestoreError,
     UnsafePathError,
 )
+from agent.history import History, RestoreJournal, journal_name
 from agent.manifest import KIND_MQTT_BATCH, Manifest, PackEntry, check_name
 from agent.pipeline import decompress
 from agent.units import format_size
@@ -228,12 +229,13 @@ class Restorer:
         self.site_keys = site_keys
         self._fetch_slots = asyncio.Semaphore(parallel)
         self.parallel = parallel
+        self.history = History()  # gaps, replays (agent/history.py); anew for each `run`
 
     async def sites(self) -> list[str]:
         seen: set[str] = set()
         for key in await self._keys(""):
             parts = key.split("/")
-            if len(parts) >= 3 and parts[1] == "manifests":
+            if len(parts) >= 3 and parts[1] in ("manifests", "tips"):
                 seen.add(parts[0])
         return sorted(seen)
 
@@ -241,8 +243,12 @@ class Restorer:
                              report: RestoreReport) -> list[Manifest]:
         """Fetch, decrypt and verify every manifest of a site; problems go in the report."""
         keys = await self._keys(layout.manifests_prefix(site))
+        first_day = await self.history.load_tips(self.backend, self.recipient,
+                                                 lambda: self.site_keys(site), site)
         if since is not None:
-            day = since.astimezone(UTC).strftime("%Y/%m/%d")
+            # From the day of the site's last tip before `since`: its history is checked from
+            # there (agent/history.py); what is older than `since` is checked, not restored.
+            day = min(since.astimezone(UTC).strftime("%Y/%m/%d"), first_day or "")
             keys = [k for k in keys if _key_day(k) >= day]
         out: list[Manifest] = []
 
@@ -251,6 +257,10 @@ class Restorer:
                 m = await self.load_manifest(key)
             except (CryptoError, FormatError, UnsafePathError, KeyFileError, BackendError) as e:
                 report.problems.append(Problem(key, str(e)))
+                return
+            replayed = self.history.observe(key, m)
+            if replayed is not None:
+                report.problems.append(Problem(key, replayed))
                 return
             if since is None or m.created_at >= since:
                 out.append(m)
@@ -368,11 +378,15 @@ class Restorer:
         The report counts files and MQTT batches (the files of a pack one by one).
         """
         report = RestoreReport()
+        self.history = History(since)
+        journal = None if target is None else RestoreJournal(target)
         manifests: list[Manifest] = []
         for site in sites or await self.sites():
             manifests.extend(await self.load_manifests(site, since, report))
         items = _items(manifests)
-        chosen = items if target is None else _newest_per_name(items, report)
+        chosen = (items if target is None
+                  else _newest_per_name(items, report, self.history.version_key))
+        report.problems += [Problem(what, why) for what, why in self.history.finish()]
         wanted: dict[str, set[int]] = {}
         for it in chosen:
             if it.entry is not None:
@@ -387,6 +401,10 @@ class Restorer:
                 await pack(m)
                 return
             label = _Item(m).label
+            rollback = journal and journal.refuse(journal_name(m, m.name), m)
+            if rollback:
+                report.problems.append(Problem(label, rollback))
+                return
             try:
                 if target is None:
                     await self.stream_object(m, lambda _b: None, progress)
@@ -395,12 +413,18 @@ class Restorer:
             except (RestoreError, BackendError, OSError) as e:
                 report.problems.append(Problem(label, str(e)))
                 return
+            if journal:
+                journal.record(journal_name(m, m.name), m)
             report.objects_ok += 1
             report.bytes_ok += m.size
             progress.advance(0, 1)
 
         async def pack(m: Manifest) -> None:
             mine = wanted[m.object_id]
+            refused = _refused_entries(journal, m, mine)  # older than what was restored before
+            mine -= set(refused)
+            report.problems += [Problem(_Item(m, m.entries[i], i).label, why)
+                                for i, why in refused.items()]
             splitter: _PackSplitter | None = None
             try:
                 splitter = await self.restore_pack(m, target, mine, progress)
@@ -412,11 +436,18 @@ class Restorer:
             for i, why in splitter.bad:
                 report.problems.append(Problem(_Item(m, m.entries[i], i).label, why))
             done = [i for i in splitter.ok if i in mine]
+            if journal is not None:
+                for i in done:
+                    journal.record(journal_name(m, m.entries[i].name), m)
             report.objects_ok += len(done)
             report.bytes_ok += sum(m.entries[i].size for i in done)
             progress.advance(0, len(done))
 
-        await _bounded(4, [one(m) for m in objects])
+        try:
+            await _bounded(4, [one(m) for m in objects])
+        finally:
+            if journal:
+                journal.close()
         progress.close()
         return report
 
@@ -432,15 +463,31 @@ def restore_path(target: Path, m: Manifest) -> Path:
     return target / m.site / m.source / safe_relative(m.name)
 
 
-def _newest_per_name(items: list[_Item], report: RestoreReport) -> list[_Item]:
-    """A name dropped again is a new version: the newest wins, older ones are counted."""
+def _newest_per_name(items: list[_Item], report: RestoreReport,
+                     version: Callable[[Manifest], tuple[int, str, str, int, str]]
+                     ) -> list[_Item]:
+    """A name dropped again is a new version: the newest (by seq, `History.version_key`)
+    wins, older ones are counted."""
     newest: dict[tuple[str, str, str, bool], _Item] = {}
-    for it in sorted(items, key=lambda it: (it.m.created, it.m.object_id)):
+    for it in sorted(items, key=lambda it: version(it.m)):
         k = (it.m.site, it.m.source, it.name, it.m.kind == KIND_MQTT_BATCH)
         if k in newest:
             report.superseded += 1
         newest[k] = it
     return list(newest.values())
+
+
+def _refused_entries(journal: RestoreJournal | None, m: Manifest,
+                     wanted: set[int]) -> dict[int, str]:
+    """Entries of a pack the restore journal refuses (`RestoreJournal.refuse`), with why."""
+    out: dict[int, str] = {}
+    if journal is None:
+        return out
+    for i in sorted(wanted):
+        why = journal.refuse(journal_name(m, m.entries[i].name), m)
+        if why:
+            out[i] = why
+    return out
 
 
 def _check_inside(target: Path, dest: Path) -> None:
