@@ -259,17 +259,26 @@ class RestoreJournal:
 
     def __init__(self, target: Path) -> None:
         folder = target / JOURNAL_DIR
-        for p in (folder, folder / JOURNAL_FILE):
+        path = folder / JOURNAL_FILE
+        for p in (folder, path):
             if p.is_symlink():
                 raise RestoreError(f"{p} is a symbolic link; the restore journal is not written "
                                    "through links: remove it")
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(folder / JOURNAL_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
-        self._db = sqlite3.connect(folder / JOURNAL_FILE, isolation_level=None)
-        self._db.execute("CREATE TABLE IF NOT EXISTS restored (path TEXT PRIMARY KEY, "
-                         "stream TEXT NOT NULL, seq INTEGER NOT NULL, created TEXT NOT NULL, "
-                         "object_id TEXT NOT NULL) WITHOUT ROWID")
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            self._db = sqlite3.connect(path, isolation_level=None)
+            # One small write per restored file: WAL without an fsync per file (a crash may
+            # lose the last records, so a file restored just then is not protected by them).
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS restored (path TEXT PRIMARY KEY, "
+                             "stream TEXT NOT NULL, seq INTEGER NOT NULL, created TEXT NOT "
+                             "NULL, object_id TEXT NOT NULL) WITHOUT ROWID")
+        except (OSError, sqlite3.Error) as e:
+            raise RestoreError(f"cannot open the restore journal {path}: {e}; restore keeps it "
+                               "to never roll a file back: make the target writable, or move "
+                               "a damaged journal away (it forgets what was restored)") from None
 
     def refuse(self, path: str, m: Manifest) -> str | None:
         """Why `m` must not be written at `path` (an older version than the one there), or

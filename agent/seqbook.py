@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS seq_void (
 ) WITHOUT ROWID;
 """
 # After `objects` has its seq/stream columns (`add_columns`).
-INDEXES = "CREATE INDEX IF NOT EXISTS objects_seq ON objects(stream, seq);"
+# Tips read queued and dropped seqs of a stream by state: without `state` in the index that
+# is a scan of every object the stream ever had.
+INDEXES = "CREATE INDEX IF NOT EXISTS objects_seq ON objects(stream, state, seq);"
 
 # Object states whose manifest will never be uploaded (agent/store.py, "States").
 DROPPED_STATES = ("evicted", "expired", "damaged")

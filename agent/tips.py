@@ -229,10 +229,12 @@ async def tip_loop(uplink: Uplink) -> None:
         uplink.tip_due.clear()
         try:
             await uplink._while_open(lambda: send_tip(uplink))
-        except (BackendError, DiskFullError, OSError) as e:
+        except Exception as e:  # a tip never stops the uploads: one line per try
             uplink.tip_due.set()  # tried again after a pause
-            log_event(log, logging.WARNING, "tip_failed",
-                      f"tip not sent: {e}; tried again in {uplink.settings.retry_max_s:g}s")
+            known = isinstance(e, BackendError | DiskFullError)
+            level = logging.WARNING if known else logging.ERROR
+            log_event(log, level, "tip_failed", f"the site's tip was not sent: {e}; "
+                      f"tried again in {uplink.settings.retry_max_s:g}s")
             await asyncio.sleep(uplink.settings.retry_max_s)
 
 

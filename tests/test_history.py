@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,8 +24,10 @@ from pathlib import Path
 import pytest
 
 from agent import crypto, layout
+from agent import store as store_mod
 from agent.backends import open_backend
 from agent.config import DEFAULT_CLASSES
+from agent.errors import RestoreError
 from agent.gate import Gate
 from agent.manifest import Manifest, uuid7
 from agent.pipeline import IngestRequest, IngestResult, Pipeline, decompress
@@ -224,6 +227,7 @@ import os, sys
 from pathlib import Path
 from agent import crypto
 from agent.config import DEFAULT_CLASSES
+from agent.errors import RestoreError
 from agent.pipeline import IngestRequest, Pipeline
 from agent.settings import ChunkingSettings, CompressionSettings
 from agent.store import Store
@@ -344,6 +348,40 @@ def test_a_second_restore_does_not_roll_back_a_file_after_the_newest_manifest_is
     text = problems(report)
     assert "rollback" in text and "manifest 2 missing" in text and not report.ok
     assert (out / ".skyferry" / "restored.sqlite").is_file()
+
+
+def test_the_restore_journal_is_not_written_through_a_link(rig: Rig) -> None:
+    rig.ingest("a.txt", b"a")
+    asyncio.run(rig.upload())
+    out, elsewhere = rig.root / "out", rig.root / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / ".skyferry").symlink_to(elsewhere)
+    with pytest.raises(RestoreError, match="symbolic link"):
+        asyncio.run(rig.restorer().run(out))
+    assert not any(elsewhere.iterdir())
+
+
+def test_a_schema_1_store_is_migrated_and_numbers_from_1(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(state / "index.sqlite")
+    db.executescript(store_mod._SCHEMA)  # what schema 1 created; it has not changed
+    db.execute("INSERT INTO meta VALUES ('schema', '1')")
+    db.execute("INSERT INTO objects (id, source, class, rank, size, manifest_bytes, created, "
+               "state, chunks_left) VALUES ('old', 'files', 'normal', 2, 1, 1, 0, 'committed', "
+               "0)")
+    db.commit()
+    db.close()
+    rig = make_rig(tmp_path)
+    try:
+        assert rig.store.get_meta("schema") == "2"
+        rig.ingest("new.txt", b"after the upgrade")
+        asyncio.run(rig.upload())
+        assert sorted(rig.manifests()) == [1]
+        assert not problems(rig.verify())
+    finally:
+        rig.store.close()
 
 
 # ---- the tip object ---------------------------------------------------------------------------
