@@ -73,6 +73,8 @@ class History:
         self.since = since
         self._streams: dict[tuple[str, str], _Stream] = {}
         self.findings: list[Finding] = []
+        self._unreadable: dict[str, int] = {}
+        self._key_errors: dict[str, Finding] = {}  # per site: its public key did not load
 
     def _stream(self, site: str, stream: str) -> _Stream:
         s = self._streams.get((site, stream))
@@ -177,19 +179,39 @@ class History:
         try:
             blob = await retrying(lambda: backend.get(key))
             return open_tip(key, blob, recipient, site_key())
-        except (CryptoError, FormatError, KeyFileError, BackendError) as e:
+        except KeyFileError as e:  # said by each of the site's manifests too (`finish`)
+            self._key_errors.setdefault(key.split("/", 1)[0], (key, str(e)))
+        except (CryptoError, FormatError, BackendError) as e:
             self.findings.append((key, str(e)))
-            return None
+        return None
+
+    def unreadable(self, site: str) -> None:
+        """A manifest key of `site` that did not open (already a problem of its own)."""
+        self._unreadable[site] = self._unreadable.get(site, 0) + 1
 
     def finish(self) -> list[Finding]:
-        """Every finding: gaps and repeated seqs per stream, after all manifests were seen."""
+        """Every finding: gaps and repeated seqs per stream, after all manifests were seen.
+
+        Seqs whose manifest may be one of the site's manifests that did not open are not named
+        again: while a site's missing seqs are no more than its unreadable manifests, those
+        (each a problem already) may be them. One more, and every gap is named.
+        """
         out = list(self.findings)
+        out += [f for site, f in self._key_errors.items() if not self._unreadable.get(site)]
+        gaps: dict[str, list[Finding]] = {}
+        missing: dict[str, int] = {}
         for s in self._streams.values():
             out += _repeats(s)
-            if s.tip is not None:
-                what = f"{s.site}: stream {s.stream[:8]}"
-                out += [(what, f"{_span(a, b)} missing (the site's tip {s.tip.n} says they were"
-                         " uploaded)") for a, b in _missing(s)]
+            if s.tip is None:
+                continue
+            what = f"{s.site}: stream {s.stream[:8]}"
+            for a, b in _missing(s):
+                gaps.setdefault(s.site, []).append((what, f"{_span(a, b)} missing (the site's "
+                                                    f"tip {s.tip.n} says they were uploaded)"))
+                missing[s.site] = missing.get(s.site, 0) + b - a + 1
+        for site, lines in gaps.items():
+            if missing[site] > self._unreadable.get(site, 0):
+                out += lines
         return out
 
 
@@ -254,35 +276,47 @@ class RestoreJournal:
 
     A later restore into the same folder never replaces a file with an older version than the
     one written there before (a rollback: the newer manifest was deleted or hidden since); it
-    names the file as a problem instead.
+    names the file as a problem instead. Made with the first file restored: a restore that
+    writes nothing leaves nothing.
     """
 
     def __init__(self, target: Path) -> None:
-        folder = target / JOURNAL_DIR
-        path = folder / JOURNAL_FILE
-        for p in (folder, path):
+        self.path = target / JOURNAL_DIR / JOURNAL_FILE
+        self._db: sqlite3.Connection | None = None
+        for p in (self.path.parent, self.path):
             if p.is_symlink():
                 raise RestoreError(f"{p} is a symbolic link; the restore journal is not written "
                                    "through links: remove it")
+        if self.path.exists():
+            self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-            self._db = sqlite3.connect(path, isolation_level=None)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            db = sqlite3.connect(self.path, isolation_level=None)
             # One small write per restored file: WAL without an fsync per file (a crash may
             # lose the last records, so a file restored just then is not protected by them).
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS restored (path TEXT PRIMARY KEY, "
-                             "stream TEXT NOT NULL, seq INTEGER NOT NULL, created TEXT NOT "
-                             "NULL, object_id TEXT NOT NULL) WITHOUT ROWID")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS restored (path TEXT PRIMARY KEY, stream TEXT "
+                       "NOT NULL, seq INTEGER NOT NULL, created TEXT NOT NULL, object_id TEXT "
+                       "NOT NULL) WITHOUT ROWID")
         except (OSError, sqlite3.Error) as e:
-            raise RestoreError(f"cannot open the restore journal {path}: {e}; restore keeps it "
-                               "to never roll a file back: make the target writable, or move "
-                               "a damaged journal away (it forgets what was restored)") from None
+            raise RestoreError(f"cannot open the restore journal {self.path}: {e}; restore "
+                               "keeps it so as never to roll a file back: make the target "
+                               "writable, or move a damaged journal away (it then forgets what "
+                               "was restored)") from None
+        self._db = db
+        return db
 
     def refuse(self, path: str, m: Manifest) -> str | None:
         """Why `m` must not be written at `path` (an older version than the one there), or
         None."""
+        if self._db is None:
+            return None
         row = self._db.execute("SELECT stream, seq, created, object_id FROM restored "
                                "WHERE path=?", (path,)).fetchone()
         if row is None:
@@ -300,9 +334,15 @@ class RestoreJournal:
                 f"older than the one restored here before ({was}, object {object_id}); the "
                 "file is left as it is")
 
-    def record(self, path: str, m: Manifest) -> None:
-        self._db.execute("INSERT OR REPLACE INTO restored VALUES (?, ?, ?, ?, ?)",
-                         (path, m.stream, m.seq, m.created, m.object_id))
+    def record(self, path: str, m: Manifest) -> str | None:
+        """Remember that `path` now holds `m`'s version; returns why it could not, if so."""
+        try:
+            self._open().execute("INSERT OR REPLACE INTO restored VALUES (?, ?, ?, ?, ?)",
+                                 (path, m.stream, m.seq, m.created, m.object_id))
+        except (RestoreError, sqlite3.Error) as e:
+            return f"restored, but not recorded in the restore journal: {e}"
+        return None
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()

@@ -257,6 +257,7 @@ class Restorer:
                 m = await self.load_manifest(key)
             except (CryptoError, FormatError, UnsafePathError, KeyFileError, BackendError) as e:
                 report.problems.append(Problem(key, str(e)))
+                self.history.unreadable(site)
                 return
             replayed = self.history.observe(key, m)
             if replayed is not None:
@@ -413,8 +414,9 @@ class Restorer:
             except (RestoreError, BackendError, OSError) as e:
                 report.problems.append(Problem(label, str(e)))
                 return
-            if journal:
-                journal.record(journal_name(m, m.name), m)
+            unrecorded = journal and journal.record(journal_name(m, m.name), m)
+            if unrecorded:
+                report.problems.append(Problem(label, unrecorded))
             report.objects_ok += 1
             report.bytes_ok += m.size
             progress.advance(0, 1)
@@ -438,7 +440,10 @@ class Restorer:
             done = [i for i in splitter.ok if i in mine]
             if journal is not None:
                 for i in done:
-                    journal.record(journal_name(m, m.entries[i].name), m)
+                    unrecorded = journal.record(journal_name(m, m.entries[i].name), m)
+                    if unrecorded:
+                        report.problems.append(Problem(_Item(m, m.entries[i], i).label,
+                                                       unrecorded))
             report.objects_ok += len(done)
             report.bytes_ok += sum(m.entries[i].size for i in done)
             progress.advance(0, len(done))
