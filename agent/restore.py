@@ -422,31 +422,7 @@ class Restorer:
             progress.advance(0, 1)
 
         async def pack(m: Manifest) -> None:
-            mine = wanted[m.object_id]
-            refused = _refused_entries(journal, m, mine)  # older than what was restored before
-            mine -= set(refused)
-            report.problems += [Problem(_Item(m, m.entries[i], i).label, why)
-                                for i, why in refused.items()]
-            splitter: _PackSplitter | None = None
-            try:
-                splitter = await self.restore_pack(m, target, mine, progress)
-            except (RestoreError, BackendError, OSError) as e:
-                report.problems.append(Problem(
-                    f"{m.site}/{m.source} pack {m.object_id} ({len(m.entries)} files)", str(e)))
-            if splitter is None:
-                return
-            for i, why in splitter.bad:
-                report.problems.append(Problem(_Item(m, m.entries[i], i).label, why))
-            done = [i for i in splitter.ok if i in mine]
-            if journal is not None:
-                for i in done:
-                    unrecorded = journal.record(journal_name(m, m.entries[i].name), m)
-                    if unrecorded:
-                        report.problems.append(Problem(_Item(m, m.entries[i], i).label,
-                                                       unrecorded))
-            report.objects_ok += len(done)
-            report.bytes_ok += sum(m.entries[i].size for i in done)
-            progress.advance(0, len(done))
+            await self._pack_files(m, target, wanted[m.object_id], progress, report, journal)
 
         try:
             await _bounded(4, [one(m) for m in objects])
@@ -455,6 +431,34 @@ class Restorer:
                 journal.close()
         progress.close()
         return report
+
+    async def _pack_files(self, m: Manifest, target: Path | None, mine: set[int],
+                          progress: Progress, report: RestoreReport,
+                          journal: RestoreJournal | None) -> None:
+        """Restore (or check) the wanted files of one pack; each problem named per file."""
+        refused = _refused_entries(journal, m, mine)  # older than what was restored before
+        mine -= set(refused)
+        report.problems += [Problem(_Item(m, m.entries[i], i).label, why)
+                            for i, why in refused.items()]
+        splitter: _PackSplitter | None = None
+        try:
+            splitter = await self.restore_pack(m, target, mine, progress)
+        except (RestoreError, BackendError, OSError) as e:
+            report.problems.append(Problem(
+                f"{m.site}/{m.source} pack {m.object_id} ({len(m.entries)} files)", str(e)))
+        if splitter is None:
+            return
+        for i, why in splitter.bad:
+            report.problems.append(Problem(_Item(m, m.entries[i], i).label, why))
+        done = [i for i in splitter.ok if i in mine]
+        if journal is not None:  # each file restored is remembered (`RestoreJournal`)
+            for i in done:
+                unrecorded = journal.record(journal_name(m, m.entries[i].name), m)
+                if unrecorded:
+                    report.problems.append(Problem(_Item(m, m.entries[i], i).label, unrecorded))
+        report.objects_ok += len(done)
+        report.bytes_ok += sum(m.entries[i].size for i in done)
+        progress.advance(0, len(done))
 
 
 def restore_path(target: Path, m: Manifest) -> Path:
