@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ MAX_TIP_BYTES = 8 << 20  # sealed or opened; ~300,000 ranges
 # Manifests are acknowledged in bursts: a tip goes out this long after the last one asked for
 # it, so a window's manifests cost a few tips, not one each.
 TIP_SETTLE_S = 0.5
+TIP_INTERVAL_S = 5.0
+TIP_LINK_SHARE = 100
 MAX_RANGES = 100_000  # per list; beyond, the closest ranges are merged (`coarsen`)
 _DIGITS = 20  # tip numbers in keys are zero-padded: listing order is number order
 
@@ -227,8 +230,13 @@ async def tip_loop(uplink: Uplink) -> None:
             continue
         await asyncio.sleep(TIP_SETTLE_S)
         uplink.tip_due.clear()
+        started = time.monotonic()
         try:
             await uplink._while_open(lambda: send_tip(uplink))
+            # Tips are few: at least TIP_INTERVAL_S apart, and a large one (a fragmented
+            # backlog) takes at most 1/TIP_LINK_SHARE of the link's time.
+            took = time.monotonic() - started
+            await asyncio.sleep(max(TIP_INTERVAL_S - took, took * (TIP_LINK_SHARE - 1)))
         except Exception as e:  # a tip never stops the uploads: one line per try
             uplink.tip_due.set()  # tried again after a pause
             known = isinstance(e, BackendError | DiskFullError)

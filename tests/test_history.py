@@ -9,6 +9,7 @@ no keys can: delete, move, copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import crypto, layout
+from agent import crypto, layout, tips
 from agent import store as store_mod
 from agent.backends import open_backend
 from agent.config import DEFAULT_CLASSES
@@ -85,17 +86,21 @@ class Rig:
         uplink = Uplink(SITE, self.store, open_backend(f"file://{self.cloud}"), gate,
                         UplinkSettings(retry_initial_s=0.02, retry_max_s=0.1), run_blocking,
                         Metrics(), time.time, keys=self.edge)
+        interval, tips.TIP_INTERVAL_S = tips.TIP_INTERVAL_S, 0.1  # the test waits for tips
         task = asyncio.create_task(uplink.run())
         assert uplink.tips is not None
         deadline = time.monotonic() + 30
-        while self.store.pending_objects() or uplink.tips.build() is not None:
-            assert time.monotonic() < deadline, "the uplink did not drain and send its tip"
-            assert not task.done(), task
-            await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await uplink.drain_acks()
+        try:
+            while self.store.pending_objects() or uplink.tips.build() is not None:
+                assert time.monotonic() < deadline, "the uplink did not drain and send its tip"
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+        finally:
+            tips.TIP_INTERVAL_S = interval
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await uplink.drain_acks()
 
     def restorer(self) -> Restorer:
         return Restorer(open_backend(f"file://{self.cloud}"),
