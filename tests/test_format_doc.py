@@ -439,3 +439,29 @@ def test_worked_example_agrees_with_agent_crypto() -> None:
     assert header.kind == crypto.KIND_MANIFEST
     m = Manifest.from_json(vector("manifest.body").encode("utf-8"))
     assert m.chunks[0].length == m.size
+
+
+def test_version_2_worked_example_opens_with_the_independent_reader(reader: DocReader) -> None:
+    recipient = serialization.load_pem_private_key(vector("v2.recipient.key").encode(), None)
+    site_key = serialization.load_pem_public_key(vector("v2.site.pub").encode())
+    assert isinstance(recipient, X25519PrivateKey)
+    assert isinstance(site_key, Ed25519PublicKey)
+    manifest_key, tip_key = vector("v2.cloud-keys").split()
+
+    body = reader.open_manifest(hex_vector("v2.manifest.sealed"), recipient, site_key)
+    assert body == vector("v2.manifest.body").encode("utf-8")
+    m = json.loads(body)
+    assert (m["version"], m["seq"]) == (2, 1)
+    assert manifest_key.split("/")[-1] == m["object_id"]
+    assert "/".join(manifest_key.split("/")[2:5]) == m["created"][:10].replace("-", "/")
+    assert Manifest.from_json(body).seq == 1
+
+    tip = reader.open(hex_vector("v2.tip.sealed"), recipient)
+    assert tip.header["kind"] == reader.codes["KIND_TIP"]
+    n = reader.sizes["SIGNATURE_SIZE"]
+    tip_body = tip.plaintext[n:]
+    site_key.verify(tip.plaintext[:n], reader.strings["tip signature context"] + tip_body)
+    assert tip_body == vector("v2.tip.body").encode("utf-8")
+    t = json.loads(tip_body)
+    assert tip_key == f"{t['site']}/tips/{t['stream']}/{t['n']:020d}"
+    assert (t["stream"], t["highest"], t["queued"]) == (m["stream"], 1, [[1, 1]])
