@@ -421,3 +421,25 @@ def test_coarsen_keeps_a_backlog_of_many_runs_small_and_only_merges() -> None:
     covered = {q for a, b in small for q in range(a, b + 1)}
     assert all(q in covered for a, b in runs for q in range(a, b + 1))
     assert coarsen(runs[:5], 100) == tuple(runs[:5])
+
+
+async def test_the_daemon_sends_a_tip_after_its_manifests(tmp_path: Path) -> None:
+    from tests.windowkit import JumpClock, RunningDaemon, site_settings, until
+
+    settings = site_settings(tmp_path, {"mode": "always"}, site_id=SITE)
+    cloud = tmp_path / "cloud"
+    recipient = crypto.load_recipient_private(tmp_path / "keys" / "cloud" / "recipient.key")
+    site_key = crypto.load_verify_key(tmp_path / "keys" / "cloud" / "sites" / f"{SITE}.pub")
+
+    def newest_tip() -> Tip | None:
+        files = sorted(p for p in (cloud / SITE / "tips").rglob("*") if p.is_file())
+        if not files:
+            return None
+        key = files[-1].relative_to(cloud).as_posix()
+        return open_tip(key, files[-1].read_bytes(), recipient, site_key)
+
+    async with RunningDaemon(settings, JumpClock(time.time())) as run:
+        await run.ingest(tmp_path, count=3, size=10_000)
+        await until(lambda: (tip := newest_tip()) is not None and tip.highest == 3
+                    and not tip.queued, 20, "a tip saying 3 manifests, none queued")
+    assert len([p for p in (cloud / SITE / "manifests").rglob("*") if p.is_file()]) == 3
