@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -30,6 +31,23 @@ from agent.manifest import KIND_MQTT_BATCH, Manifest
 from agent.tips import Tip, open_tip, parse_tip_key, tips_prefix
 
 Finding = tuple[str, str]  # (what, why): a problem line of the report
+
+
+class Version(Protocol):
+    """What orders versions of a name: a Manifest, or restore's index entry of one."""
+
+    @property
+    def site(self) -> str: ...
+    @property
+    def stream(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def created(self) -> str: ...
+    @property
+    def object_id(self) -> str: ...
+
+
 JOURNAL_DIR = ".skyferry"  # in the restore target; no site id can have this name
 JOURNAL_FILE = "restored.sqlite"
 
@@ -103,13 +121,17 @@ class History:
                 s.first_created = m.created
         return None
 
-    def version_key(self, m: Manifest) -> tuple[int, str, str, int, str]:
+    def version_key(self, m: Version) -> tuple[int, str, str, int, str]:
         """Orders versions of one name: by seq within a stream, streams by their first
         manifest, version 1 (no seq) by `created` and before any version 2."""
-        if m.version < 2:
+        if not m.seq:
             return (0, m.created, "", 0, m.object_id)
         s = self._streams.get((m.site, m.stream))
         return (1, s.first_created if s else m.created, m.stream, m.seq, m.object_id)
+
+    def ref_order(self, r: Version) -> tuple[tuple[int, str, str, int, str], int]:
+        """`version_key` of one file of a manifest (a pack's files by their place in it)."""
+        return self.version_key(r), getattr(r, "entry", -1)
 
     async def load_tips(self, backend: Backend, recipient: X25519PrivateKey,
                         site_key: Callable[[], Ed25519PublicKey], site: str) -> str | None:
