@@ -103,6 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `skyferry windows | head`: the reader has all it wanted
+        return _stdout_gone()
+
+
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away: send what is still buffered to /dev/null (so the final
+    flush cannot fail again and print a traceback) and exit like a command killed by SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_SIGPIPE
 
 
 def run() -> None:
@@ -112,7 +126,10 @@ def run() -> None:
     Python finalizes, after a complete and correct run; scripts must see the real exit code.
     """
     rc = main()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        rc = _stdout_gone()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(rc)
@@ -151,8 +168,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+PUT_WAIT_S = 30.0  # a starting daemon holds the store before its socket answers
+
+
 def cmd_put(args: argparse.Namespace) -> int:
-    from agent.sources.put import PUT_SOURCE, request_put
+    from agent.sources.put_client import open_for_put
 
     settings = _load(args)
     priority = args.priority or settings.put.priority
@@ -164,27 +184,61 @@ def cmd_put(args: argparse.Namespace) -> int:
         print("skyferry put: error: --name needs exactly one file", file=sys.stderr)
         return 2
     failed = 0
-    direct = None
-    for f in args.files:
-        path = f.resolve()
-        name = args.name or path.name
-        if not path.is_file():
-            print(f"skyferry put: {f}: not a regular file", file=sys.stderr)
-            failed += 1
-            continue
-        reply = request_put(settings.put.socket, path, name, priority)
-        if reply is None:
-            direct = direct or _DirectIngest(settings)
-            reply = direct.put(path, name, priority, PUT_SOURCE)
-        if reply.get("ok"):
-            note = " (already queued)" if reply.get("duplicate") else ""
-            print(f"{f}: accepted as object {reply['object']}{note}")
-        else:
-            print(f"skyferry put: {f}: {reply.get('error')}", file=sys.stderr)
-            failed += 1
-    if direct:
-        direct.close()
+    sender = _PutSender(settings)
+    try:
+        for f in args.files:
+            path = f.absolute()
+            try:  # opened here, with the caller's rights: the daemon never opens a path
+                fd = open_for_put(path)
+            except SkyferryError as e:
+                print(f"skyferry put: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            try:
+                reply = sender.put(fd, path, args.name or f.resolve().name, priority)
+            finally:
+                os.close(fd)
+            if reply.get("ok"):
+                note = " (already queued)" if reply.get("duplicate") else ""
+                print(f"{f}: accepted as object {reply['object']}{note}")
+            else:
+                print(f"skyferry put: {f}: {reply.get('error')}", file=sys.stderr)
+                failed += 1
+    finally:
+        sender.close()
     return 1 if failed else 0
+
+
+class _PutSender:
+    """Through the daemon's socket when it answers, else straight into the store; a daemon
+    that is starting holds the store before it answers, so both are tried for a while."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.direct: _DirectIngest | None = None
+
+    def put(self, fd: int, path: Path, name: str, priority: str) -> dict[str, Any]:
+        from agent.sources.put import PUT_SOURCE
+        from agent.sources.put_client import request_put
+
+        deadline = time.monotonic() + PUT_WAIT_S
+        while True:
+            if self.direct is None:
+                reply = request_put(self.settings.put.socket, fd, path, name, priority)
+                if reply is not None:
+                    return reply
+            try:
+                self.direct = self.direct or _DirectIngest(self.settings)
+            except StoreLockedError as e:
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(f"{e} (waited {PUT_WAIT_S:g}s)") from None
+                time.sleep(0.1)
+                continue
+            return self.direct.put(fd, path, name, priority, PUT_SOURCE)
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
 
 
 class _DirectIngest:
@@ -208,11 +262,15 @@ class _DirectIngest:
         self.pipeline = Pipeline(settings.site.id, keys, self.store, settings.chunking,
                                  settings.compression)
 
-    def put(self, path: Path, name: str, priority: str, source: str) -> dict[str, Any]:
+    def put(self, fd: int, path: Path, name: str, priority: str,
+            source: str) -> dict[str, Any]:
         from agent.pipeline import IngestRequest
+        from agent.sources.put_client import reader_of
 
+        req = IngestRequest(path, source, name, priority, opener=reader_of(fd),
+                            seen=os.fstat(fd))
         try:
-            r = self.pipeline.ingest_file(IngestRequest(path, source, name, priority))
+            r = self.pipeline.ingest_file(req)
         except SkyferryError as e:
             return {"ok": False, "error": str(e)}
         return {"ok": True, "object": r.object_id, "duplicate": r.duplicate_of is not None}
@@ -259,10 +317,16 @@ def status_data(settings: Any, now: float) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from agent.sources.put_client import request_status
+    from agent.status_view import daemon_lines, with_daemon
     from agent.units import format_duration, format_size
 
     settings = _load(args)
-    data = status_data(settings, time.time())
+    try:
+        reply = request_status(settings.put.socket)
+    except SkyferryError as e:  # e.g. not in the socket's group: the store still tells a lot
+        reply = {"ok": False, "unreachable": True, "error": str(e)}
+    data = with_daemon(status_data(settings, time.time()), reply)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -276,13 +340,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             shown_age = format_duration(age) if (i == 0 and age is not None) else ""
             print(f"{name if i == 0 else '':<10} {state:<10} {n:>8} "
                   f"{format_size(c['bytes'].get(state, 0)):>12}  {shown_age}")
-    g = data["gate"]
-    state = "open" if g["window_open"] else "closed"
-    nxt = g["next_change"] or "never"
-    print(f"gate: window {state} (mode {g['mode']}), next change {nxt}")
     from agent.windows.report import status_lines
 
-    for line in status_lines(g):
+    for line in [*daemon_lines(data), *status_lines(data["gate"])]:
         print(line)
     return 0
 

@@ -42,6 +42,7 @@ log = logging.getLogger("skyferry.daemon")
 INGEST_WORKERS = 2  # objects sealed at once per spool: the edge boxes have two cores or more
 MQTT_DRAIN_S = 20.0  # at most this long making received messages durable at SIGTERM
 LINK_BUDGET_EVERY_S = 30.0  # `level = "auto"`: how often the next 24 h's link budget is redone
+STORE_LOCK_WAIT_S = 10.0  # at start, how long another process may hold the store
 
 
 class Daemon:
@@ -55,8 +56,9 @@ class Daemon:
                                    settings.keys.dedup_key)
         self.backend = open_backend(settings.backend)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="skyferry-io")
+        # A `skyferry put` writing directly (it found no daemon) holds the store a moment.
         self.store = Store(settings.site.state_dir, settings.classes,
-                           settings.store.quota_bytes)
+                           settings.store.quota_bytes, lock_wait_s=STORE_LOCK_WAIT_S)
         self.pipeline = Pipeline(settings.site.id, self.keys, self.store, settings.chunking,
                                  settings.compression)
         self.auto_level: AutoLevel | None = None  # `level = "auto"` (compression_policy.py)
@@ -79,7 +81,8 @@ class Daemon:
                              self.windows.admission, keys=self.keys)
         self.spools = [self._spool(s) for s in settings.spools]
         self.put_server = PutServer(settings.put.socket, self.ingest,
-                                    [c.name for c in settings.classes])
+                                    [c.name for c in settings.classes],
+                                    status=lambda: self.service.live_status())
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self.mqtt = self._mqtt_source(settings)
         self.service = ServiceTelemetry(

@@ -159,11 +159,15 @@ class ClassSummary:
     oldest_queued_age_s: float | None = None
 
 
+LOCK_POLL_S = 0.05  # how often a waiting process tries the store lock again
+
+
 class Store:
     """The local durable queue. One writer process; thread-safe inside it."""
 
     def __init__(self, state_dir: Path, classes: Iterable[ClassSettings],
-                 quota_bytes: int | None = None, *, read_only: bool = False) -> None:
+                 quota_bytes: int | None = None, *, read_only: bool = False,
+                 lock_wait_s: float = 0.0) -> None:
         self.state_dir = state_dir
         self.classes = {c.name: c for c in classes}
         self.quota_bytes = quota_bytes
@@ -192,7 +196,7 @@ class Store:
             return
         for d in (state_dir, self.chunks_dir, self.manifests_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._take_lock()
+        self._take_lock(lock_wait_s)
         if free_bytes(state_dir) < SPARE_BYTES:
             self.give_up_spare()  # opening the index needs blocks (its -wal and -shm files)
         try:
@@ -211,16 +215,24 @@ class Store:
 
     # ---- opening and start-up -------------------------------------------------------------
 
-    def _take_lock(self) -> None:
+    def _take_lock(self, wait_s: float) -> None:
+        """Hold the store's lock; wait up to `wait_s` for another process to let it go (a
+        `skyferry put` writing directly while the daemon starts holds it for a moment)."""
         fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreLockedError(
-                f"the store {self.state_dir} is in use by another skyferry process "
-                "(normally the running daemon); stop it or talk to it through its socket"
-            ) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    waited = f" after waiting {wait_s:g}s" if wait_s > 0 else ""
+                    raise StoreLockedError(
+                        f"the store {self.state_dir} is in use by another skyferry process "
+                        f"(normally the running daemon){waited}; stop it or talk to it "
+                        "through its socket") from None
+                time.sleep(LOCK_POLL_S)
         self._lock_fd = fd
 
     def _add_missing_columns(self) -> None:

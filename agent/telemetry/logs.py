@@ -1,14 +1,59 @@
-"""JSON lines on stdout for journald, readable text on a terminal; stable event keys."""
+"""JSON lines on stdout for journald, readable text on a terminal; stable event keys.
+
+Log lines carry names that outsiders choose (spool file names, MQTT topics, put names). Both
+formatters make such text harmless here, once, for every caller: in text lines control
+characters (C0, DEL, C1, line and paragraph separators) are shown as escapes, so a name can
+neither start a forged line nor send a terminal escape sequence; JSON lines are always valid
+UTF-8 (bytes of non-UTF-8 names, carried as surrogate escapes, are shown as `\\xNN`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+# Lone surrogates: the undecodable bytes of a name read with `surrogateescape` (or junk).
+_SURROGATE = "\ud800-\udfff"
+_UNSAFE_TEXT = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_SURROGATE}]")
+# json.dumps escapes C0 and quotes itself; with ensure_ascii=False it leaves these raw.
+_UNSAFE_JSON = re.compile(f"[\x7f-\x9f\u2028\u2029{_SURROGATE}]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _surrogate_text(c: int) -> str:
+    return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}"
+
+
+def _text_escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    c = ord(ch)
+    if ch in _SHORT:
+        return _SHORT[ch]
+    if 0xD800 <= c <= 0xDFFF:
+        return _surrogate_text(c)
+    return f"\\x{c:02x}" if c <= 0xFF else f"\\u{c:04x}"
+
+
+def _json_escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    if 0xD800 <= c <= 0xDFFF:
+        # Inside a JSON string: an escaped backslash, so the value reads `\xNN`.
+        return "\\" + _surrogate_text(c)
+    return f"\\u{c:04x}"  # a JSON escape: the value is unchanged, the line stays printable
+
+
+def safe_text(value: object) -> str:
+    """`value` as one line of printable text: control characters and undecodable bytes are
+    shown as backslash escapes."""
+    return _UNSAFE_TEXT.sub(_text_escape, str(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,17 +69,17 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _UNSAFE_JSON.sub(_json_escape, json.dumps(out, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
-            f"{k}={v}" for k, v in record.__dict__.items()
+            f"{safe_text(k)}={safe_text(v)}" for k, v in record.__dict__.items()
             if k not in _STANDARD and k != "event"
         )
         ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        line = f"{ts} {record.levelname.lower():7} {record.getMessage()}"
+        line = f"{ts} {record.levelname.lower():7} {safe_text(record.getMessage())}"
         return f"{line}  {extras}" if extras else line
 
 
@@ -76,3 +121,26 @@ def detach_tap(handler: logging.Handler) -> None:
 def log_event(logger: logging.Logger, level: int, event: str, msg: str, **fields: Any) -> None:
     """Log with a stable `event` key and extra fields (object, chunk, class, bytes, ...)."""
     logger.log(level, msg, extra={"event": event, **fields})
+
+
+class Throttled:
+    """One event that outsiders can repeat at will (a flood of idle connections): logged the
+    first time, then at most once per `every_s` with how many were not logged meanwhile."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last = float("-inf")
+        self._skipped = 0
+        self._lock = threading.Lock()  # the HTTP server logs from its request threads
+
+    def log(self, logger: logging.Logger, level: int, event: str, msg: str,
+            **fields: Any) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.every_s:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        if skipped:
+            msg = f"{msg} ({skipped} more like it not logged in the last {self.every_s:g}s)"
+        log_event(logger, level, event, msg, suppressed=skipped, **fields)

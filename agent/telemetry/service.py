@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ from agent.telemetry.snapshot import (
     collect_store,
     gate_views,
     window_budget,
+    window_view,
 )
 from agent.telemetry.status_page import StatusServer
 
@@ -170,6 +173,24 @@ class ServiceTelemetry:
             self.metrics.compression_saved.set(compression)
             self.metrics.dedup_saved.set(dedup)
         return snap
+
+    async def live_status(self) -> dict[str, Any]:
+        """What `skyferry status` shows of the running daemon: the latest snapshot with the
+        gate as it is now and the queue read now (`starting` until the first snapshot)."""
+        snap = self.snapshot
+        if snap is None:
+            return {"pid": os.getpid(), "starting": True}
+        now = self.clock()
+        # A thread of its own, not the daemon's I/O pool: the answer must not wait behind
+        # ingests (the store is read concurrently with them).
+        classes = await asyncio.to_thread(collect_store, self.store, now)
+        state = self.gate.state()
+        live = dataclasses.replace(
+            snap, time=now, classes=classes, gate_open=state.open, paused=state.paused,
+            flushing=state.flushing, link_up=state.link_up, next_change=state.next_change,
+            window=None if state.window is None else window_view(state.window),
+            quota_used=self.store.used_bytes)
+        return {"pid": os.getpid(), "starting": False, "snapshot": live.to_json()}
 
     def _throughput(self, now: float) -> float:
         """Sealed bytes acknowledged per second over the last ~10 s."""

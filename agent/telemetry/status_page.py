@@ -2,16 +2,21 @@
 `/status.json`.
 
 It runs prometheus-client's threaded WSGI server, so scrapes and page loads never wait on the
-event loop; the page reads the latest `Snapshot` (replaced whole by the loop, so a reader
+event loop, with a cap on connections and a deadline for each (anyone who can reach the port
+can open connections); the page reads the latest `Snapshot` (replaced whole by the loop, so a reader
 always sees one consistent picture). No framework: one HTML string, refreshed by the browser.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
+import io
 import json
+import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -19,19 +24,99 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from agent.telemetry.logs import Throttled
 from agent.telemetry.snapshot import Snapshot, WindowView, iso
 from agent.units import format_duration, format_size
 
 REFRESH_S = 5
+HTTP_MAX_CONNECTIONS = 16
+HTTP_IO_TIMEOUT_S = 5.0  # an idle or half-sent request is closed after this
+HTTP_DEADLINE_S = 10.0  # and any connection after this, however slowly it trickles
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
+log = logging.getLogger("skyferry.telemetry")
 StartResponse = Callable[..., Any]
 
 
+class _Discard(io.StringIO):
+    def write(self, s: str) -> int:
+        return len(s)
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = HTTP_IO_TIMEOUT_S  # each read and write of the connection
+
     def log_message(self, format: str, *args: Any) -> None:
         """Requests are not worth a journal line each."""
 
+    def get_stderr(self) -> io.StringIO:
+        # wsgiref prints a traceback there when a client times out or leaves mid-answer.
+        return _Discard()
 
-class _V6Server(ThreadingWSGIServer):
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):  # timed out, reaped, or the client left
+            super().handle()
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus-client's server (a thread per connection), with a cap on connections and
+    a deadline for each: outsiders cannot pin threads by opening connections and sending
+    nothing, or a byte at a time."""
+
+    request_queue_size = 128
+    max_connections = HTTP_MAX_CONNECTIONS
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._mu = threading.Lock()
+        self._busy = Throttled()
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._busy.log(log, logging.WARNING, "http_busy",
+                           f"metrics port: {self.max_connections} connections open, the most "
+                           "allowed; a new one was answered 503")
+            with contextlib.suppress(OSError):  # a fresh socket's buffer takes these bytes
+                request.send(_BUSY, socket.MSG_DONTWAIT)
+            self.shutdown_request(request)
+            return
+        with self._mu:
+            self._deadlines[request] = time.monotonic() + HTTP_DEADLINE_S
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.shutdown_request(request)
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._mu:  # from here on the reaper leaves this socket alone
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """serve_forever calls this every half second: end connections past their deadline
+        (their thread sees the connection closed and finishes)."""
+        now = time.monotonic()
+        with self._mu:
+            for request, deadline in self._deadlines.items():
+                if deadline < now:
+                    with contextlib.suppress(OSError):
+                        request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's failure is its client's business: no traceback on stderr."""
+
+
+class _V6Server(_BoundedServer):
     address_family = socket.AF_INET6
 
 
@@ -41,7 +126,7 @@ class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
         self.snapshot: Snapshot | None = None
         self._metrics_app = make_wsgi_app(registry)
-        server_class = _V6Server if ":" in host else ThreadingWSGIServer
+        server_class = _V6Server if ":" in host else _BoundedServer
         self._server = make_server(host, port, self._app, server_class, handler_class=_QuietHandler)
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="skyferry-http",
