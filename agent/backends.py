@@ -52,6 +52,7 @@ from agent.errors import (
     BackendError,
     ObjectConflictError,
     ObjectNotFoundError,
+    ObjectTooLargeError,
     PermanentBackendError,
     TransientBackendError,
 )
@@ -269,12 +270,18 @@ class Backend:
             f"{self.url}: {key} was stored as {stored} bytes (etag {stored_etag}), sent {size} "
             f"(etag {etag}); removed it, will re-send", "verify")
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, max_size: int | None = None) -> bytes:
+        """The object's bytes; with `max_size`, a larger object is refused before its body is
+        read (the size comes with the response's metadata)."""
         try:
             result = await obstore.get_async(self._store, self._full(key))
-            return bytes(await result.bytes_async())
+            size = int(result.meta["size"])
+            if max_size is None or size <= max_size:
+                return bytes(await result.bytes_async())
         except Exception as e:
             raise self._fail("get", key, e) from e
+        raise ObjectTooLargeError(f"{key} is {size} bytes, more than the {max_size} the format "
+                                  "allows there: not read")
 
     async def size(self, key: str) -> int | None:
         try:

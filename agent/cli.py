@@ -37,9 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file; exit 2 on any error")
     p.add_argument("file", type=Path)
 
-    p = sub.add_parser("keygen", help="create the recipient, site signing and dedup keys")
-    p.add_argument("--out", type=Path, required=True, help="folder to create the keys in")
-    p.add_argument("--site", required=True, help="site id (as in [site] id)")
+    _key_parsers(sub)
 
     p = sub.add_parser("put", help="queue files now (through the daemon, or directly)")
     _config_arg(p)
@@ -82,6 +80,31 @@ def _parser() -> argparse.ArgumentParser:
         if name == "restore":
             p.add_argument("--to", type=Path, required=True, help="target folder")
     return ap
+
+
+def _key_parsers(sub: Any) -> None:
+    """`keygen` and `command` (which signs with an operator key)."""
+    p = sub.add_parser("keygen", help="create the recipient, site signing and dedup keys "
+                       "(or, with --operator, an operator's command-signing key)")
+    p.add_argument("--out", type=Path, required=True, help="folder to create the keys in")
+    p.add_argument("--site", help="site id (as in [site] id); needed without --operator")
+    p.add_argument("--operator", action="store_true",
+                   help="make operator.key (keep it on the cloud side) and operator.pub (list "
+                        "it in the site's [mqtt.status] operator_keys) for `skyferry command`")
+
+    p = sub.add_parser("command", help="sign an operator command and publish it to a site")
+    p.add_argument("action", choices=("pause", "resume", "flush", "priority"))
+    p.add_argument("args", nargs="*", metavar="ARG", help="priority: OBJECT CLASS")
+    p.add_argument("--key", type=Path, required=True,
+                   help="operator private key (operator.key from keygen --operator)")
+    p.add_argument("--site", required=True, help="the site's id")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="the site broker's HOST:PORT")
+    p.add_argument("--topic-prefix", default="skyferry", help="[mqtt.status] topic_prefix")
+    p.add_argument("--username", help="broker user name")
+    p.add_argument("--password-file", type=Path, help="file whose first line is the password")
+    p.add_argument("--ca-file", type=Path, help="CA certificate: connect with TLS")
+    p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                   help="wait this long for the site's answer (0: do not wait; default 5)")
 
 
 def _parse_since(text: str) -> datetime:
@@ -160,6 +183,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from agent.crypto import generate_keys
 
+    if args.operator:
+        from agent.telemetry.command_auth import generate_operator_keys
+
+        private, public = generate_operator_keys(args.out)
+        print(f"operator key (keep private, where `skyferry command` runs): {private}")
+        print(f"operator public key (list in the site's [mqtt.status] operator_keys): {public}")
+        return 0
+    if not args.site:
+        raise SkyferryError("keygen needs --site ID (or --operator for an operator key)")
     keys = generate_keys(args.out, args.site)
     print(f"edge keys  (copy to the site, keep private): {keys.edge_dir}")
     print(f"cloud keys (keep where restore runs, never on the site): {keys.cloud_dir}")
@@ -373,12 +405,39 @@ def _backend_settings(args: argparse.Namespace) -> Any:
     return BackendSettings(url=args.backend)
 
 
+MAX_PARALLEL = 256
+
+
+def _one_line(text: str) -> str:
+    """Names may hold control characters (a newline, an escape sequence): shown escaped, so
+    each problem stays one line and no name can write to the terminal or fake a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _check_backend_folder(url: str) -> None:
+    """Reading a file:// backend that does not exist is a mistake, not an empty cloud (opening
+    one for writing creates the folder)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "file" and not Path(unquote(parts.path)).is_dir():
+        raise SkyferryError(f"backend folder {unquote(parts.path)} ({url}) does not exist: "
+                            "check the --backend URL")
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from agent.backends import open_backend
     from agent.crypto import load_recipient_private
+    from agent.memtune import release_large_buffers
     from agent.restore import Restorer, site_key_loader
 
-    backend = open_backend(_backend_settings(args))
+    if not 1 <= args.parallel <= MAX_PARALLEL:
+        raise SkyferryError(f"--parallel must be between 1 and {MAX_PARALLEL} concurrent "
+                            f"downloads, not {args.parallel}")
+    settings = _backend_settings(args)
+    _check_backend_folder(settings.url)
+    release_large_buffers()  # peak RSS stays bounded (agent/memtune.py)
+    backend = open_backend(settings)
     recipient = load_recipient_private(args.key)
     restorer = Restorer(backend, recipient, site_key_loader(args.key.parent), args.parallel)
     target = args.to if args.command == "restore" else None
@@ -392,17 +451,46 @@ def cmd_restore(args: argparse.Namespace) -> int:
         }, indent=2))
     else:
         for p in report.problems:
-            print(f"PROBLEM {p.what}: {p.reason}", file=sys.stderr)
+            print(f"PROBLEM {_one_line(p.what)}: {_one_line(p.reason)}", file=sys.stderr)
         print(f"{verb} {report.objects_ok} objects ({report.bytes_ok} bytes) from "
               f"{report.manifests} manifests; {report.superseded} older versions skipped; "
               f"{len(report.problems)} problems")
     return 0 if report.ok else 1
 
 
+def cmd_command(args: argparse.Namespace) -> int:
+    from agent.telemetry.command_send import Target, parse_broker, send_command
+
+    command: dict[str, Any] = {"cmd": args.action}
+    if (args.action == "priority") != bool(args.args):
+        raise SkyferryError("priority takes OBJECT CLASS; the other commands take nothing")
+    if args.action == "priority":
+        if len(args.args) != 2:
+            raise SkyferryError("priority takes exactly OBJECT CLASS")
+        command["object"], command["class"] = args.args
+    host, port = parse_broker(args.broker)
+    password = None
+    if args.password_file is not None:
+        try:
+            password = (args.password_file.read_text().splitlines() or [""])[0]
+        except OSError as e:
+            raise SkyferryError(f"cannot read {args.password_file}: {e.strerror}") from None
+    target = Target(host, port, args.site, args.topic_prefix.strip("/"), args.username,
+                    password, args.ca_file)
+    answer = send_command(args.key, target, command, args.wait)
+    if answer is None:
+        print(f"sent {args.action} to {target.prefix}/{args.site}/cmd"
+              + (f"; no answer within {args.wait:g}s" if args.wait > 0 else ""))
+        return 0 if args.wait <= 0 else 1
+    print(f"{args.site}: {answer.get('cmd')} {answer.get('result')}: {answer.get('detail')}")
+    return 0 if answer.get("ok") else 1
+
+
 _COMMANDS = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "keygen": cmd_keygen,
+    "command": cmd_command,
     "put": cmd_put,
     "status": cmd_status,
     "windows": cmd_windows,

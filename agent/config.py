@@ -551,7 +551,8 @@ def _compression_level(t: _Table, default: int | Literal["auto"]) -> int | Liter
     return value
 
 
-SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_interval")
+SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_interval",
+              "create")
 
 
 def _spools(root: _Table, base: Path, class_names: tuple[str, ...]) -> tuple[SpoolSettings, ...]:
@@ -599,6 +600,7 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
     )
     scan = t.duration("scan_interval", defaults.scan_interval_s)
     t.positive("scan_interval", scan, 'give a duration such as "1s"')
+    create = _boolean(t, "create", defaults.create)
     return SpoolSettings(
         name=name or "",
         path=path,
@@ -607,6 +609,7 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
         after=cast(AfterIngest, after),
         done_dir=done_dir,
         scan_interval_s=scan,
+        create=create,
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import cast
 
 from agent.config import NAME_RE, RESERVED_SOURCE, _secret, _Table
+from agent.errors import SkyferryError
 from agent.settings import (
     MqttBatching,
     MqttProtocol,
@@ -22,8 +23,13 @@ from agent.settings import (
 MQTT_KEYS = (
     "host", "port", "protocol", "client_id", "source", "username", "password_file",
     "password_env", "keepalive", "session_expiry", "max_inflight", "reconnect_initial",
-    "reconnect_max", "subscribe", "batch", "tls", "status",
+    "reconnect_max", "subscribe", "batch", "tls", "status", "max_message_size",
 )  # fmt: skip
+STATUS_KEYS = ("publish", "interval", "commands", "topic_prefix", "operator_keys",
+               "command_max_age")
+# One message this size raises peak memory by about 2.5 x its size (its copy as received, its
+# JSON Lines encoding, the sealing buffers): 32 MiB keeps that within its size plus 64 MiB.
+MAX_MESSAGE_LIMIT = 32 << 20
 BATCH_KEYS = ("max_bytes", "max_messages", "max_age")
 RESERVED_MQTT_NAME = "mqtt"  # restore writes MQTT batches under <site>/mqtt/
 
@@ -70,15 +76,17 @@ def read_mqtt(root: _Table, base: Path, site_id: str, class_names: tuple[str, ..
     most = t.duration("reconnect_max", d.reconnect_max_s)
     t.ensure("reconnect_max", most >= initial, "must not be shorter than reconnect_initial",
              "raise reconnect_max or lower reconnect_initial")
+    max_message = _max_message(t, d.max_message_bytes)
     subs = _subscriptions(t, class_names)
     batching, per_class = _batching(t, class_names, inflight)
     tls = _tls(t, base) if t.has("tls") else None
-    status = _status(t.table("status", ("publish", "interval", "commands", "topic_prefix")))
+    status = _status(t.table("status", STATUS_KEYS), base)
     return MqttSettings(
         host=host, port=port, protocol=protocol, client_id=client_id, source=source,
         username=username, password=password, tls=tls, keepalive_s=keepalive,
         session_expiry_s=expiry, max_inflight=inflight, reconnect_initial_s=initial,
-        reconnect_max_s=most, subscriptions=subs, batching=batching,
+        reconnect_max_s=most, max_message_bytes=max_message, subscriptions=subs,
+        batching=batching,
         class_batching=per_class, status=status,
     )
 
@@ -175,7 +183,35 @@ def _tls(t: _Table, base: Path) -> MqttTls:
                    insecure=insecure is True)
 
 
-def _status(t: _Table) -> MqttStatusSettings:
+def _max_message(t: _Table, default: int) -> int:
+    size = t.size("max_message_size", default)
+    t.ensure("max_message_size", 1 <= size <= MAX_MESSAGE_LIMIT,
+             "must be between 1 byte and 32MiB",
+             'give a size such as "16MiB"; larger payloads belong in files (a spool, or '
+             "`skyferry put`)")
+    return size if 1 <= size <= MAX_MESSAGE_LIMIT else default
+
+
+def _operator_keys(t: _Table, base: Path) -> tuple[Path, ...]:
+    from agent.telemetry.command_auth import load_operator_key
+
+    raw = t.raw("operator_keys")
+    if not t.has("operator_keys"):
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
+        t.report("operator_keys", "must be a list of file names",
+                 'write operator_keys = ["/etc/skyferry/operators/alice.pub"]')
+        return ()
+    paths = tuple(base / Path(v).expanduser() for v in raw)
+    for i, path in enumerate(paths):
+        try:
+            load_operator_key(path)
+        except SkyferryError as e:
+            t.problems.append(f"{t.key('operator_keys')}[{i}]: {e}")
+    return paths
+
+
+def _status(t: _Table, base: Path) -> MqttStatusSettings:
     d = MqttStatusSettings()
     flags: dict[str, bool] = {}
     for name, default in (("publish", d.publish), ("commands", d.commands)):
@@ -188,5 +224,10 @@ def _status(t: _Table) -> MqttStatusSettings:
     prefix = t.string("topic_prefix", d.topic_prefix)
     t.ensure("topic_prefix", bool(prefix) and "#" not in prefix and "+" not in prefix,
              "must be a plain topic without wildcards", 'e.g. "skyferry"')
+    max_age = t.duration("command_max_age", d.command_max_age_s)
+    t.ensure("command_max_age", 1 <= max_age <= 86400, "must be between 1s and 1d",
+             'e.g. "5m": a signed command older (or newer) than this is refused as stale')
     return MqttStatusSettings(publish=flags["publish"], interval_s=interval,
-                              commands=flags["commands"], topic_prefix=prefix.strip("/"))
+                              commands=flags["commands"], topic_prefix=prefix.strip("/"),
+                              operator_keys=_operator_keys(t, base),
+                              command_max_age_s=max_age)

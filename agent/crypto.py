@@ -192,7 +192,8 @@ def open_sealed(blob: bytes, recipient: X25519PrivateKey) -> tuple[SealedHeader,
         raise CryptoError("sealed object carries an invalid ephemeral key: forged") from None
     key = _derive_key(shared, header.ephemeral_public, _raw_public(recipient.public_key()))
     try:
-        payload = AESGCM(key).decrypt(header.nonce, blob[HEADER_SIZE:], blob[:HEADER_SIZE])
+        view = memoryview(blob)  # no copy of a 16 MiB ciphertext just to skip the header
+        payload = AESGCM(key).decrypt(header.nonce, view[HEADER_SIZE:], view[:HEADER_SIZE])
     except InvalidTag:
         raise CryptoError(
             "authentication failed: the object was modified or sealed to another recipient key"
@@ -205,7 +206,7 @@ def sign_manifest(body: bytes, key: Ed25519PrivateKey) -> bytes:
     return key.sign(_SIGN_CONTEXT + body) + body
 
 
-def verify_manifest(signed: bytes, key: Ed25519PublicKey) -> bytes:
+def verify_manifest(signed: bytes | bytearray, key: Ed25519PublicKey) -> bytes:
     """Check the site's signature and return the manifest body."""
     if len(signed) < SIGNATURE_SIZE:
         raise CryptoError("manifest too short to carry a signature")
@@ -214,7 +215,7 @@ def verify_manifest(signed: bytes, key: Ed25519PublicKey) -> bytes:
         key.verify(signature, _SIGN_CONTEXT + body)
     except InvalidSignature:
         raise CryptoError("manifest signature does not verify with the site's public key") from None
-    return body
+    return bytes(body)
 
 
 def chunk_id(dedup_key: bytes, data: bytes | memoryview) -> str:
@@ -234,7 +235,7 @@ def keyed_hash(key: bytes, data: bytes | memoryview) -> str:
     return blake3.blake3(data, key=key, max_threads=1).hexdigest()
 
 
-def content_hash(*parts: bytes | memoryview) -> str:
+def content_hash(*parts: bytes | bytearray | memoryview) -> str:
     """Unkeyed BLAKE3 (of the parts joined), recorded inside manifests for end-to-end checks."""
     h = blake3.blake3()
     for part in parts:

@@ -22,6 +22,7 @@ from agent.gate import Clock, Gate
 from agent.pipeline import BatchRequest, IngestRequest, IngestResult, PackResult, Pipeline
 from agent.reload import plan_reload
 from agent.settings import Settings, SpoolSettings
+from agent.sources import spool_lease
 from agent.sources.mqtt import MqttSource
 from agent.sources.put import PutServer
 from agent.sources.spool import SpoolSource
@@ -140,7 +141,14 @@ class Daemon:
 
     def _spool(self, spool: SpoolSettings) -> SpoolSource:
         return SpoolSource(spool, self.ingest, self.ingest_pack, self.settings.chunking,
-                           workers=INGEST_WORKERS)
+                           workers=INGEST_WORKERS, protected=self._key_paths(),
+                           metrics=self.metrics, state_dir=self.settings.site.state_dir)
+
+    def _key_paths(self) -> tuple[Path, ...]:
+        """What no spool may ever read besides the state_dir: the keys and their folders."""
+        keys = self.settings.keys
+        files = (keys.recipient_public, keys.signing_key, keys.dedup_key)
+        return (*files, *{f.parent for f in files})
 
     async def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
         """Like `ingest`, for small files sealed together (one pack)."""
@@ -268,11 +276,13 @@ class Daemon:
         self.pipeline.stopping.set()  # a file half-read stays in its spool for next time
         if self.mqtt is not None:
             try:
-                async with asyncio.timeout(MQTT_DRAIN_S):
+                async with asyncio.timeout(_mqtt_drain_s(self.environ)):
                     await self.mqtt.drain()
             except TimeoutError:
+                # The MQTT task still finishes the batches it is committing and acknowledges
+                # them before it closes the connection (a committed batch never comes twice).
                 log_event(log, logging.WARNING, "mqtt_drain_timeout",
-                          "MQTT messages not yet durable are left to the broker to re-send",
+                          "MQTT messages not yet in a batch are left to the broker to re-send",
                           pending=self.mqtt.pending)
 
     async def reload(self, config: Path) -> None:
@@ -344,6 +354,14 @@ class Daemon:
             self._spawn("mqtt", self.mqtt.run())
 
 
+def _mqtt_drain_s(environ: Mapping[str, str]) -> float:
+    """MQTT_DRAIN_S; TEST ONLY, with SKYFERRY_TEST_HOOKS=1: $SKYFERRY_TEST_MQTT_DRAIN_S, so a
+    test can make the drain time out while a batch is being committed."""
+    if environ.get("SKYFERRY_TEST_HOOKS") != "1":
+        return MQTT_DRAIN_S
+    return float(environ.get("SKYFERRY_TEST_MQTT_DRAIN_S", MQTT_DRAIN_S))
+
+
 def _test_hooks(loop: asyncio.AbstractEventLoop, environ: Mapping[str, str]) -> None:
     """TEST ONLY, off unless SKYFERRY_TEST_HOOKS=1: SIGUSR2 blocks the event loop for
     $SKYFERRY_TEST_BLOCK_S seconds, so a test can prove the watchdog notices a stuck loop."""
@@ -374,6 +392,9 @@ async def run_daemon(settings: Settings, config: Path | None = None) -> None:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
+    # A writer opening a spool file the daemon holds a read lease on sends SIGIO, whose
+    # default action would end the daemon (agent/sources/spool_lease.py).
+    spool_lease.install_sigio_handler()
     _test_hooks(loop, environ)
     with contextlib.suppress(asyncio.CancelledError):
         await daemon.run(stop)

@@ -89,3 +89,7 @@ class IngestStoppedError(SourceError):
 
 class ObjectNotFoundError(BackendError):
     """The backend has no object under that key."""
+
+
+class ObjectTooLargeError(BackendError):
+    """An object is larger than the format allows for it: refused without being read."""

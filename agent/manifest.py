@@ -20,6 +20,11 @@ STREAM_ID = re.compile(r"[0-9a-f]{32}")
 KIND_FILE = "file"
 KIND_MQTT_BATCH = "mqtt-batch"  # JSON Lines of MQTT messages (docs/FORMAT.md)
 KIND_FILE_PACK = "file-pack"  # small files of one source, one after another (docs/FORMAT.md)
+NAME_MAX = 255  # bytes of one path component (Linux filesystems' limit)
+# Restore's temporary files are named TEMP_PREFIX + 32 random hex digits (agent/restore_fs.py);
+# no object may carry such a name, so none can ever meet one.
+TEMP_PREFIX = ".skyferry-tmp-"
+TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[0-9a-f]{32}")
 
 
 def uuid7() -> str:
@@ -189,9 +194,27 @@ def validate_name(name: str) -> None:
         raise UnsafePathError(
             f"unsafe path {name!r}: names must be relative, without '.', '..' or empty parts")
     try:
-        name.encode("utf-8")
+        raw = name.encode("utf-8")
     except UnicodeEncodeError:
         raise UnsafePathError(f"name {name!r} is not valid UTF-8") from None
+    if len(raw) > NAME_MAX or TEMP_PREFIX in name:
+        _check_components(name)
+
+
+def _check_components(name: str) -> None:
+    """The rules for single components, only for names that might break them."""
+    shown = repr(name) if len(name) <= 80 else f"{name[:77]!r}..."
+    for part in name.split("/"):
+        size = len(part.encode("utf-8"))
+        if size > NAME_MAX:
+            raise UnsafePathError(
+                f"name {shown}: a component is {size} bytes in UTF-8; filesystems take at "
+                f"most {NAME_MAX}, so it could never be restored: rename it (or give a "
+                "shorter --name)")
+        if TEMP_NAME.fullmatch(part):
+            raise UnsafePathError(
+                f"name {shown}: {part!r} has the form restore's temporary files take "
+                f"({TEMP_PREFIX}<32 hex digits>): rename it")
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {

@@ -3,37 +3,43 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
-import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, TextIO
 
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent import crypto, layout
-from agent.backends import Backend, retrying
+from agent import crypto, layout, restore_io
+from agent.backends import Backend, ObjectInfo, retrying
 from agent.errors import (
     BackendError,
-    CryptoError,
     FormatError,
-    KeyFileError,
     ObjectNotFoundError,
     RestoreError,
+    SkyferryError,
     UnsafePathError,
 )
-from agent.history import History, RestoreJournal, journal_name
-from agent.manifest import KIND_MQTT_BATCH, Manifest, PackEntry, check_name
-from agent.pipeline import decompress
-from agent.units import format_size
+from agent.history import History, RestoreJournal
+from agent.manifest import KIND_MQTT_BATCH, Manifest, check_name
+from agent.restore_fs import TargetDir
+from agent.restore_io import settled, workers
+from agent.restore_pack import PackSplitter
+from agent.restore_plan import Ref, by_manifest, drop_conflicts, newest_per_name, refs_of
+from agent.restore_progress import Progress
 
 SiteKeys = Callable[[str], Ed25519PublicKey]
-MAX_MANIFEST_BYTES = 256 << 20  # ~2 million chunk entries; anything larger is forged
+MAX_MANIFEST_BYTES = restore_io.MAX_MANIFEST_PLAINTEXT
+OBJECTS_AT_ONCE = 4  # objects restored at the same time (their chunks: `parallel` at most)
+# What a bad object, manifest or file can raise: reported per item, never a traceback.
+ITEM_ERRORS = (SkyferryError, OSError)
+# What a signed manifest from a compromised site can still make the JSON parser raise (nesting
+# deeper than the interpreter's recursion limit, numbers beyond float range).
+DECODE_ERRORS = (*ITEM_ERRORS, ValueError, TypeError, RecursionError, OverflowError)
 
 
 @dataclass
@@ -83,382 +89,381 @@ def _safe_component(value: str, what: str) -> str:
     return value
 
 
-class Progress:
-    """One self-rewriting status line on a terminal; silent otherwise."""
-
-    def __init__(self, total_objects: int, total_bytes: int, stream: TextIO = sys.stderr,
-                 enabled: bool | None = None) -> None:
-        self.total_objects, self.total_bytes = total_objects, total_bytes
-        self.objects = self.bytes = 0
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-        self._last = 0.0
-        self._start = time.monotonic()
-
-    def advance(self, nbytes: int, objects: int = 0) -> None:
-        self.bytes += nbytes
-        self.objects += objects
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.2 or self.objects == self.total_objects):
-            self._last = now
-            rate = self.bytes / max(1e-6, now - self._start)
-            self.stream.write(
-                f"\r{self.objects}/{self.total_objects} objects  "
-                f"{format_size(self.bytes)}/{format_size(self.total_bytes)}  "
-                f"{format_size(int(rate))}/s   ")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One thing a user gets back: a whole object, or one file of a pack."""
-
-    m: Manifest
-    entry: PackEntry | None = None
-    index: int = 0  # of the entry in its pack
-
-    @property
-    def name(self) -> str:
-        return self.m.name if self.entry is None else self.entry.name
-
-    @property
-    def size(self) -> int:
-        return self.m.size if self.entry is None else self.entry.size
-
-    @property
-    def label(self) -> str:
-        pack = "" if self.entry is None else " in pack"
-        return f"{self.m.site}/{self.m.source}/{self.name} (object {self.m.object_id}{pack})"
-
-
-def _items(manifests: list[Manifest]) -> list[_Item]:
-    out: list[_Item] = []
-    for m in manifests:
-        out += [_Item(m, e, i) for i, e in enumerate(m.entries)] if m.entries else [_Item(m)]
-    return out
-
-
-class _PackSplitter:
-    """Cuts a pack's content stream back into its files, checking each file's own hash.
-
-    With a target, wanted files are written to a temporary name and renamed into place only
-    once whole and verified; the others (superseded by a newer version) are only checked.
-    """
-
-    def __init__(self, m: Manifest, target: Path | None, wanted: set[int]) -> None:
-        self.m, self.target, self.wanted = m, target, wanted
-        self.ok: list[int] = []  # entries restored (or checked), by index
-        self.bad: list[tuple[int, str]] = []
-        self._i = -1
-        self._left = 0
-        self._hash = blake3.blake3()
-        self._out: BinaryIO | None = None
-        self._tmp: Path | None = None
-        self._next()
-
-    def _next(self) -> None:
-        """Finish the current file (if any), then open the next ones (empty ones at once)."""
-        while True:
-            if self._i >= 0:
-                self._finish(self._i)
-            self._i += 1
-            if self._i >= len(self.m.entries):
-                return
-            e = self.m.entries[self._i]
-            self._left, self._hash = e.size, blake3.blake3()
-            if self.target is not None and self._i in self.wanted:
-                dest = _entry_path(self.target, self.m, e)
-                _check_inside(self.target, dest)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _check_inside(self.target, dest)
-                self._tmp = dest.with_name(f".{dest.name}.skyferry-tmp")
-                self._out = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/abort
-            if e.size:
-                return
-
-    def _finish(self, i: int) -> None:
-        e = self.m.entries[i]
-        out, tmp = self._out, self._tmp
-        self._out = self._tmp = None
-        if self._hash.hexdigest() != e.hash:
-            if out is not None and tmp is not None:
-                out.close()
-                tmp.unlink(missing_ok=True)
-            self.bad.append((i, "does not match its hash in the pack's manifest"))
-            return
-        if out is not None and tmp is not None:
-            out.flush()
-            os.fsync(out.fileno())
-            out.close()
-            os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
-            os.replace(tmp, _entry_path(self.target or Path(), self.m, e))
-        self.ok.append(i)
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while len(view):
-            take = view[:self._left]
-            self._hash.update(take)
-            if self._out is not None:
-                self._out.write(take)
-            self._left -= len(take)
-            view = view[len(take):]
-            if not self._left:
-                self._next()
-
-    def abort(self) -> None:
-        if self._out is not None and self._tmp is not None:
-            self._out.close()
-            self._tmp.unlink(missing_ok=True)
-        self._out = self._tmp = None
-
-
-def _entry_path(target: Path, m: Manifest, e: PackEntry) -> Path:
-    return target / m.site / m.source / safe_relative(e.name)
-
-
 class Restorer:
     def __init__(self, backend: Backend, recipient: X25519PrivateKey, site_keys: SiteKeys,
                  parallel: int = 8) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, not {parallel}")
         self.backend = backend
         self.recipient = recipient
         self.site_keys = site_keys
-        self._fetch_slots = asyncio.Semaphore(parallel)
         self.parallel = parallel
+        self._fetch_slots = asyncio.Semaphore(parallel)
+        self._chunk_budget = restore_io.Budget(restore_io.CHUNK_BUDGET)
+        self._manifest_budget = restore_io.Budget(restore_io.MANIFEST_BUDGET)
+        self._blob_budget = restore_io.Budget(restore_io.SEALED_MANIFEST_BUDGET)
         self.history = History()  # gaps, replays (agent/history.py); anew for each `run`
+        self._journal: RestoreJournal | None = None  # while `run` restores into a folder
 
     async def sites(self) -> list[str]:
-        seen: set[str] = set()
-        for key in await self._keys(""):
-            parts = key.split("/")
-            if len(parts) >= 3 and parts[1] in ("manifests", "tips"):
-                seen.add(parts[0])
-        return sorted(seen)
+        """Sites with manifests; the listing is scanned, not kept (it holds every chunk)."""
 
-    async def load_manifests(self, site: str, since: datetime | None,
-                             report: RestoreReport) -> list[Manifest]:
-        """Fetch, decrypt and verify every manifest of a site; problems go in the report."""
-        keys = await self._keys(layout.manifests_prefix(site))
+        async def scan() -> set[str]:
+            seen: set[str] = set()
+            async for info in self.backend.list(""):
+                parts = info.key.split("/", 2)
+                if len(parts) == 3 and parts[1] in ("manifests", "tips"):
+                    seen.add(parts[0])
+            return seen
+
+        return sorted(await retrying(scan))
+
+    async def _listing(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under prefix; a listing cut half-way is started again."""
+
+        async def listing() -> list[ObjectInfo]:
+            return [i async for i in self.backend.list(prefix)]
+
+        return await retrying(listing)
+
+    async def manifest_keys(self, site: str, since: datetime | None,
+                            report: RestoreReport) -> list[ObjectInfo]:
+        """The manifests of a site (by date folder from `since` on); none at all is a problem."""
+        prefix = layout.manifests_prefix(site)
+        infos = await self._listing(prefix)
+        if not infos:
+            report.problems.append(Problem(site, (
+                f"no manifests under {prefix} in {self.backend.url}: check the site id "
+                "(--site) and the backend URL and its prefix")))
         first_day = await self.history.load_tips(self.backend, self.recipient,
                                                  lambda: self.site_keys(site), site)
         if since is not None:
             # From the day of the site's last tip before `since`: its history is checked from
             # there (agent/history.py); what is older than `since` is checked, not restored.
             day = min(since.astimezone(UTC).strftime("%Y/%m/%d"), first_day or "")
-            keys = [k for k in keys if _key_day(k) >= day]
+            infos = [i for i in infos if _key_day(i.key) >= day]
+        report.manifests += len(infos)
+        return infos
+
+    async def load_manifests(self, site: str, since: datetime | None,
+                             report: RestoreReport) -> list[Manifest]:
+        """Every valid manifest of a site, all held at once (for tools that want them; `run`
+        holds one at a time); problems go in the report."""
         out: list[Manifest] = []
 
-        async def one(key: str) -> None:
-            try:
-                m = await self.load_manifest(key)
-            except (CryptoError, FormatError, UnsafePathError, KeyFileError, BackendError) as e:
-                report.problems.append(Problem(key, str(e)))
-                self.history.unreadable(site)
-                return
-            replayed = self.history.observe(key, m)
-            if replayed is not None:
-                report.problems.append(Problem(key, replayed))
-                return
-            if since is None or m.created_at >= since:
-                out.append(m)
+        async def one(info: ObjectInfo) -> None:
+            async with self._manifest_or_problem(info, since, report) as m:
+                if m is not None:
+                    out.append(m)
 
-        await _bounded(self.parallel, [one(k) for k in keys])
-        report.manifests += len(keys)
+        await workers(self.parallel, await self.manifest_keys(site, since, report), one)
         return out
 
-    async def _keys(self, prefix: str) -> list[str]:
-        """Every key under prefix; a listing cut half-way is started again."""
+    async def load_manifest(self, key: str, size: int | None = None) -> Manifest:
+        """Fetch, decrypt, check the signature of and parse one manifest."""
+        return self._decode_manifest(key, await self._manifest_blob(key, size))
 
-        async def listing() -> list[str]:
-            return [i.key async for i in self.backend.list(prefix)]
+    async def _manifest_blob(self, key: str, size: int | None) -> bytes:
+        """The sealed manifest, refused unread when larger than the cap or than listed."""
+        cap = restore_io.MAX_SEALED_MANIFEST
+        if size is not None and size > cap:
+            raise FormatError(f"{key} is {size} bytes, more than a manifest can be ({cap}): "
+                              "not read")
+        return await retrying(lambda: self.backend.get(key, max_size=size or cap))
 
-        return await retrying(listing)
+    async def _load_counted(self, info: ObjectInfo) -> tuple[Manifest, int]:
+        """A manifest and the share of the manifest budget it holds (give it back when done).
 
-    async def load_manifest(self, key: str) -> Manifest:
-        blob = await retrying(lambda: self.backend.get(key))
-        header, payload = await asyncio.to_thread(crypto.open_sealed, blob, self.recipient)
-        if header.kind != crypto.KIND_MANIFEST:
-            raise FormatError(f"{key} holds a chunk, not a manifest")
-        if header.plaintext_len > MAX_MANIFEST_BYTES:
-            raise FormatError(f"{key} claims a {header.plaintext_len}-byte manifest: forged")
-        signed = decompress(header.compression, payload, header.plaintext_len)
+        Its sealed bytes are counted against a budget of their own while they are fetched and
+        until they are parsed: a worker holding them waits for manifest budget, and one
+        holding manifest budget never waits for them, so neither can wait for the other.
+        """
+        held = await self._blob_budget.take(info.size or restore_io.MAX_SEALED_MANIFEST)
+        try:
+            blob = await self._manifest_blob(info.key, info.size or None)
+            cost = await self._manifest_budget.take(restore_io.manifest_cost(
+                crypto.parse_header(blob).plaintext_len))
+            try:
+                return await asyncio.to_thread(self._decode_manifest, info.key, blob), cost
+            except BaseException:
+                self._manifest_budget.give(cost)
+                raise
+        finally:
+            self._blob_budget.give(held)
+
+    def _decode_manifest(self, key: str, blob: bytes) -> Manifest:
+        signed = restore_io.open_manifest(blob, self.recipient)
         site = layout.site_of(key)
         body = crypto.verify_manifest(signed, self.site_keys(site))
+        del signed
+        restore_io.check_manifest_body(body)
         m = Manifest.from_json(body)
         if m.site != site or m.object_id != key.rsplit("/", 1)[-1]:
-            raise CryptoError(f"{key}: manifest of {m.site}/{m.object_id} was moved here")
+            raise FormatError(f"{key}: manifest of {m.site}/{m.object_id} was moved here")
         _safe_component(m.site, "site")
         _safe_component(m.source, "source")
         safe_relative(m.name)
+        _created_at(m)
+        for i, ref in enumerate(m.chunks):
+            if ref.length > restore_io.MAX_CHUNK_PLAINTEXT:
+                raise FormatError(
+                    f"{m.site}/{m.source}/{m.name}: chunk #{i} declares {ref.length} bytes, "
+                    f"more than the format's maximum chunk of {restore_io.MAX_CHUNK_PLAINTEXT}")
         return m
 
-    async def fetch_chunk(self, m: Manifest, index: int) -> bytes:
+    @asynccontextmanager
+    async def _manifest_or_problem(self, info: ObjectInfo, since: datetime | None,
+                                   report: RestoreReport, observe: bool = True
+                                   ) -> AsyncIterator[Manifest | None]:
+        """The manifest under info.key, counted against the manifest budget while it is held;
+        None (and a problem in the report) when it cannot be used, or is older than since.
+        Each manifest is `observe`d once per run for the site's history (agent/history.py)."""
+        cost = 0
+        m: Manifest | None = None
+        try:
+            m, cost = await self._load_counted(info)
+        except DECODE_ERRORS as e:
+            report.problems.append(Problem(info.key, str(e)))
+            if observe:
+                self.history.unreadable(layout.site_of(info.key))
+        replayed = None if m is None or not observe else self.history.observe(info.key, m)
+        if replayed is not None:
+            report.problems.append(Problem(info.key, replayed))
+            m = None
+        try:
+            yield m if m is None or since is None or _created_at(m) >= since else None
+        finally:
+            self._manifest_budget.give(cost)
+
+    async def fetch_chunk(self, m: Manifest, index: int) -> bytes | bytearray:
         ref = m.chunks[index]
+        key = layout.chunk_key(m.site, ref.id)
         async with self._fetch_slots:
             try:
-                blob = await retrying(lambda: self.backend.get(layout.chunk_key(m.site, ref.id)))
+                blob = await retrying(lambda: self.backend.get(
+                    key, max_size=restore_io.sealed_max(ref.length)))
             except ObjectNotFoundError:
                 raise RestoreError(f"chunk {ref.id} (#{index}) is missing from the cloud") from None
+            except BackendError as e:
+                raise RestoreError(f"chunk {ref.id} (#{index}): {e}") from None
         return await asyncio.to_thread(self._open_chunk, blob, m, index)
 
-    def _open_chunk(self, blob: bytes, m: Manifest, index: int) -> bytes:
+    def _open_chunk(self, blob: bytes, m: Manifest, index: int) -> bytes | bytearray:
         ref = m.chunks[index]
         try:
-            header, payload = crypto.open_sealed(blob, self.recipient)
-            # Check the authenticated header before decompressing, so a forged frame cannot
-            # make us allocate more than the manifest says the chunk holds.
-            if header.kind != crypto.KIND_CHUNK or header.plaintext_len != ref.length:
-                raise FormatError("header does not match the manifest's kind and length")
-            data = decompress(header.compression, payload, header.plaintext_len)
-        except (CryptoError, FormatError) as e:
+            return restore_io.open_chunk(blob, self.recipient, ref)
+        except SkyferryError as e:
             raise RestoreError(f"chunk {ref.id} (#{index}): {e}") from None
-        if crypto.content_hash(data) != ref.hash:
-            raise RestoreError(f"chunk {ref.id} (#{index}) does not match the manifest's hash")
-        return data
 
-    async def stream_object(self, m: Manifest, sink: Callable[[bytes], object],
+    async def stream_object(self, m: Manifest, sink: Callable[[bytes | bytearray], object],
                             progress: Progress | None = None) -> None:
-        """Fetch chunks in parallel, hand them to `sink` in order, check the whole hash."""
+        """Fetch chunks in parallel, hand them to `sink` in order, check the whole hash.
+
+        Each chunk in flight holds its share of the chunk budget until `sink` has taken it;
+        a new chunk waits for budget only when none of this object's is in flight, so objects
+        streaming at the same time never wait on each other for good.
+        """
         whole = blake3.blake3()
-        window = max(1, self.parallel)
-        pending: list[asyncio.Task[bytes]] = []
+        budget = self._chunk_budget
+        pending: deque[tuple[asyncio.Task[bytes | bytearray], int]] = deque()
         nxt = 0
         try:
             while nxt < len(m.chunks) or pending:
-                while nxt < len(m.chunks) and len(pending) < window:
-                    pending.append(asyncio.create_task(self.fetch_chunk(m, nxt)))
+                while nxt < len(m.chunks) and len(pending) < self.parallel:
+                    cost = restore_io.chunk_cost(m.chunks[nxt].length)
+                    got = budget.try_take(cost) if pending else await budget.take(cost)
+                    if got is None:
+                        break
+                    pending.append((asyncio.create_task(self.fetch_chunk(m, nxt)), got))
                     nxt += 1
-                data = await pending.pop(0)
-                whole.update(data)
-                await asyncio.to_thread(sink, data)
-                if progress:
-                    progress.advance(len(data))
+                data = await pending[0][0]
+                got = pending.popleft()[1]
+                try:
+                    whole.update(data)
+                    await settled(sink, data)
+                    if progress:
+                        progress.advance(len(data))
+                    del data
+                finally:
+                    budget.give(got)
         finally:
-            for t in pending:
-                t.cancel()
+            for task, got in pending:
+                task.cancel()
+                budget.give(got)
         if whole.hexdigest() != m.hash:
             raise RestoreError("reassembled object does not match the manifest's hash")
 
-    async def restore_object(self, m: Manifest, target: Path, progress: Progress | None) -> None:
-        dest = restore_path(target, m)
-        _check_inside(target, dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _check_inside(target, dest)
-        tmp = dest.with_name(f".{dest.name}.skyferry-tmp")
-        with open(tmp, "wb") as f:
-            try:
-                await self.stream_object(m, f.write, progress)
-                f.flush()
-                os.fsync(f.fileno())
-            except BaseException:
-                f.close()
-                tmp.unlink(missing_ok=True)
-                raise
-        os.utime(tmp, ns=(m.mtime_ns, m.mtime_ns))
-        os.replace(tmp, dest)
-
-    async def restore_pack(self, m: Manifest, target: Path | None, wanted: set[int],
-                           progress: Progress | None) -> _PackSplitter:
-        """Stream a pack once, writing its wanted files below target (or only checking)."""
-        splitter = _PackSplitter(m, target, wanted)
+    async def restore_object(self, m: Manifest, target: TargetDir,
+                             progress: Progress | None) -> None:
+        """Write one whole object below target; on any failure nothing is left of it."""
+        out = target.new_file(_dest(m))
         try:
-            await self.stream_object(m, splitter.write, progress)
+            await self.stream_object(m, out.write, progress)
+            await settled(out.commit, m.mtime_ns)
         finally:
-            splitter.abort()
-        return splitter
+            out.discard()
 
     async def run(self, target: Path | None, sites: list[str] | None = None,
                   since: datetime | None = None, show_progress: bool | None = None
                   ) -> RestoreReport:
         """Restore into `target`, or only verify everything when target is None.
 
-        The report counts files and MQTT batches (the files of a pack one by one).
+        The report counts files and MQTT batches (the files of a pack one by one); every file
+        that was not written (or did not verify) is a problem of its own.
         """
         report = RestoreReport()
         self.history = History(since)
-        journal = None if target is None else RestoreJournal(target)
-        manifests: list[Manifest] = []
-        for site in sites or await self.sites():
-            manifests.extend(await self.load_manifests(site, since, report))
-        items = _items(manifests)
-        chosen = (items if target is None
-                  else _newest_per_name(items, report, self.history.version_key))
+        names = sites or await self.sites()
+        if not names:
+            report.problems.append(Problem(self.backend.url, (
+                "no site has any manifest here (nothing under <site>/manifests/): check the "
+                "backend URL and its prefix")))
+        if target is None:
+            await self._verify(names, since, report, show_progress)
+        else:
+            dir_ = TargetDir(target)
+            self._journal = RestoreJournal(target)
+            try:
+                await self._restore(dir_, names, since, report, show_progress)
+            finally:
+                dir_.close()
+                self._journal.close()
+                self._journal = None
         report.problems += [Problem(what, why) for what, why in self.history.finish()]
-        wanted: dict[str, set[int]] = {}
-        for it in chosen:
-            if it.entry is not None:
-                wanted.setdefault(it.m.object_id, set()).add(it.index)
-        # A pack is fetched once, for all its files that are wanted.
-        objects = [m for m in manifests if m.entries and m.object_id in wanted]
-        objects += [it.m for it in chosen if it.entry is None]
-        progress = Progress(len(chosen), sum(m.size for m in objects), enabled=show_progress)
+        return report
 
-        async def one(m: Manifest) -> None:
-            if m.entries:
-                await pack(m)
+    async def _verify(self, sites: list[str], since: datetime | None, report: RestoreReport,
+                      show_progress: bool | None) -> None:
+        """Every manifest and every chunk, one manifest held at a time per worker."""
+        infos = [i for site in sites for i in await self.manifest_keys(site, since, report)]
+        progress = Progress(0, 0, enabled=show_progress)
+
+        async def one(info: ObjectInfo) -> None:
+            async with self._manifest_or_problem(info, since, report) as m:
+                if m is not None:
+                    refs = refs_of(m, info.key)
+                    progress.total_objects += len(refs)
+                    progress.total_bytes += m.size
+                    await self._write_refs(m, refs, None, report, progress)
+
+        await workers(OBJECTS_AT_ONCE, infos, one)
+        progress.close()
+
+    async def _restore(self, target: TargetDir, sites: list[str], since: datetime | None,
+                       report: RestoreReport, show_progress: bool | None) -> None:
+        """Site by site: paths never meet across sites, and only one site's index is held."""
+        for site in sites:
+            await self._restore_site(target, site, since, report, show_progress)
+
+    async def _restore_site(self, target: TargetDir, site: str, since: datetime | None,
+                            report: RestoreReport, show_progress: bool | None) -> None:
+        """Index every name, choose what to write, then write it manifest by manifest."""
+        sizes: dict[str, int] = {}  # manifest key -> its size in the listing
+        order = self.history.ref_order  # by seq (agent/history.py), once the site is indexed
+        chosen, superseded = newest_per_name(await self._index(site, since, report, sizes),
+                                             order)
+        report.superseded += superseded
+        chosen, refused = drop_conflicts(chosen, order)
+        report.problems += [Problem(r.label, why) for r, why in refused]
+        progress = Progress(len(chosen), sum(r.size for r in chosen), enabled=show_progress)
+        groups = by_manifest(chosen)
+        del chosen  # the index shrinks as manifests are done (groups.pop)
+
+        async def one(key: str) -> None:
+            info = ObjectInfo(key, sizes[key])
+            await self._restore_manifest(info, groups.pop(key), target, report, progress)
+
+        await workers(OBJECTS_AT_ONCE, list(groups), one)
+        progress.close()
+
+    async def _index(self, site: str, since: datetime | None, report: RestoreReport,
+                     sizes: dict[str, int]) -> list[Ref]:
+        refs: list[Ref] = []
+
+        async def one(info: ObjectInfo) -> None:
+            async with self._manifest_or_problem(info, since, report) as m:
+                if m is not None:
+                    refs.extend(refs_of(m, info.key))
+                    sizes[info.key] = info.size
+
+        await workers(self.parallel, await self.manifest_keys(site, since, report), one)
+        return refs
+
+    async def _restore_manifest(self, info: ObjectInfo, refs: list[Ref], target: TargetDir,
+                                report: RestoreReport, progress: Progress) -> None:
+        """Load a chosen manifest again (only its index entry was kept) and write its files."""
+        async with self._manifest_or_problem(info, None, report, observe=False) as m:
+            if m is None or m.created != refs[0].created:
+                why = ("its manifest could not be read again (see above)" if m is None else
+                       "its manifest changed while restore was running")
+                report.problems += [Problem(r.label, why) for r in refs]
                 return
-            label = _Item(m).label
-            rollback = journal and journal.refuse(journal_name(m, m.name), m)
-            if rollback:
-                report.problems.append(Problem(label, rollback))
+            await self._write_refs(m, refs, target, report, progress)
+
+    async def _write_refs(self, m: Manifest, refs: list[Ref], target: TargetDir | None,
+                          report: RestoreReport, progress: Progress) -> None:
+        """Write (or only verify) the files `refs` names of one manifest; count or report each."""
+        if target is not None:
+            refs = self._not_rolled_back(refs, m, report)
+            if not refs:
                 return
+        if not m.entries:
             try:
                 if target is None:
                     await self.stream_object(m, lambda _b: None, progress)
                 else:
                     await self.restore_object(m, target, progress)
-            except (RestoreError, BackendError, OSError) as e:
-                report.problems.append(Problem(label, str(e)))
+            except ITEM_ERRORS as e:
+                report.problems.append(Problem(refs[0].label, str(e)))
                 return
-            unrecorded = journal and journal.record(journal_name(m, m.name), m)
-            if unrecorded:
-                report.problems.append(Problem(label, unrecorded))
             report.objects_ok += 1
             report.bytes_ok += m.size
             progress.advance(0, 1)
-
-        async def pack(m: Manifest) -> None:
-            await self._pack_files(m, target, wanted[m.object_id], progress, report, journal)
-
-        try:
-            await _bounded(4, [one(m) for m in objects])
-        finally:
-            if journal:
-                journal.close()
-        progress.close()
-        return report
-
-    async def _pack_files(self, m: Manifest, target: Path | None, mine: set[int],
-                          progress: Progress, report: RestoreReport,
-                          journal: RestoreJournal | None) -> None:
-        """Restore (or check) the wanted files of one pack; each problem named per file."""
-        refused = _refused_entries(journal, m, mine)  # older than what was restored before
-        mine -= set(refused)
-        report.problems += [Problem(_Item(m, m.entries[i], i).label, why)
-                            for i, why in refused.items()]
-        splitter: _PackSplitter | None = None
-        try:
-            splitter = await self.restore_pack(m, target, mine, progress)
-        except (RestoreError, BackendError, OSError) as e:
-            report.problems.append(Problem(
-                f"{m.site}/{m.source} pack {m.object_id} ({len(m.entries)} files)", str(e)))
-        if splitter is None:
+            self._restored(refs, m, report)
             return
-        for i, why in splitter.bad:
-            report.problems.append(Problem(_Item(m, m.entries[i], i).label, why))
-        done = [i for i in splitter.ok if i in mine]
-        if journal is not None:  # each file restored is remembered (`RestoreJournal`)
-            for i in done:
-                unrecorded = journal.record(journal_name(m, m.entries[i].name), m)
-                if unrecorded:
-                    report.problems.append(Problem(_Item(m, m.entries[i], i).label, unrecorded))
-        report.objects_ok += len(done)
-        report.bytes_ok += sum(m.entries[i].size for i in done)
-        progress.advance(0, len(done))
+        wanted = {r.entry for r in refs}
+        failure = ""
+        splitter = PackSplitter(m, target, wanted)
+        try:
+            await self.stream_object(m, splitter.write, progress)
+        except ITEM_ERRORS as e:
+            failure = str(e)
+        finally:
+            splitter.abort()
+        for r in refs:
+            if r.entry in splitter.ok:
+                report.objects_ok += 1
+                report.bytes_ok += r.size
+                progress.advance(0, 1)
+            else:
+                why = splitter.bad.get(r.entry) or failure or "not restored"
+                report.problems.append(Problem(r.label, why))
+        if target is not None:
+            self._restored([r for r in refs if r.entry in splitter.ok], m, report)
+
+    def _not_rolled_back(self, refs: list[Ref], m: Manifest, report: RestoreReport) -> list[Ref]:
+        """The files the restore journal lets `m` write: not one restored before from a newer
+        version (`RestoreJournal.refuse`); the others are problems."""
+        if self._journal is None:
+            return refs
+        keep: list[Ref] = []
+        for r in refs:
+            why = self._journal.refuse("/".join(r.dest), m)
+            if why:
+                report.problems.append(Problem(r.label, why))
+            else:
+                keep.append(r)
+        return keep
+
+    def _restored(self, refs: list[Ref], m: Manifest, report: RestoreReport) -> None:
+        """Remember in the restore journal which version each file was written from."""
+        journal = self._journal
+        if journal is None:
+            return
+        for r in refs:
+            unrecorded = journal.record("/".join(r.dest), m)
+            if unrecorded:
+                report.problems.append(Problem(r.label, unrecorded))
 
 
 def restore_path(target: Path, m: Manifest) -> Path:
@@ -467,58 +472,27 @@ def restore_path(target: Path, m: Manifest) -> Path:
     Batch names start with the UTC receive time of their first message, so listing a folder
     in name order gives the messages of each topic in the order they arrived.
     """
+    return target.joinpath(*_dest(m))
+
+
+def _dest(m: Manifest) -> tuple[str, ...]:
     if m.kind == KIND_MQTT_BATCH:
-        return target / m.site / "mqtt" / m.source / safe_relative(m.name)
-    return target / m.site / m.source / safe_relative(m.name)
+        return (m.site, "mqtt", m.source, *safe_relative(m.name).parts)
+    return (m.site, m.source, *safe_relative(m.name).parts)
 
 
-def _newest_per_name(items: list[_Item], report: RestoreReport,
-                     version: Callable[[Manifest], tuple[int, str, str, int, str]]
-                     ) -> list[_Item]:
-    """A name dropped again is a new version: the newest (by seq, `History.version_key`)
-    wins, older ones are counted."""
-    newest: dict[tuple[str, str, str, bool], _Item] = {}
-    for it in sorted(items, key=lambda it: version(it.m)):
-        k = (it.m.site, it.m.source, it.name, it.m.kind == KIND_MQTT_BATCH)
-        if k in newest:
-            report.superseded += 1
-        newest[k] = it
-    return list(newest.values())
-
-
-def _refused_entries(journal: RestoreJournal | None, m: Manifest,
-                     wanted: set[int]) -> dict[int, str]:
-    """Entries of a pack the restore journal refuses (`RestoreJournal.refuse`), with why."""
-    out: dict[int, str] = {}
-    if journal is None:
-        return out
-    for i in sorted(wanted):
-        why = journal.refuse(journal_name(m, m.entries[i].name), m)
-        if why:
-            out[i] = why
-    return out
-
-
-def _check_inside(target: Path, dest: Path) -> None:
-    """No symlink along the way may lead outside the target."""
-    real_target = os.path.realpath(target)
-    real_parent = os.path.realpath(dest.parent)
-    if os.path.commonpath([real_target, real_parent]) != real_target or dest.is_symlink():
-        raise UnsafePathError(f"{dest} would be written outside {target} (through a link)")
+def _created_at(m: Manifest) -> datetime:
+    try:
+        t = datetime.fromisoformat(m.created)
+    except ValueError:
+        raise FormatError(f"manifest {m.object_id}: created {m.created!r} is not an ISO-8601 "
+                          "time") from None
+    if t.tzinfo is None:
+        raise FormatError(f"manifest {m.object_id}: created {m.created!r} has no time zone "
+                          "(the format writes UTC with an offset)")
+    return t
 
 
 def _key_day(key: str) -> str:
     parts = key.split("/")
     return "/".join(parts[2:5]) if len(parts) >= 6 else ""
-
-
-async def _bounded(limit: int, coros: list[object]) -> None:
-    sem = asyncio.Semaphore(limit)
-
-    async def run(c: object) -> None:
-        async with sem:
-            await c  # type: ignore[misc]
-
-    async with asyncio.TaskGroup() as tg:
-        for c in coros:
-            tg.create_task(run(c))

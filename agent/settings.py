@@ -89,6 +89,7 @@ class SpoolSettings:
     after: AfterIngest = "delete"
     done_dir: Path | None = None  # used when after == "move"; default <path>/done
     scan_interval_s: float = 1.0
+    create: bool = False  # make the folder if it is missing (else: an error, retried)
 
     @property
     def effective_done_dir(self) -> Path:
@@ -261,6 +262,10 @@ class MqttStatusSettings:
     interval_s: float = 10.0
     commands: bool = True  # accept pause/resume/flush/priority on skyferry/<site>/cmd
     topic_prefix: str = "skyferry"
+    # Commands are obeyed only when signed by one of these Ed25519 public keys (operator.pub
+    # from `skyferry keygen --operator`), and only within command_max_age of their timestamp.
+    operator_keys: tuple[Path, ...] = ()
+    command_max_age_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,7 @@ class MqttSettings:
     keepalive_s: float = 15.0
     session_expiry_s: float = 7 * 86400.0
     max_inflight: int = 2000  # unacknowledged messages the broker may send us (v5)
+    max_message_bytes: int = 16 << 20  # larger payloads are refused (and never sent, in v5)
     reconnect_initial_s: float = 1.0
     reconnect_max_s: float = 60.0
     subscriptions: tuple[MqttSubscription, ...] = ()

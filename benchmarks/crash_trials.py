@@ -46,7 +46,7 @@ from agent import crypto
 from agent.backends import open_backend
 from agent.crypto import load_dedup_key, load_recipient_private
 from agent.restore import Restorer, RestoreReport, site_key_loader
-from agent.sources.spool import scan
+from agent.sources.spool_scan import scan
 from tests.sitekit import Site, drop_file, tree_digest
 
 SPOOL = "files"

@@ -65,7 +65,8 @@ from agent.errors import DiskFullError
 from agent.fsio import free_bytes
 from agent.pipeline import IngestRequest, Pipeline
 from agent.settings import ChunkingSettings, ClassSettings, CompressionSettings
-from agent.sources.spool import REFUSED_BACKOFF_MAX_S, scan
+from agent.sources.spool import REFUSED_BACKOFF_MAX_S
+from agent.sources.spool_scan import scan
 from agent.store import DISK_HEADROOM_BYTES, SPARE_BYTES, Store
 from agent.units import parse_size
 from tests.sitekit import Site, drop_file, tree_digest

@@ -29,6 +29,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "link": ("benchmarks.link", [], ["--size", "64MiB", "--up", "10-20", "--down", "3-6"]),
     "disk_full": ("benchmarks.disk_full", ["--fs", "ext4", "tmpfs"],
                   ["--size", "32MiB", "--quiet", "6"]),
+    "restore_props": ("benchmarks.restore_props", ["--examples", "5000"],
+                      ["--examples", "1000"]),
 }
 
 

@@ -96,7 +96,8 @@ def test_example_documents_every_key() -> None:
     keys = [
         "id", "state_dir", "recipient_public", "signing_key", "dedup_key", "quota", "rank",
         "policy", "ttl", "min_size", "avg_size", "max_size", "level", "min_ratio",
-        "name", "path", "priority", "settle", "after", "done_dir", "scan_interval", "socket",
+        "name", "path", "priority", "settle", "after", "done_dir", "scan_interval", "create",
+        "socket",
         "url", "streams", "aging", "retry_initial", "retry_max", "mode", "intervals", "daily",
         "cycle", "log_level", "log_format",
     ]  # fmt: skip

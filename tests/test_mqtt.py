@@ -30,7 +30,8 @@ from paho.mqtt.properties import Properties
 from agent.config import validate
 from agent.errors import ConfigError
 from agent.reconnect import keep_connected
-from agent.sources.mqtt import MqttSource, _Paho, batch_name_prefix, encode_jsonl
+from agent.sources.mqtt import MqttSource, batch_name_prefix, encode_jsonl
+from agent.sources.mqtt_paho import PahoAccess
 from tests.mqttkit import (
     MOSQUITTO,
     Broker,
@@ -99,7 +100,7 @@ async def _session(port: int, received: list[aiomqtt.Message], ack: set[int],
     client = aiomqtt.Client("127.0.0.1", port, identifier="ack-contract",
                             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
                             properties=props)
-    paho_access = _Paho(client)
+    paho_access = PahoAccess(client)
     async with client:
         await client.subscribe("c/#", qos=1)
         async for msg in client.messages:
@@ -269,6 +270,12 @@ def test_records_are_json_lines_with_text_or_base64() -> None:
     ({"protocol": "4"}, "mqtt.protocol", '"3.1.1"'),
     ({"source": "files"}, "mqtt.source", "another source"),
     ({"hots": "x"}, "mqtt.hots", "did you mean 'host'"),
+    ({"max_message_size": "64MiB"}, "mqtt.max_message_size", "between 1 byte and 32MiB"),
+    ({"max_message_size": 0}, "mqtt.max_message_size", "between 1 byte"),
+    ({"status": {"operator_keys": ["nowhere.pub"]}}, "mqtt.status.operator_keys[0]",
+     "does not exist"),
+    ({"status": {"operator_keys": "ops.pub"}}, "mqtt.status.operator_keys", "list of file"),
+    ({"status": {"command_max_age": "0s"}}, "mqtt.status.command_max_age", "between 1s"),
 ])
 def test_mqtt_config_problems_name_the_key(tmp_path: Path, mqtt_conf: dict[str, Any], key: str,
                                           words: str) -> None:
@@ -514,6 +521,8 @@ def test_example_mqtt_section_is_documented_and_loads(tmp_path: Path) -> None:
     for line in mqtt_part.splitlines():
         if line.startswith("# password_env"):
             continue  # the alternative to password_file: one of the two
+        if line.startswith("# operator_keys"):
+            continue  # names a file this test does not have
         if re.match(r"# (\[|[a-z_]+ = )|#   [{\]]", line):
             lines.append(line[2:])
     conf = tmp_path / "skyferry.toml"
@@ -522,11 +531,13 @@ def test_example_mqtt_section_is_documented_and_loads(tmp_path: Path) -> None:
     assert m is not None and m.tls is not None and m.password is not None
     assert [s.priority for s in m.subscriptions] == ["critical", "normal"]
     assert m.batching_for("critical").max_age_s == 1.0 and m.batching.max_age_s == 5.0
+    assert m.max_message_bytes == 16 << 20 and m.status.command_max_age_s == 300.0
     for key in ("host", "port", "protocol", "client_id", "source", "username", "password_file",
                 "password_env", "keepalive", "session_expiry", "max_inflight",
                 "reconnect_initial", "reconnect_max", "max_bytes", "max_messages", "max_age",
                 "ca_file", "cert_file", "key_file", "insecure", "publish", "interval",
-                "commands", "topic_prefix"):
+                "commands", "topic_prefix", "max_message_size", "operator_keys",
+                "command_max_age"):
         assert re.search(rf"^# {key} = ", mqtt_part, re.MULTILINE), key
 
 

@@ -50,7 +50,7 @@ def test_non_utf8_spool_name_is_skipped_once_and_others_flow(make_site: Callable
         time.sleep(0.1)
     time.sleep(1.0)  # several scans: the bad file must be reported once, not every scan
     site.stop()
-    failures = [e for e in site.log_events() if e.get("event") == "ingest_failed"]
+    failures = [e for e in site.log_events() if e.get("event") == "spool_skipped"]
     assert len(failures) == 1 and "not valid UTF-8" in failures[0]["msg"], failures
     assert os.path.exists(bad), "a file that was not accepted must stay in the spool"
     report = json.loads(site.restore(tmp_path / "out").stdout)

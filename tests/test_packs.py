@@ -20,7 +20,7 @@ from agent.manifest import KIND_FILE_PACK, Manifest
 from agent.pipeline import IngestRequest, PackResult, Pipeline, _MemberChanged, _PackReader
 from agent.restore import Restorer, RestoreReport, site_key_loader
 from agent.settings import ChunkingSettings, CompressionSettings
-from agent.sources.spool import Candidate, plan
+from agent.sources.spool_scan import Candidate, plan
 from agent.store import ManifestWork, Store
 from tests.sitekit import tree_digest
 

@@ -26,6 +26,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.telemetry.command_auth import (
+    generate_operator_keys,
+    load_operator_private,
+    sign_command,
+)
 from tests.mqttkit import Broker, free_port
 from tests.sitekit import PYTHON, Site, drop_file, render_toml, wait_for
 
@@ -242,8 +247,11 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 class Watcher:
     """A plain MQTT client that records status and events and can send commands."""
 
-    def __init__(self, port: int, site_id: str) -> None:
+    def __init__(self, port: int, site_id: str, key: Path | None = None) -> None:
         self.base = f"skyferry/{site_id}"
+        self.site_id = site_id
+        # Commands are signed with this operator key (the site trusts its public half).
+        self.key = None if key is None else load_operator_private(key)
         self.status: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.last_status: dict[str, Any] = {}
@@ -265,7 +273,9 @@ class Watcher:
                 self.events.append((time.monotonic(), data))
 
     def send(self, command: dict[str, Any] | str) -> float:
-        payload = command if isinstance(command, str) else json.dumps(command)
+        body = {"cmd": command} if isinstance(command, str) else command
+        assert self.key is not None, "a Watcher made without an operator key cannot send"
+        payload = sign_command(self.key, self.site_id, body)
         self.client.publish(f"{self.base}/cmd", payload, qos=1).wait_for_publish(5)
         return time.monotonic()
 
@@ -297,12 +307,21 @@ class Watcher:
 
 def mqtt_status_site(make_site: Callable[..., Site], broker: Broker, port: int,
                      commands: bool = True) -> Site:
-    return make_site(extra={
+    site = make_site(extra={
         "windows": closed_windows(),
         "mqtt": {"port": broker.port, "reconnect_initial": "0.2s", "keepalive": "5s",
                  "status": {"publish": True, "commands": commands, "interval": "2s"}},
         "telemetry": {"metrics_listen": f"127.0.0.1:{port}"},
     })
+    _, public = generate_operator_keys(site.root / "operator")
+    site.extra["mqtt"]["status"]["operator_keys"] = [str(public)]
+    site.write_config()
+    return site
+
+
+def operator_key(site: Site) -> Path:
+    """The private half of the operator key `mqtt_status_site` made the site trust."""
+    return site.root / "operator" / "operator.key"
 
 
 def test_metrics_parse_and_move_as_the_agent_works(make_site: Callable[..., Site],
@@ -341,7 +360,7 @@ def test_metrics_parse_and_move_as_the_agent_works(make_site: Callable[..., Site
     status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json").read())
     assert status["queued_items"] == 2 and status["gate_state"] == "closed"
 
-    watcher = Watcher(broker.port, site.site_id)
+    watcher = Watcher(broker.port, site.site_id, operator_key(site))
     try:
         time.sleep(0.5)
         watcher.send({"cmd": "flush"})
@@ -397,7 +416,7 @@ def test_commands_take_effect_within_a_second(make_site: Callable[..., Site], br
                                               tmp_path: Path) -> None:
     site = mqtt_status_site(make_site, broker, free_port())
     site.start()
-    watcher = Watcher(broker.port, site.site_id)
+    watcher = Watcher(broker.port, site.site_id, operator_key(site))
     try:
         watcher.wait_status(lambda s: s.get("state") == "running", 0, 30)
         drop_file(site.spool(), "wait.txt", b"waits for a window\n")
@@ -447,7 +466,7 @@ def test_commands_disabled_are_ignored_and_logged(make_site: Callable[..., Site]
                                                   broker: Broker) -> None:
     site = mqtt_status_site(make_site, broker, free_port(), commands=False)
     site.start()
-    watcher = Watcher(broker.port, site.site_id)
+    watcher = Watcher(broker.port, site.site_id, operator_key(site))
     try:
         watcher.wait_status(lambda s: s.get("state") == "running", 0, 30)
         sent = watcher.send("pause")

@@ -4,11 +4,9 @@ How "acknowledge only after durable" is kept
 --------------------------------------------
 aiomqtt (2.5) drives paho-mqtt from the event loop but always lets paho acknowledge a QoS 1
 message as soon as it is read. paho-mqtt 2.2 itself can wait: with `manual_ack` on, a QoS 1
-PUBACK is sent only when `ack(mid, 1)` is called. `_Paho` below reaches the paho client
-aiomqtt wraps (its `_client` attribute: aiomqtt is pinned to 2.5.x in pyproject.toml and
-`tests/test_mqtt.py::test_unacknowledged_messages_come_back` proves the contract against a
-real Mosquitto), turns manual acknowledgement on and records the CONNACK's session-present
-flag. Everything runs on the event loop, so no locking is needed.
+PUBACK is sent only when `ack(mid, 1)` is called. `agent.sources.mqtt_paho` (the one module that
+reaches into aiomqtt and paho, with its own tests) turns manual acknowledgement on, records the
+CONNACK's session-present flag and keeps the socket's write registration right.
 
 QoS 2 is not subscribed to: paho sends PUBREC (after which the broker discards its copy) as
 soon as the PUBLISH arrives, before the message could be made durable. Subscriptions are at
@@ -39,18 +37,13 @@ order: nothing here can restore an order the broker never saw.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 import aiomqtt
@@ -59,10 +52,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import QuotaExceededError, SkyferryError, SourceError
+from agent.errors import QuotaExceededError, SkyferryError
+from agent.memory import fix_malloc_thresholds
 from agent.pipeline import BatchRequest, IngestResult
 from agent.reconnect import keep_connected
-from agent.settings import MqttSettings, SecretRef
+from agent.settings import MqttSettings
+from agent.sources.mqtt_conn import read_secret, tls_context
+from agent.sources.mqtt_paho import PahoAccess
+from agent.sources.mqtt_records import Received, batch_name_prefix, encode_jsonl
 from agent.telemetry.logs import log_event
 from agent.telemetry.metrics import Metrics
 
@@ -71,63 +68,9 @@ IngestBatch = Callable[[BatchRequest], Awaitable[IngestResult]]
 RunBlocking = Callable[..., Awaitable[Any]]
 _TICK_S = 0.05
 _MAX_COMMITS = 2  # batches being made durable at once: overlaps fsync with receiving
-
-
-def read_secret(ref: SecretRef, environ: Mapping[str, str]) -> str:
-    """The secret a SecretRef points at: a file's first line, or an environment variable."""
-    if ref.source == "env":
-        value = environ.get(ref.where)
-        if value is None:
-            raise SourceError(f"environment variable {ref.where} (the MQTT password) is not "
-                              "set; set it in the unit's environment or use password_file")
-        return value
-    path = Path(ref.where)
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except OSError as e:
-        raise SourceError(f"cannot read the MQTT password file {path}: {e.strerror}") from None
-    if mode & 0o077:
-        raise SourceError(f"{path} (the MQTT password) is readable by other users; "
-                          f"chmod 600 {path}")
-    return text.splitlines()[0] if text else ""
-
-
-@dataclass(slots=True)
-class Received:
-    """One message between receipt and acknowledgement."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    received_ns: int
-    mid: int
-    generation: int  # connection that delivered it; acks go only to that connection
-    durable: bool = False
-
-
-def encode_jsonl(records: list[Received]) -> bytes:
-    """The object body: one JSON object per message, in the order they arrived."""
-    lines = []
-    for r in records:
-        obj: dict[str, Any] = {"topic": r.topic, "qos": r.qos, "retain": r.retain,
-                               "received": _iso(r.received_ns)}
-        try:
-            obj["payload"] = r.payload.decode("utf-8")
-        except UnicodeDecodeError:
-            obj["payload_base64"] = base64.b64encode(r.payload).decode("ascii")
-        lines.append(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
-    return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
-
-
-def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def batch_name_prefix(first_ns: int) -> str:
-    """Fixed-width UTC time of the batch's first message: names sort in arrival order."""
-    return datetime.fromtimestamp(first_ns / 1e9, UTC).strftime("%Y%m%dT%H%M%S.%fZ-")
+# Room for a PUBLISH's own header (topic up to 64 KiB, properties) beyond the payload limit;
+# a payload that slips through within it is refused here (`_refuse`).
+PACKET_OVERHEAD = 128 << 10
 
 
 @dataclass
@@ -136,38 +79,6 @@ class _Batch:
     started: float  # loop time of the first message
     records: list[Received] = field(default_factory=list)
     nbytes: int = 0
-
-
-class _Paho:
-    """The paho client inside aiomqtt: manual acknowledgement and the session-present flag."""
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        inner = getattr(client, "_client", None)
-        if not isinstance(inner, paho.Client):
-            raise SkyferryError(
-                "this aiomqtt does not wrap a paho-mqtt client where skyferry expects it; "
-                "install the aiomqtt version pinned in pyproject.toml")
-        self.client = inner
-        self.session_present = False
-        inner.manual_ack_set(True)
-        wrapped: Any = inner.on_connect  # aiomqtt's handler (paho types it loosely)
-
-        def on_connect(c: paho.Client, userdata: Any, flags: paho.ConnectFlags,
-                       reason: Any, properties: Any = None) -> None:
-            self.session_present = bool(flags.session_present)
-            if wrapped is not None:
-                wrapped(c, userdata, flags, reason, properties)
-
-        inner.on_connect = on_connect
-
-    def ack(self, mid: int, qos: int) -> None:
-        self.client.ack(mid, qos)
-
-    def flush(self) -> None:
-        """Write queued acknowledgements now instead of on the next loop iteration: every
-        millisecond between "durable" and "acknowledged" is a window for duplicates."""
-        if self.client.want_write():
-            self.client.loop_write()
 
 
 class MqttSource:
@@ -183,7 +94,7 @@ class MqttSource:
         self.environ = environ
         self.connected = False
         self.generation = 0
-        self._paho: _Paho | None = None
+        self._paho: PahoAccess | None = None
         self._client_now: aiomqtt.Client | None = None
         self._batches: dict[str, _Batch] = {}
         self._acks: collections.deque[Received] = collections.deque()
@@ -215,13 +126,14 @@ class MqttSource:
 
     @property
     def pending(self) -> int:
-        """Messages received and not yet durable."""
+        """Messages received and not yet in a batch being made durable."""
         return sum(len(b.records) for b in self._batches.values()) + len(self._limbo)
 
     # ---- the connection loop ------------------------------------------------------------------
 
     async def run(self) -> None:
         """Connect, consume, reconnect with backoff; returns once `drain` has finished."""
+        fix_malloc_thresholds()  # peak memory per message: see agent/memory.py
         tick = asyncio.create_task(self._age_ticker(), name="mqtt-batch-ages")
         try:
             # A broker problem never takes the daemon down: it is logged and retried.
@@ -240,6 +152,8 @@ class MqttSource:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = int(min(s.session_expiry_s, 0xFFFFFFFF))
             props.ReceiveMaximum = s.max_inflight
+            # The broker drops (and never sends) a larger message: no memory is spent on it.
+            props.MaximumPacketSize = s.max_message_bytes + PACKET_OVERHEAD
         password = read_secret(s.password, self.environ) if s.password else None
         return aiomqtt.Client(
             s.host, s.port, identifier=s.client_id, username=s.username, password=password,
@@ -253,7 +167,7 @@ class MqttSource:
 
     async def _connection(self) -> None:
         client = self._client()
-        paho_access = _Paho(client)
+        paho_access = PahoAccess(client)
         async with asyncio.timeout(max(10.0, 2 * self.settings.keepalive_s)):
             await client.__aenter__()
         try:
@@ -264,21 +178,7 @@ class MqttSource:
             self.last_error = None
             self.metrics.mqtt_connected.set(1)
             self._on_connect(paho_access.session_present)
-            await self._subscribe(client)
-            consume = asyncio.create_task(self._consume(client))
-            stop = asyncio.create_task(self._stop.wait())
-            try:
-                await asyncio.wait({consume, stop}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                consume.cancel()
-                raise
-            finally:
-                stop.cancel()
-            if not consume.done():  # stopping: make everything durable and acknowledge it
-                consume.cancel()
-                await self._finish()
-            else:
-                consume.result()  # raises MqttError when the broker went away
+            await self._serve(client)
         finally:
             self.connected = False
             self._client_now = None
@@ -286,11 +186,40 @@ class MqttSource:
             with contextlib.suppress(Exception):  # the connection is gone anyway
                 await client.__aexit__(None, None, None)
 
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Consume until the broker goes away (MqttError) or a stop (everything received is
+        then made durable and acknowledged). Consuming starts before subscribing: a kept
+        session's backlog arrives ahead of the SUBACK, and must be taken (and acknowledged)
+        meanwhile, or a backlog larger than one timeout's worth is never got past."""
+        consume = asyncio.create_task(self._consume(client))
+        subscribe = asyncio.create_task(self._subscribe(client))
+        stop = asyncio.create_task(self._stop.wait())
+        waiting = {consume, subscribe, stop}
+        try:
+            while not (consume.done() or stop.done()):
+                _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if subscribe.done():
+                    subscribe.result()  # a refused or timed-out SUBSCRIBE: reconnect
+            broker_gone = consume.done()
+        except asyncio.CancelledError:
+            consume.cancel()
+            await self._settle()  # commits under way are acknowledged before the close
+            raise
+        finally:
+            stop.cancel()
+            subscribe.cancel()
+            if not consume.done():
+                consume.cancel()
+        if broker_gone:
+            consume.result()  # raises MqttError when the broker went away
+        await self._finish()  # stopping: make everything durable and acknowledge it
+
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         if not self.settings.subscriptions:
             return
         topics = [(s.topic, min(s.qos, 1)) for s in self.settings.subscriptions]
-        granted = await client.subscribe(topics)
+        # The SUBACK comes after whatever the broker queued for a kept session: wait long.
+        granted = await client.subscribe(topics, timeout=max(60.0, 4 * self.settings.keepalive_s))
         for (topic, _), code in zip(topics, granted, strict=False):
             value = code if isinstance(code, int) else int(cast(ReasonCode, code).value)
             if value >= 0x80:
@@ -348,7 +277,25 @@ class MqttSource:
                 payload = str(payload).encode()
             r = Received(str(msg.topic), bytes(payload), msg.qos, bool(msg.retain),
                          self._receive_time_ns(), msg.mid, self.generation)
-            self._add(r, track_ack=r.qos > 0)
+            del msg, payload  # the payload lives on only in `r`
+            if len(r.payload) > self.settings.max_message_bytes:
+                self._refuse(r)
+            else:
+                self._add(r, track_ack=r.qos > 0)
+
+    def _refuse(self, r: Received) -> None:
+        """A message over max_message_size (one MQTT 5 brokers should not have sent, or any in
+        3.1.1): logged, counted and acknowledged in its turn, so the broker does not re-send it
+        at every reconnect. It is not stored."""
+        size, r.payload, r.durable = len(r.payload), b"", True
+        self.metrics.mqtt_refused.labels("too_large").inc()
+        log_event(log, logging.WARNING, "mqtt_message_refused",
+                  f"MQTT message on {r.topic!r} is {size} bytes, over max_message_size "
+                  f"({self.settings.max_message_bytes}); dropped and acknowledged",
+                  topic=r.topic, bytes=size, source=self.settings.source)
+        if r.qos > 0:
+            self._acks.append(r)
+            self._ack_ready()
 
     def _receive_time_ns(self) -> int:
         """Wall-clock time of a message, never before the previous one's: batch names (which
@@ -409,35 +356,19 @@ class MqttSource:
     async def _commit(self, batch: _Batch) -> None:
         """Make one batch durable (retrying while the quota refuses it), then acknowledge."""
         records = batch.records
-        refused_logged = False
         async with self._class_locks[batch.cls], self._commit_slots:
             data: bytes = await self.run_blocking(encode_jsonl, records)
+            for r in records:
+                r.payload = b""  # in `data` now: hold each message once, not twice
             req = BatchRequest(
                 data=data, source=self.settings.source, priority=batch.cls,
                 name_prefix=batch_name_prefix(records[0].received_ns), name_suffix=".jsonl",
                 mtime_ns=records[-1].received_ns,
                 meta={"messages": str(len(records))},
             )
-            delay = 0.5
-            while True:
-                try:
-                    result = await self.ingest_batch(req)
-                    break
-                except QuotaExceededError as e:
-                    # Not acknowledged: the broker stops sending once its window is full,
-                    # which is the back-pressure the quota asks for.
-                    if not refused_logged:
-                        refused_logged = True
-                        log_event(log, logging.WARNING, "ingest_refused",
-                                  f"MQTT batch of {len(records)} messages not accepted: {e}",
-                                  source=self.settings.source, **{"class": batch.cls})
-                except SkyferryError as e:
-                    self.metrics.errors.labels("mqtt_ingest").inc()
-                    log_event(log, logging.ERROR, "ingest_failed",
-                              f"MQTT batch could not be stored: {e}; retrying",
-                              source=self.settings.source, **{"class": batch.cls})
-                await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
+            result = await self._store(req, batch)
+        if result is None:
+            return
         for r in records:
             r.durable = True
         acked = self._ack_ready()
@@ -446,6 +377,36 @@ class MqttSource:
                   f"{len(records)} MQTT messages stored as one object",
                   source=self.settings.source, object=result.object_id, bytes=result.size,
                   messages=len(records), acked=acked, **{"class": batch.cls})
+
+    async def _store(self, req: BatchRequest, batch: _Batch) -> IngestResult | None:
+        """Store one batch, retrying while the quota or the disk refuses it; None when the
+        daemon stops first (not acknowledged, so the broker re-sends it: nothing is lost)."""
+        delay, refused_logged = 0.5, False
+        what = {"source": self.settings.source, "class": batch.cls}
+        while True:
+            try:
+                return await self.ingest_batch(req)
+            except QuotaExceededError as e:
+                # Not acknowledged: the broker stops sending once its window is full,
+                # which is the back-pressure the quota asks for.
+                if not refused_logged:
+                    refused_logged = True
+                    log_event(log, logging.WARNING, "ingest_refused",
+                              f"MQTT batch of {len(batch.records)} messages not accepted: {e}",
+                              **what)
+            except SkyferryError as e:
+                self.metrics.errors.labels("mqtt_ingest").inc()
+                log_event(log, logging.ERROR, "ingest_failed",
+                          f"MQTT batch could not be stored: {e}; retrying", **what)
+            if self._stop.is_set():
+                log_event(log, logging.WARNING, "mqtt_batch_left",
+                          f"stopping: MQTT batch of {len(batch.records)} messages not stored "
+                          "and not acknowledged; the broker re-sends it", **what)
+                return None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            delay = min(30.0, delay * 2)
 
     def _ack_ready(self) -> int:
         """Acknowledge, in arrival order, every message that is durable; returns how many."""
@@ -498,25 +459,31 @@ class MqttSource:
         self._limbo = []
         for cls in list(self._batches):
             self._seal(cls)
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for every commit under way, then acknowledge what became durable.
+
+        A cancel (the daemon's stop deadline, a task group ending) does not cut this short: a
+        batch that is committed must be acknowledged on its connection before that closes, or
+        the broker re-sends it at the next start and it is stored twice. A commit is bounded
+        (a batch is at most max_bytes plus one message of max_message_size, compressed at
+        level BATCH_MAX_LEVEL or lower), and at a stop a refused one is left, not retried.
+        """
+        cancelled = False
         while self._commits:
-            await asyncio.gather(*list(self._commits), return_exceptions=True)
+            try:
+                await asyncio.shield(asyncio.gather(*list(self._commits),
+                                                    return_exceptions=True))
+            except asyncio.CancelledError:
+                cancelled = True
+                self._stop.set()  # a refused commit must not retry
         self._ack_ready()
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def drain(self) -> None:
         """Stop receiving; return once every received message is durable (and acknowledged
         where the connection still stands)."""
         self._stop.set()
         await self._stopped.wait()
-
-
-def tls_context(s: MqttSettings) -> ssl.SSLContext | None:
-    """An SSL context from [mqtt.tls], or None for plain TCP."""
-    if s.tls is None:
-        return None
-    ctx = ssl.create_default_context(
-        cafile=str(s.tls.ca_file) if s.tls.ca_file else None)
-    if s.tls.cert_file and s.tls.key_file:
-        ctx.load_cert_chain(str(s.tls.cert_file), str(s.tls.key_file))
-    if s.tls.insecure:
-        ctx.check_hostname = False
-    return ctx

@@ -1,41 +1,133 @@
-"""Spool folders: a file is ingested once complete, then deleted or moved to done/."""
+"""Spool folders: a file is ingested once complete, then deleted or moved to done/.
+
+Every problem with one file stays with that file: it is logged once (one line per path and
+reason, not per scan), counted in skyferry_spool_skipped_total, and left where it is; the
+rest of the spool carries on. The folder is read through directory descriptors
+(spool_scan.py, spool_files.py), so nothing outside it is ever read, written or deleted.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
-import shutil
+import os
+import resource
 import time
 from pathlib import Path
 
 from agent.errors import DiskFullError, QuotaExceededError, SkyferryError, SourceError
 from agent.pipeline import IngestRequest, IngestResult
 from agent.settings import ChunkingSettings, SpoolSettings
-from agent.sources import Ingest, IngestPack
-from agent.sources.spool_scan import Candidate, plan, scan
+from agent.sources import Ingest, IngestPack, spool_lease
+from agent.sources.spool_files import DoneDir, Hold, Kept, dispose, open_done
+from agent.sources.spool_scan import (
+    Candidate,
+    Fence,
+    Ident,
+    ScanResult,
+    ident,
+    plan,
+    printable,
+    scan_fd,
+)
 from agent.telemetry.logs import log_event
+from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("skyferry.spool")
 # While the store refuses (quota or disk full) scans back off, doubling up to this.
 REFUSED_BACKOFF_MAX_S = 5.0
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+# Why a file could not be opened that a later scan may not see again: it changed, went, was
+# swapped for a link, or the process ran out of descriptors.
+_TRANSIENT = (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EMFILE, errno.ENFILE)
+
+# Accepted files kept for a reason of their own (a new version, a writer): looked at anew,
+# not merely disposed of again.
+_KEPT_FOR_NOW = ("changed", "gone", "busy")
+
+Version = tuple[int, int, int, int]  # (inode, size, mtime, ctime): one version of a file
+
+
+def raise_open_file_limit() -> None:
+    """Soft descriptor limit up to the hard one: a pack of up to `pack_files` files holds a
+    descriptor per file (its read lease) until the files are deleted."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _on_pseudo_fs(fd: int) -> bool:
+    dev = os.fstat(fd).st_dev
+    for pseudo in ("/proc", "/sys"):
+        with contextlib.suppress(OSError):
+            if os.stat(pseudo).st_dev == dev:
+                return True
+    return False
+
+
+def version(c: Candidate) -> Version:
+    assert c.st is not None
+    return c.st.st_ino, c.st.st_size, c.st.st_mtime_ns, c.st.st_ctime_ns
+
+
+class _Pass:
+    """What one scan pass works with: the spool's descriptor and where files go after."""
+
+    def __init__(self, root_fd: int, move: bool, done: DoneDir | None) -> None:
+        self.root_fd = root_fd
+        self.move = move
+        self.done = done
+
+    def dispose(self, c: Candidate, hold: Hold) -> None:
+        if self.move and self.done is None:
+            raise Kept("not_moved", "cannot be moved: done/ is not usable (see the line about "
+                       "it); it stays in the spool")
+        if not hold.opened:  # accepted before, so not read now: take its lease all the same
+            try:
+                os.close(hold.open())
+            except BlockingIOError:
+                raise Kept("busy", "is open for writing; it stays and is looked at again once "
+                           "it settles") from None
+        dispose(self.root_fd, c, hold, self.done)
+
+    def close(self) -> None:
+        if self.done is not None:
+            self.done.close()
+        os.close(self.root_fd)
 
 
 class SpoolSource:
     def __init__(self, settings: SpoolSettings, ingest: Ingest,
                  ingest_pack: IngestPack | None = None, chunking: ChunkingSettings | None = None,
-                 workers: int = 2) -> None:
+                 workers: int = 2, protected: tuple[Path, ...] = (),
+                 metrics: Metrics | None = None, state_dir: Path | None = None) -> None:
         self.settings = settings
         self.ingest = ingest
         self.ingest_pack = ingest_pack
         self.chunking = chunking if ingest_pack is not None else None
         self.workers = max(1, workers)
-        self._stable_since: dict[str, tuple[int, int, float]] = {}
+        # The state_dir and the keys: never entered nor read, even if a spool holds them; a
+        # spool inside the state_dir is refused whole.
+        self.state_dir = state_dir
+        self.protected = (*protected, state_dir) if state_dir is not None else protected
+        self.metrics = metrics
+        self._stable_since: dict[str, tuple[Version, float]] = {}
         self._refused_logged: set[str] = set()  # refusal kinds logged this episode
         self._refused_since: float | None = None
         self._backoff_s = 0.0
-        # Files that failed for a reason retrying cannot fix (bad name, not a regular file):
-        # skipped until they change, so the log is not flooded every scan.
-        self._failed: dict[str, tuple[int, int]] = {}
+        # Files that failed for a reason retrying cannot fix (unreadable, bad name): skipped
+        # until they change, so the log is not flooded every scan.
+        self._failed: dict[str, Version] = {}
+        # Accepted, but could not be deleted or moved: not ingested again while unchanged;
+        # their disposal is retried every pass.
+        self._kept: dict[str, Candidate] = {}
+        self._told: dict[str, set[str]] = {}  # path -> reasons logged while it is there
+        self._root_trouble: str | None = None
+        self._errors: set[str] = set()  # unexpected errors logged (each once)
         self.accepted = 0
         self.ready_bytes = 0  # settled and not yet ingested (the compression policy asks)
 
@@ -44,24 +136,165 @@ class SpoolSource:
         return self.settings.effective_done_dir if self.settings.after == "move" else None
 
     async def run(self) -> None:
-        self.settings.path.mkdir(parents=True, exist_ok=True)
+        raise_open_file_limit()
         while True:
-            await self.scan_once()
+            try:
+                await self.scan_once()
+            except Exception as e:  # the daemon never stops for a spool: log, retry
+                self._unexpected(e)
             await asyncio.sleep(max(self.settings.scan_interval_s, self._backoff_s))
 
+    def _unexpected(self, e: Exception) -> None:
+        what = f"{type(e).__name__}: {e}"
+        if what in self._errors or len(self._errors) >= 100:
+            return
+        self._errors.add(what)
+        self._count("error")
+        log_event(log, logging.ERROR, "spool_error",
+                  f"spool {self.settings.name}: scan failed, retried at the next one: "
+                  f"{printable(what)}", source=self.settings.name)
+
+    # ---- one pass ------------------------------------------------------------------------
+
     async def scan_once(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        candidates = await asyncio.to_thread(scan, self.settings.path, self.done_dir)
-        seen: dict[str, tuple[int, int, float]] = {}
+        # A writer opening a leased file sends SIGIO, whose default action ends the process:
+        # leases are taken only once a handler is in place (the event loop's thread is the
+        # main thread in the daemon; elsewhere leases are not used).
+        spool_lease.install_sigio_handler()
+        p = await asyncio.to_thread(self._open_pass)
+        if p is None:
+            return
+        try:
+            result = await asyncio.to_thread(scan_fd, p.root_fd, self.settings.path,
+                                             self._fence(p))
+            self._forget_gone(result)
+            for s in result.skipped:
+                self._tell(s.name, s.reason, s.why)
+            await self._ingest_ready(p, await self._retry_kept(p, result.files))
+        finally:
+            p.close()
+
+    def _open_pass(self) -> _Pass | None:
+        root = self._open_root()
+        if root is None:
+            return None
+        move = self.settings.after == "move"
+        done: DoneDir | None = None
+        if move:
+            try:
+                done = open_done(root, self.settings.path, self.settings.effective_done_dir)
+            except OSError as e:
+                self._tell(self._done_name(), "done_refused",
+                           f"done folder {self.settings.effective_done_dir} cannot be used "
+                           f"({e.strerror}): a link or a file named like it is never followed "
+                           "nor overwritten; accepted files stay in the spool until it is a "
+                           "folder", logging.ERROR)
+            else:
+                self._told.pop(self._done_name(), None)
+        return _Pass(root, move, done)
+
+    def _done_name(self) -> str:
+        done = self.settings.effective_done_dir
+        try:
+            return done.relative_to(self.settings.path).as_posix()
+        except ValueError:
+            return str(done)
+
+    def _open_root(self) -> int | None:
+        path = self.settings.path
+        try:
+            if self._inside_protected(path):
+                raise OSError(errno.EPERM, "it is inside the daemon's state_dir or is its key "
+                              "folder; choose another spool path")
+            if self.settings.create:
+                path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, _ROOT_FLAGS)
+            if _on_pseudo_fs(fd):
+                os.close(fd)
+                raise OSError(errno.EPERM, "it is on /proc or /sys, which hold no producer files")
+        except OSError as e:
+            how = ("does not exist: create it, or set create = true in its [[spool]] section"
+                   if e.errno == errno.ENOENT else f"cannot be used: {e.strerror}")
+            if self._root_trouble != how:
+                self._root_trouble = how
+                self._count("spool_unusable")
+                log_event(log, logging.ERROR, "spool_unusable",
+                          f"spool {self.settings.name}: folder {printable(str(path))} {how}; "
+                          f"looked at again every {self.settings.scan_interval_s:g}s",
+                          source=self.settings.name, path=printable(str(path)))
+            return None
+        if self._root_trouble is not None:
+            self._root_trouble = None
+            log_event(log, logging.INFO, "spool_usable",
+                      f"spool {self.settings.name}: folder {printable(str(path))} is usable",
+                      source=self.settings.name)
+        return fd
+
+    def _inside_protected(self, path: Path) -> bool:
+        """The spool is one of the protected paths, or inside the state_dir."""
+        real = Path(os.path.realpath(path))
+        if any(real == Path(os.path.realpath(q)) for q in self.protected):
+            return True
+        return self.state_dir is not None and real.is_relative_to(
+            os.path.realpath(self.state_dir))
+
+    def _fence(self, p: _Pass) -> Fence:
+        protected: set[Ident] = set()
+        for q in self.protected:
+            with contextlib.suppress(OSError):
+                protected.add(ident(os.stat(q)))
+        skip = frozenset({ident(os.fstat(p.done.fd))}) if p.done is not None else frozenset()
+        names = frozenset({self._done_name()}) if p.move else frozenset()
+        return Fence(skip_names=names, skip=skip, protected=frozenset(protected))
+
+    def _forget_gone(self, result: ScanResult) -> None:
+        """A path that went away is logged again should it come back with a problem."""
+        here = {c.name for c in result.files} | {s.name for s in result.skipped}
+        here.add(".")
+        here.add(self._done_name())
+        for table in (self._told, self._failed, self._kept):
+            for name in [n for n in table if n not in here]:
+                del table[name]
+
+    async def _retry_kept(self, p: _Pass, files: list[Candidate]) -> list[Candidate]:
+        """Files accepted earlier but not yet deleted or moved: try again, once per pass;
+        what remains is what the scan found that may need ingesting."""
+        retry = [c for c in files
+                 if c.name in self._kept and version(self._kept[c.name]) == version(c)]
+        for c in files:
+            if c.name in self._kept and c not in retry:
+                del self._kept[c.name]  # changed since it was accepted: a new version
+        if retry:
+            await asyncio.to_thread(self._dispose_again, p, retry)
+        return [c for c in files if c not in retry]
+
+    def _dispose_again(self, p: _Pass, retry: list[Candidate]) -> None:
+        for c in retry:
+            hold = Hold(p.root_fd, c)
+            try:
+                p.dispose(c, hold)  # takes the lease first: no writer may have it open
+            except (Kept, OSError):
+                continue
+            finally:
+                hold.close()
+            del self._kept[c.name]
+            self._told.pop(c.name, None)
+            log_event(log, logging.INFO, "file_disposed",
+                      f"{self.settings.name}/{printable(c.name)} accepted earlier, now "
+                      f"{'moved' if p.move else 'deleted'}", source=self.settings.name,
+                      file=printable(c.name))
+
+    async def _ingest_ready(self, p: _Pass, candidates: list[Candidate]) -> None:
+        now = asyncio.get_running_loop().time()
+        seen: dict[str, tuple[Version, float]] = {}
         for c in candidates:
             prev = self._stable_since.get(c.name)
-            since = prev[2] if prev and prev[:2] == (c.size, c.mtime_ns) else now
-            seen[c.name] = (c.size, c.mtime_ns, since)
+            since = prev[1] if prev and prev[0] == version(c) else now
+            seen[c.name] = (version(c), since)
         self._stable_since = seen
         ready = [c for c in candidates
-                 if now - seen[c.name][2] >= self.settings.settle_s
-                 and self._failed.get(c.name) != (c.size, c.mtime_ns)]
+                 if now - seen[c.name][1] >= self.settings.settle_s
+                 and self._failed.get(c.name) != version(c)]
         batches = plan(ready, self.chunking)
         self.ready_bytes = sum(c.size for c in ready)
         # Up to `workers` ingests at once (hashing, compression and encryption release the
@@ -72,7 +305,8 @@ class SpoolSource:
         async def one(batch: list[Candidate]) -> None:
             try:
                 packed = self.chunking is not None and batch[0].size < self.chunking.pack_below
-                ok = await (self._ingest_pack(batch) if packed else self._ingest_one(batch[0]))
+                ok = await (self._ingest_pack(p, batch) if packed
+                            else self._ingest_one(p, batch[0]))
                 if not ok:
                     full.set()
             finally:
@@ -88,6 +322,25 @@ class SpoolSource:
                 tg.create_task(one(batch))
         if not full.is_set():  # a pass with nothing refused ends a refusal episode
             self._refusals_over()
+
+    # ---- logging, once per path ------------------------------------------------------------
+
+    def _count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.spool_skipped.labels(self.settings.name, reason).inc()
+
+    def _tell(self, name: str, reason: str, why: str, level: int = logging.WARNING) -> None:
+        """One line per path and reason while the path is there, and one count."""
+        told = self._told.setdefault(name, set())
+        if reason in told:
+            return
+        told.add(reason)
+        self._count(reason)
+        shown = printable(name)
+        log_event(log, level, "spool_skipped", f"spool {self.settings.name}: {shown}: "
+                  f"{printable(why)}", source=self.settings.name, file=shown, reason=reason)
+
+    # ---- quota refusals ----------------------------------------------------------------------
 
     def _refusals_over(self) -> None:
         if self._refused_since is None:
@@ -112,79 +365,118 @@ class SpoolSource:
         if kind not in self._refused_logged:
             self._refused_logged.add(kind)
             log_event(log, logging.WARNING, "ingest_refused",
-                      f"spool {self.settings.name}: {name} stays in place: {e} (retried every "
-                      f"{REFUSED_BACKOFF_MAX_S:g}s at most; not logged again until nothing is "
-                      "refused)",
-                      source=self.settings.name, file=name, reason=kind)
+                      f"spool {self.settings.name}: {printable(name)} stays in place: {e} "
+                      f"(retried every {REFUSED_BACKOFF_MAX_S:g}s at most; not logged again "
+                      "until nothing is refused)",
+                      source=self.settings.name, file=printable(name), reason=kind)
         else:  # for diagnosis only: where the disk ran out (pre-check, staging, index)
-            log_event(log, logging.DEBUG, "ingest_refused_again", f"{name}: {e}",
-                      source=self.settings.name, file=name, reason=kind)
+            log_event(log, logging.DEBUG, "ingest_refused_again", f"{printable(name)}: {e}",
+                      source=self.settings.name, file=printable(name), reason=kind)
 
-    def _source_failed(self, c: Candidate, e: SourceError) -> None:
-        self._failed[c.name] = (c.size, c.mtime_ns)
-        log_event(log, logging.WARNING, "ingest_failed",
-                  f"{e} (skipped until the file changes)", source=self.settings.name,
-                  file=c.name)
+    # ---- ingest ------------------------------------------------------------------------------
 
-    async def _ingest_one(self, c: Candidate) -> bool:
-        req = IngestRequest(c.path, self.settings.name, c.name, self.settings.priority)
+    def _request(self, c: Candidate, hold: Hold) -> IngestRequest:
+        return IngestRequest(c.path, self.settings.name, c.name, self.settings.priority,
+                             opener=hold.open, seen=c.st)
+
+    def _source_failed(self, c: Candidate, hold: Hold, e: Exception) -> None:
+        if hold.busy:  # open for writing: not settled after all; its settle time starts again
+            self._stable_since.pop(c.name, None)
+            log_event(log, logging.DEBUG, "file_busy", f"{printable(c.name)} is still open "
+                      "for writing", source=self.settings.name, file=printable(c.name))
+            return
+        if hold.open_errno in _TRANSIENT:
+            # Changed, gone or swapped since the scan: it settles again and is looked at anew.
+            self._stable_since.pop(c.name, None)
+            self._tell(c.name, "changed", "changed, went away or was replaced while it was "
+                       "being ingested; left in place, taken once it settles", logging.INFO)
+            log_event(log, logging.DEBUG, "ingest_failed", printable(str(e)),
+                      source=self.settings.name, file=printable(c.name))
+            return
+        # Retrying cannot help until something changes (its mode, its owner, the file).
+        self._failed[c.name] = version(c)
+        assert hold.open_errno is not None
+        unreadable = hold.open_errno in (errno.EACCES, errno.EPERM)
+        self._tell(c.name, "unreadable" if unreadable else "unopenable",
+                   f"cannot be opened by the service ({os.strerror(hold.open_errno)}); left in "
+                   "place, tried again once its mode, owner or content changes")
+
+    async def _ingest_one(self, p: _Pass, c: Candidate) -> bool:
+        hold = Hold(p.root_fd, c)
         try:
-            result = await self.ingest(req)
-        except QuotaExceededError as e:
-            self._refused(c.name, e)
-            return False
-        except SourceError as e:
-            self._source_failed(c, e)
+            try:
+                result = await self.ingest(self._request(c, hold))
+            except QuotaExceededError as e:
+                self._refused(c.name, e)
+                return False
+            except (SourceError, OSError) as e:
+                self._source_failed(c, hold, e)
+                return True
+            except SkyferryError as e:  # e.g. the store: worth retrying on the next scan
+                log_event(log, logging.WARNING, "ingest_failed", printable(str(e)),
+                          source=self.settings.name, file=printable(c.name))
+                return True
+            await self._accepted(p, [(c, hold, result)])
             return True
-        except SkyferryError as e:  # e.g. the store: worth retrying on the next scan
-            log_event(log, logging.WARNING, "ingest_failed", str(e), source=self.settings.name,
-                      file=c.name)
-            return True
-        await self._accepted([(c, result)])
-        return True
+        finally:
+            hold.close()
 
-    async def _ingest_pack(self, batch: list[Candidate]) -> bool:
+    async def _ingest_pack(self, p: _Pass, batch: list[Candidate]) -> bool:
         assert self.ingest_pack is not None
-        reqs = [IngestRequest(c.path, self.settings.name, c.name, self.settings.priority)
-                for c in batch]
+        holds = {c.name: Hold(p.root_fd, c) for c in batch}
         try:
-            result = await self.ingest_pack(reqs)
-        except QuotaExceededError as e:
-            self._refused(f"{batch[0].name} and {len(batch) - 1} more small files", e)
-            return False
-        except SkyferryError as e:  # e.g. the store: worth retrying on the next scan
-            log_event(log, logging.WARNING, "ingest_failed", str(e), source=self.settings.name,
-                      files=len(batch))
+            try:
+                result = await self.ingest_pack([self._request(c, holds[c.name])
+                                                 for c in batch])
+            except QuotaExceededError as e:
+                self._refused(f"{batch[0].name} and {len(batch) - 1} more small files", e)
+                return False
+            except (SkyferryError, OSError) as e:  # e.g. the store: retried on the next scan
+                log_event(log, logging.WARNING, "ingest_failed", printable(str(e)),
+                          source=self.settings.name, files=len(batch))
+                return True
+            by_name = {c.name: c for c in batch}
+            for name, err in result.failed.items():
+                self._source_failed(by_name[name], holds[name], err)
+            await self._accepted(p, [(by_name[n], holds[n], r)
+                                     for n, r in result.accepted.items()])
             return True
-        by_name = {c.name: c for c in batch}
-        for name, err in result.failed.items():
-            self._source_failed(by_name[name], err)
-        await self._accepted([(by_name[n], r) for n, r in result.accepted.items()])
-        return True
+        finally:
+            for hold in holds.values():
+                hold.close()
 
-    async def _accepted(self, done: list[tuple[Candidate, IngestResult]]) -> None:
+    async def _accepted(self, p: _Pass, done: list[tuple[Candidate, Hold, IngestResult]]
+                        ) -> None:
         """Only now, after the store committed them, may the producer's copies go."""
-        await asyncio.to_thread(self._dispose_all, [c for c, _ in done])
+        kept = await asyncio.to_thread(self._dispose_all, p, [(c, h) for c, h, _ in done])
         if done:
             self._backoff_s = 0.0  # progress: space is coming back, retry promptly
-        for c, result in done:
+        for c, _, result in done:
             self._failed.pop(c.name, None)
             self._stable_since.pop(c.name, None)
             self.accepted += 1
             log_event(log, logging.INFO, "file_accepted",
-                      f"{self.settings.name}/{c.name} accepted", source=self.settings.name,
-                      file=c.name, object=result.object_id, bytes=result.size,
+                      f"{self.settings.name}/{printable(c.name)} accepted",
+                      source=self.settings.name, file=printable(c.name),
+                      object=result.object_id, bytes=result.size,
                       duplicate=result.duplicate_of is not None)
+            k = kept.get(c.name)
+            if k is not None:
+                self._tell(c.name, k.reason, str(k), logging.INFO
+                           if k.reason in _KEPT_FOR_NOW else logging.WARNING)
 
-    def _dispose_all(self, done: list[Candidate]) -> None:
-        for c in done:
-            self._dispose(c)
-
-    def _dispose(self, c: Candidate) -> None:
-        if self.settings.after == "delete":
-            c.path.unlink(missing_ok=True)
-            return
-        assert self.done_dir is not None
-        dest = self.done_dir / c.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(c.path, dest)
+    def _dispose_all(self, p: _Pass, done: list[tuple[Candidate, Hold]]) -> dict[str, Kept]:
+        kept: dict[str, Kept] = {}
+        for c, hold in done:
+            try:
+                p.dispose(c, hold)
+            except Kept as k:
+                kept[c.name] = k
+                if k.reason not in _KEPT_FOR_NOW:
+                    self._kept[c.name] = c  # the same version is not ingested again
+            except OSError as e:
+                kept[c.name] = Kept("not_disposed", f"cannot be disposed of: {e.strerror}")
+                self._kept[c.name] = c
+            finally:
+                hold.close()
+        return kept

@@ -2,23 +2,51 @@
 
 Apart from the spool source (agent/sources/spool.py) so a one-shot ingest (the ingest
 benchmark's child) does not import the daemon's asyncio machinery to use them.
+
+A producer owns its spool folder and may swap any file or sub-folder for a symbolic link at
+any instant, so the folder is read relative to directory descriptors: each sub-folder is
+opened component by component without following links, and entries are examined with
+fstatat on the descriptor of the folder that holds them (scandir of a descriptor).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.settings import ChunkingSettings
 
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Ident = tuple[int, int]  # (st_dev, st_ino)
 
 
 def is_temporary(name: str) -> bool:
     """Names producers use while writing; such files are ingested only after the rename."""
     return name.startswith(".") or name.endswith(_TEMP_SUFFIXES)
+
+
+def ident(st: os.stat_result) -> Ident:
+    return st.st_dev, st.st_ino
+
+
+def printable(text: str) -> str:
+    """`text` safe for one log line: undecodable bytes and control characters escaped."""
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in raw)
+
+
+def is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode kept undecodable bytes as lone surrogates
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -27,41 +55,149 @@ class Candidate:
     name: str  # relative to the spool root, POSIX separators
     size: int
     mtime_ns: int
+    st: os.stat_result | None = None  # the scan's lstat (device, inode, size, mtime, ctime)
+
+    @property
+    def parts(self) -> list[str]:
+        return self.name.split("/")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An entry the scan will not take, with why (one log line per path, not per scan)."""
+
+    name: str  # relative to the spool root; may hold undecodable bytes: log printable(name)
+    reason: str  # metric label: symlink, fifo, socket, device, bad_name, protected, unreadable
+    why: str
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Where the scan must not go: folders it passes over silently (done/), by name relative
+    to the root or by identity, and what it must never read (the state and key folders, the
+    keys themselves), by identity, whatever name they are reached under."""
+
+    skip_names: frozenset[str] = frozenset()
+    skip: frozenset[Ident] = frozenset()
+    protected: frozenset[Ident] = frozenset()
+
+
+@dataclass
+class ScanResult:
+    files: list[Candidate] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def open_folder(root_fd: int, parts: list[str] | tuple[str, ...]) -> int:
+    """A descriptor of root/parts..., each component opened without following links
+    (OSError, e.g. ELOOP or ENOTDIR, if one was swapped for a link or a file)."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            sub = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_KINDS = ((stat.S_ISLNK, "symlink", "is a symbolic link; links are never followed"),
+          (stat.S_ISFIFO, "fifo", "is a FIFO; only regular files are ingested"),
+          (stat.S_ISSOCK, "socket", "is a socket; only regular files are ingested"),
+          (stat.S_ISCHR, "device", "is a device node; only regular files are ingested"),
+          (stat.S_ISBLK, "device", "is a device node; only regular files are ingested"))
+
+
+def _special(rel: str, st: os.stat_result) -> Skipped:
+    for test, reason, why in _KINDS:
+        if test(st.st_mode):
+            return Skipped(rel, reason, why)
+    return Skipped(rel, "special", "is not a regular file; only regular files are ingested")
+
+
+def _list(root: Path, fd: int, prefix: str, fence: Fence, out: ScanResult,
+          folders: list[tuple[list[str], Ident]]) -> None:
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+    except OSError as err:
+        out.skipped.append(Skipped(prefix.rstrip("/") or ".", "unreadable",
+                                   f"folder cannot be listed: {err.strerror}"))
+        return
+    for entry in entries:
+        rel = prefix + entry.name
+        if entry.name.startswith(".") or rel in fence.skip_names:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)  # fstatat on the folder's descriptor
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            out.skipped.append(Skipped(rel, "unreadable", f"cannot be examined: {err.strerror}"))
+            continue
+        if ident(st) in fence.protected:
+            out.skipped.append(Skipped(rel, "protected", "is the daemon's own state or key; "
+                                       "a spool must not hold the state_dir or the keys"))
+        elif stat.S_ISDIR(st.st_mode):
+            if ident(st) not in fence.skip:
+                folders.append(([*prefix.split("/")[:-1], entry.name], ident(st)))
+        elif is_temporary(entry.name):
+            continue
+        elif not is_utf8(rel):
+            out.skipped.append(Skipped(rel, "bad_name", "name is not valid UTF-8 and could "
+                                       "never be restored; rename the file"))
+        elif stat.S_ISREG(st.st_mode):
+            out.files.append(Candidate(root / rel, rel, st.st_size, st.st_mtime_ns, st))
+        else:
+            out.skipped.append(_special(rel, st))
+
+
+def scan_fd(root_fd: int, root: Path, fence: Fence = Fence()) -> ScanResult:
+    """Regular, non-temporary files below the folder root_fd refers to, oldest first, and
+    what was passed over and why (symbolic links are neither followed nor taken).
+
+    Folders whose name starts with "." and those `fence` names are not entered. One fstatat
+    per entry (scandir's entry caches it): a spool of many small files is scanned every few
+    seconds. A folder that is no longer the one listed (swapped for a link or another folder
+    between listing its parent and opening it) is passed over until the next scan.
+    """
+    out = ScanResult()
+    folders: list[tuple[list[str], Ident]] = [([], (-1, -1))]
+    while folders:
+        parts, expect = folders.pop()
+        try:
+            fd = open_folder(root_fd, parts)
+        except OSError as e:  # gone or swapped for a link: looked at again next scan
+            if e.errno in (errno.EACCES, errno.EPERM):
+                out.skipped.append(Skipped("/".join(parts), "unreadable",
+                                           f"folder cannot be opened: {e.strerror}"))
+            continue
+        try:
+            if parts and ident(os.fstat(fd)) != expect:
+                continue
+            _list(root, fd, "".join(f"{p}/" for p in parts), fence, out, folders)
+        finally:
+            os.close(fd)
+    out.files.sort(key=lambda c: (c.mtime_ns, c.name))
+    return out
 
 
 def scan(root: Path, skip: Path | None) -> list[Candidate]:
-    """Regular, non-temporary files below root, oldest first.
+    """Regular, non-temporary files below root, oldest first (`skip`: a folder not entered).
 
-    Folders whose name starts with "." and `skip` are not entered; symbolic links are neither
-    followed nor taken. One lstat per file (scandir's entry caches it): a spool of many small
-    files is scanned every few seconds.
+    For one-shot use (the benchmarks); the spool source uses `scan_fd` with its own fence.
     """
-    found: list[Candidate] = []
-    skip_at = os.path.normpath(skip) if skip is not None else None
-    folders = [(os.fspath(root), "")]
-    while folders:
-        folder, prefix = folders.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError:  # vanished, or not readable: as os.walk, pass over it
-            continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    if not e.name.startswith(".") and os.path.normpath(e.path) != skip_at:
-                        folders.append((e.path, f"{prefix}{e.name}/"))
-                    continue
-                if is_temporary(e.name):
-                    continue
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found.append(Candidate(Path(e.path), prefix + e.name, st.st_size,
-                                       st.st_mtime_ns))
-    found.sort(key=lambda c: (c.mtime_ns, c.name))
-    return found
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        skips: frozenset[Ident] = frozenset()
+        if skip is not None:
+            with contextlib.suppress(OSError):
+                skips = frozenset({ident(os.stat(skip, follow_symlinks=False))})
+        return scan_fd(fd, root, Fence(skip=skips)).files
+    finally:
+        os.close(fd)
 
 
 def plan(ready: list[Candidate], chunking: ChunkingSettings | None) -> list[list[Candidate]]:

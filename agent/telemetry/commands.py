@@ -1,13 +1,14 @@
 """Operator commands (pause, resume, flush, priority) arriving over MQTT.
 
-A command is a JSON object (`{"cmd": "priority", "object": "<id>", "class": "critical"}`) or
-the same words as plain text (`priority <id> critical`). Each one is applied at once (well
-inside the 1 s the issue asks for), logged, counted, and answered with a `command` event.
+A command is a JSON object (`{"cmd": "priority", "object": "<id>", "class": "critical"}`),
+signed by an operator key the site trusts (agent/telemetry/command_auth.py; `skyferry command`
+signs and publishes). Each one is checked, applied at once (well inside the 1 s the issue asks
+for), logged, counted, and answered with a `command` event; a refused one is logged as
+`command_refused` with its reason and counted in skyferry_commands_refused_total.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,29 +16,13 @@ from typing import Any
 from agent.errors import SkyferryError
 from agent.gate import Gate
 from agent.store import Store
+from agent.telemetry.command_auth import CommandRefused, CommandVerifier, name_of
 from agent.telemetry.logs import log_event
 from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("skyferry.commands")
 COMMANDS = ("pause", "resume", "flush", "priority")
 RunBlocking = Callable[..., Awaitable[Any]]
-
-
-def parse_command(raw: bytes) -> dict[str, Any]:
-    """A command as a dict with at least "cmd"; raises ValueError when it cannot be read."""
-    text = raw.decode("utf-8", "strict").strip()
-    if text.startswith("{"):
-        data = json.loads(text)
-        if not isinstance(data, dict) or not isinstance(data.get("cmd"), str):
-            raise ValueError('a JSON command needs a "cmd" string')
-        return data
-    words = text.split()
-    if not words:
-        raise ValueError("empty command")
-    out: dict[str, Any] = {"cmd": words[0]}
-    if words[0] == "priority" and len(words) == 3:
-        out["object"], out["class"] = words[1], words[2]
-    return out
 
 
 class Commands:
@@ -51,19 +36,30 @@ class Commands:
         self.run_blocking = run_blocking
         self.metrics = metrics
         self.enabled = enabled
+        self.verifier: CommandVerifier | None = None  # None: every command is refused
 
     async def apply(self, raw: bytes) -> dict[str, Any]:
-        """Apply one command; returns the answer that is published as a `command` event."""
-        try:
-            cmd = parse_command(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return self._answer("?", False, f"unreadable command: {e}; send e.g. "
-                                '{"cmd": "pause"}', logging.WARNING)
-        name = cmd["cmd"]
+        """Check and apply one command; returns the answer published as a `command` event."""
         if not self.enabled:
+            name = name_of(raw)
             return self._answer(name, False, "commands are disabled on this site "
                                 "([mqtt.status] commands = false); ignored", logging.WARNING,
                                 result="ignored")
+        try:
+            if self.verifier is None:
+                raise CommandRefused("untrusted", "no operator keys are configured",
+                                     name_of(raw))
+            cmd = await self.run_blocking(self.verifier.verify, raw)
+        except CommandRefused as e:
+            self.metrics.commands_refused.labels(e.reason).inc()
+            return self._answer(e.name, False, f"refused ({e.reason}): {e}", logging.WARNING,
+                                result="refused", fields={"reason": e.reason})
+        answer = await self._apply(cmd)
+        answer["nonce"] = cmd["nonce"]  # lets `skyferry command --wait` find its answer
+        return answer
+
+    async def _apply(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        name = cmd["cmd"]
         if name == "pause":
             self.gate.set_paused(True)
             return self._answer(name, True, "uploads paused until `resume` or `flush`")

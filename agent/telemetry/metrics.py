@@ -30,6 +30,10 @@ class Metrics:
         self.evictions = Counter("skyferry_evictions", "Objects dropped (quota or TTL)",
                                  ["class", "reason"], registry=r)
         self.errors = Counter("skyferry_errors", "Errors by kind", ["kind"], registry=r)
+        self.spool_skipped = Counter(
+            "skyferry_spool_skipped",
+            "Spool entries passed over or kept in place (once per path and reason)",
+            ["source", "reason"], registry=r)
         self.gate_open = Gauge("skyferry_gate_open", "1 when uploads may run", registry=r)
         self.compression_level = Gauge("skyferry_compression_level",
                                        "zstd level new chunks are sealed with", registry=r)
@@ -75,6 +79,12 @@ class Metrics:
                             registry=r)
         self.commands = Counter("skyferry_commands", "Operator commands over MQTT",
                                 ["command", "result"], registry=r)
+        self.commands_refused = Counter("skyferry_commands_refused",
+                                        "Commands over MQTT refused (unsigned, bad signature, "
+                                        "stale, replay...)", ["reason"], registry=r)
+        self.mqtt_refused = Counter("skyferry_mqtt_refused",
+                                    "MQTT messages refused (larger than max_message_size)",
+                                    ["reason"], registry=r)
         self.mqtt_connected = Gauge("skyferry_mqtt_connected", "1 while connected to the broker",
                                     registry=r)
         self.mqtt_reconnects = Counter("skyferry_mqtt_reconnects",

@@ -4,7 +4,7 @@ Topics (prefix `skyferry` by default, `[mqtt.status] topic_prefix`):
     <prefix>/<site>/status   retained JSON: queue, gate, link, next window; `offline` as the
                              will when the agent vanishes, `stopped` after a clean stop
     <prefix>/<site>/events   JSON per event: queued, sent, committed, evicted, command
-    <prefix>/<site>/cmd      commands in (see agent/telemetry/commands.py)
+    <prefix>/<site>/cmd      signed commands in (agent/telemetry/commands.py, command_auth.py)
 
 A connection of its own (client id `<client_id>-status`, clean session): status must flow even
 when the ingest session is backed up, and commands must not wait behind thousands of messages.
@@ -24,7 +24,8 @@ import aiomqtt
 
 from agent.reconnect import keep_connected
 from agent.settings import MqttSettings
-from agent.sources.mqtt import read_secret, tls_context
+from agent.sources.mqtt_conn import read_secret, tls_context
+from agent.sources.mqtt_paho import fix_write_watch
 from agent.telemetry.commands import Commands
 from agent.telemetry.events import EventTap
 from agent.telemetry.logs import log_event
@@ -113,6 +114,7 @@ class MqttStatus:
 
     async def _connection(self) -> None:
         client = self._client()
+        fix_write_watch(client)
         async with asyncio.timeout(max(10.0, 2 * self.settings.keepalive_s)):
             await client.__aenter__()
         self.connected = True

@@ -17,6 +17,7 @@ from agent.gate import Clock, Gate
 from agent.settings import Settings
 from agent.sources.mqtt import MqttSource
 from agent.store import Store
+from agent.telemetry.command_auth import verifier_for
 from agent.telemetry.commands import Commands
 from agent.telemetry.events import EventTap
 from agent.telemetry.logs import attach_tap, detach_tap, log_event
@@ -60,6 +61,7 @@ class ServiceTelemetry:
         mqtt = settings.mqtt
         self.commands = Commands(gate, store, wake_uplink, run_blocking, metrics,
                                  enabled=mqtt is not None and mqtt.status.commands)
+        self.commands.verifier = verifier_for(settings)
         self.mqtt_status: MqttStatus | None = None
         if mqtt is not None and (mqtt.status.publish or mqtt.status.commands):
             self.mqtt_status = MqttStatus(mqtt, settings.site.id, self.commands,
@@ -119,6 +121,7 @@ class ServiceTelemetry:
         self.settings = settings
         mqtt = settings.mqtt
         self.commands.enabled = mqtt is not None and mqtt.status.commands
+        self.commands.verifier = verifier_for(settings)
         self.mqtt_status = None
         if mqtt is not None and (mqtt.status.publish or mqtt.status.commands):
             self.mqtt_status = MqttStatus(mqtt, settings.site.id, self.commands,
