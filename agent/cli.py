@@ -428,7 +428,7 @@ def _check_backend_folder(url: str) -> None:
 def cmd_restore(args: argparse.Namespace) -> int:
     from agent.backends import open_backend
     from agent.crypto import load_recipient_private
-    from agent.memtune import release_large_buffers
+    from agent.memory import fix_malloc_thresholds
     from agent.restore import Restorer, site_key_loader
 
     if not 1 <= args.parallel <= MAX_PARALLEL:
@@ -436,7 +436,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                             f"downloads, not {args.parallel}")
     settings = _backend_settings(args)
     _check_backend_folder(settings.url)
-    release_large_buffers()  # peak RSS stays bounded (agent/memtune.py)
+    fix_malloc_thresholds()  # peak RSS stays bounded (agent/memory.py)
     backend = open_backend(settings)
     recipient = load_recipient_private(args.key)
     restorer = Restorer(backend, recipient, site_key_loader(args.key.parent), args.parallel)

@@ -1,4 +1,5 @@
-"""glibc malloc settings that keep peak memory per MQTT message bounded and repeatable.
+"""glibc malloc settings that keep peak memory bounded and repeatable: per MQTT message in
+the daemon, and whatever the bucket holds in `restore`/`verify` (16 MiB chunks and manifests).
 
 glibc raises its mmap threshold (up to 32 MiB) each time a large mapped block is freed; from
 then on buffers of that size (an MQTT message, its JSON Lines encoding, 16 MiB chunks) come

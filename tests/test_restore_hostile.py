@@ -430,12 +430,12 @@ def test_backend_get_refuses_an_object_over_max_size_unread(tmp_path: Path) -> N
 
 
 def test_large_buffers_are_given_back_to_the_system() -> None:
-    """The allocator adapter (agent/memtune.py) takes effect on this (glibc) system."""
+    """The allocator adapter (agent/memory.py) takes effect on this (glibc) system."""
     import platform
 
-    from agent.memtune import release_large_buffers
+    from agent.memory import fix_malloc_thresholds
 
-    assert release_large_buffers() is (platform.libc_ver()[0] == "glibc")
+    assert fix_malloc_thresholds() is (platform.libc_ver()[0] == "glibc")
 
 
 @pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named-temp"])
