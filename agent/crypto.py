@@ -29,6 +29,7 @@ MAGIC = b"SKYF"
 FORMAT_VERSION = 1
 KIND_CHUNK = 1
 KIND_MANIFEST = 2
+KIND_TIP = 3  # a site's signed word on its manifest history (agent/tips.py)
 ALG_AES256GCM = 1
 COMPRESSION_NONE = 0
 COMPRESSION_ZSTD = 1
@@ -177,7 +178,7 @@ def parse_header(blob: bytes | memoryview) -> SealedHeader:
         raise FormatError(f"unknown sealing algorithm {alg}")
     if compression not in (COMPRESSION_NONE, COMPRESSION_ZSTD):
         raise FormatError(f"unknown compression {compression}")
-    if kind not in (KIND_CHUNK, KIND_MANIFEST):
+    if kind not in (KIND_CHUNK, KIND_MANIFEST, KIND_TIP):
         raise FormatError(f"unknown sealed object kind {kind}")
     return SealedHeader(kind, alg, compression, plen, eph, nonce)
 

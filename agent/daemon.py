@@ -80,7 +80,7 @@ class Daemon:
         self.windows.attach(self.gate)
         self.uplink = Uplink(settings.site.id, self.store, self.backend, self.gate,
                              settings.uplink, self.run_blocking, self.metrics, clock,
-                             self.windows.admission)
+                             self.windows.admission, keys=self.keys)
         self.spools = [self._spool(s) for s in settings.spools]
         self.put_server = PutServer(settings.put.socket, self.ingest,
                                     [c.name for c in settings.classes],

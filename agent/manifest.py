@@ -7,14 +7,16 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
 from agent.errors import FormatError, UnsafePathError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: numbered (`stream`, `seq`; agent/seqbook.py)
+READABLE_VERSIONS = (1, 2)
+STREAM_ID = re.compile(r"[0-9a-f]{32}")
 KIND_FILE = "file"
 KIND_MQTT_BATCH = "mqtt-batch"  # JSON Lines of MQTT messages (docs/FORMAT.md)
 KIND_FILE_PACK = "file-pack"  # small files of one source, one after another (docs/FORMAT.md)
@@ -68,8 +70,16 @@ class Manifest:
     created: str  # ISO-8601 UTC
     chunks: tuple[ChunkRef, ...]
     meta: dict[str, str] = field(default_factory=dict)
-    version: int = MANIFEST_VERSION
+    version: int = 1  # the pipeline numbers what it signs: version 2 (`numbered`)
     entries: tuple[PackEntry, ...] = ()  # the files of a KIND_FILE_PACK, in content order
+    # Version 2: the site's numbering of its manifests (docs/FORMAT.md, "History"); version 1
+    # manifests have none ("" and 0).
+    stream: str = ""
+    seq: int = 0
+
+    def numbered(self, stream: str, seq: int, created: str) -> Manifest:
+        """This manifest as version 2, numbered `seq` in `stream`, created at `created`."""
+        return replace(self, version=MANIFEST_VERSION, stream=stream, seq=seq, created=created)
 
     @property
     def created_at(self) -> datetime:
@@ -86,6 +96,8 @@ class Manifest:
                                 "mtime_ns": e.mtime_ns, "hash": e.hash} for e in self.entries]
         else:
             del data["entries"]  # single objects keep the original field set
+        if self.version < 2:
+            del data["stream"], data["seq"]  # version 1 has no numbering
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -96,12 +108,14 @@ class Manifest:
             raise FormatError(f"manifest is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise FormatError("manifest must be a JSON object")
-        if data.get("version") != MANIFEST_VERSION:
+        version = data.get("version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise FormatError(
-                f"manifest version {data.get('version')!r} is not supported "
-                f"(this skyferry reads {MANIFEST_VERSION})"
+                f"manifest version {version!r} is not supported "
+                f"(this skyferry reads {', '.join(map(str, READABLE_VERSIONS))})"
             )
         _check_types(data, _FIELD_TYPES, "manifest")
+        _check_numbering(data)
         if not isinstance(data.get("chunks"), list):
             raise FormatError("manifest field 'chunks' must be a list")
         for c in data["chunks"]:
@@ -152,6 +166,19 @@ class Manifest:
         if self.entries and pos != self.size:
             raise FormatError(
                 f"manifest {self.object_id}: entries cover {pos} bytes but size is {self.size}")
+
+
+def _check_numbering(data: dict[str, Any]) -> None:
+    """Version 2 carries `stream` and `seq`; version 1 has none (any such field is ignored)."""
+    if data["version"] == 1:
+        data.pop("stream", None)
+        data.pop("seq", None)
+        return
+    stream, seq = data.get("stream"), data.get("seq")
+    if not isinstance(stream, str) or not STREAM_ID.fullmatch(stream):
+        raise FormatError(f"manifest version 2 needs 'stream' (32 hex digits), not {stream!r}")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq < 1 << 63:
+        raise FormatError(f"manifest version 2 needs 'seq' (an integer >= 1), not {seq!r}")
 
 
 def check_name(name: str) -> PurePosixPath:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,7 @@ import blake3
 import zstandard
 from pyfastcdc import FastCDC
 
-from agent import crypto
+from agent import crypto, seqbook
 from agent.crypto import EdgeKeys
 from agent.errors import FormatError, IngestStoppedError, SourceError, UnsafePathError
 from agent.fsio import StagingFolder, is_disk_full, new_file, write_new
@@ -375,6 +376,7 @@ class Pipeline:
         self.store = store
         self.chunking = chunking
         self.compressor = Compressor(compression)
+        self.key_id = seqbook.key_id(keys.signing_key.public_key())  # names its seq stream
         self._local = threading.local()
         # Set at shutdown: a file being read is abandoned at the next chunk (it stays at its
         # source), so SIGTERM is not held up by a 50 GB ingest.
@@ -516,7 +518,7 @@ class Pipeline:
                         chunk = self._write_chunk(stage, ref.id, data, sealing)
                         staged.new_chunks[chunk.id] = chunk
                 settle()
-                m = manifest(tuple(refs))
+                m = self._numbered(staged, manifest(tuple(refs)))
                 staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, m)
                 folder.sync([*staged.new_chunks, "manifest"])
                 self.store.commit_object(staged)
@@ -531,6 +533,14 @@ class Pipeline:
                 if folder is not None:
                     folder.close()
         return tuple(refs)
+
+    def _numbered(self, staged: StagedObject, m: Manifest) -> Manifest:
+        """Number the manifest (a seq allocated durably now: if the object never commits, the
+        store records it void) and date it after that, so seq order is `created` order."""
+        num = self.store.allocate_seq(staged.object_id, self.key_id)
+        created = now_iso()
+        staged.created = datetime.fromisoformat(created).timestamp()  # its cloud date folder
+        return m.numbered(num.stream, num.seq, created)
 
     def _result(self, staged: StagedObject, refs: tuple[ChunkRef, ...],
                 evicted: list[Eviction]) -> IngestResult:

@@ -24,6 +24,7 @@ from agent.errors import (
     SkyferryError,
     UnsafePathError,
 )
+from agent.history import History, RestoreJournal
 from agent.manifest import KIND_MQTT_BATCH, Manifest, check_name
 from agent.restore_fs import TargetDir
 from agent.restore_io import settled, workers
@@ -101,6 +102,8 @@ class Restorer:
         self._chunk_budget = restore_io.Budget(restore_io.CHUNK_BUDGET)
         self._manifest_budget = restore_io.Budget(restore_io.MANIFEST_BUDGET)
         self._blob_budget = restore_io.Budget(restore_io.SEALED_MANIFEST_BUDGET)
+        self.history = History()  # gaps, replays (agent/history.py); anew for each `run`
+        self._journal: RestoreJournal | None = None  # while `run` restores into a folder
 
     async def sites(self) -> list[str]:
         """Sites with manifests; the listing is scanned, not kept (it holds every chunk)."""
@@ -109,7 +112,7 @@ class Restorer:
             seen: set[str] = set()
             async for info in self.backend.list(""):
                 parts = info.key.split("/", 2)
-                if len(parts) == 3 and parts[1] == "manifests":
+                if len(parts) == 3 and parts[1] in ("manifests", "tips"):
                     seen.add(parts[0])
             return seen
 
@@ -132,8 +135,12 @@ class Restorer:
             report.problems.append(Problem(site, (
                 f"no manifests under {prefix} in {self.backend.url}: check the site id "
                 "(--site) and the backend URL and its prefix")))
+        first_day = await self.history.load_tips(self.backend, self.recipient,
+                                                 lambda: self.site_keys(site), site)
         if since is not None:
-            day = since.astimezone(UTC).strftime("%Y/%m/%d")
+            # From the day of the site's last tip before `since`: its history is checked from
+            # there (agent/history.py); what is older than `since` is checked, not restored.
+            day = min(since.astimezone(UTC).strftime("%Y/%m/%d"), first_day or "")
             infos = [i for i in infos if _key_day(i.key) >= day]
         report.manifests += len(infos)
         return infos
@@ -206,15 +213,23 @@ class Restorer:
 
     @asynccontextmanager
     async def _manifest_or_problem(self, info: ObjectInfo, since: datetime | None,
-                                   report: RestoreReport) -> AsyncIterator[Manifest | None]:
+                                   report: RestoreReport, observe: bool = True
+                                   ) -> AsyncIterator[Manifest | None]:
         """The manifest under info.key, counted against the manifest budget while it is held;
-        None (and a problem in the report) when it cannot be used, or is older than since."""
+        None (and a problem in the report) when it cannot be used, or is older than since.
+        Each manifest is `observe`d once per run for the site's history (agent/history.py)."""
         cost = 0
         m: Manifest | None = None
         try:
             m, cost = await self._load_counted(info)
         except DECODE_ERRORS as e:
             report.problems.append(Problem(info.key, str(e)))
+            if observe:
+                self.history.unreadable(layout.site_of(info.key))
+        replayed = None if m is None or not observe else self.history.observe(info.key, m)
+        if replayed is not None:
+            report.problems.append(Problem(info.key, replayed))
+            m = None
         try:
             yield m if m is None or since is None or _created_at(m) >= since else None
         finally:
@@ -297,6 +312,7 @@ class Restorer:
         that was not written (or did not verify) is a problem of its own.
         """
         report = RestoreReport()
+        self.history = History(since)
         names = sites or await self.sites()
         if not names:
             report.problems.append(Problem(self.backend.url, (
@@ -304,12 +320,16 @@ class Restorer:
                 "backend URL and its prefix")))
         if target is None:
             await self._verify(names, since, report, show_progress)
-            return report
-        dir_ = TargetDir(target)
-        try:
-            await self._restore(dir_, names, since, report, show_progress)
-        finally:
-            dir_.close()
+        else:
+            dir_ = TargetDir(target)
+            self._journal = RestoreJournal(target)
+            try:
+                await self._restore(dir_, names, since, report, show_progress)
+            finally:
+                dir_.close()
+                self._journal.close()
+                self._journal = None
+        report.problems += [Problem(what, why) for what, why in self.history.finish()]
         return report
 
     async def _verify(self, sites: list[str], since: datetime | None, report: RestoreReport,
@@ -339,9 +359,11 @@ class Restorer:
                             report: RestoreReport, show_progress: bool | None) -> None:
         """Index every name, choose what to write, then write it manifest by manifest."""
         sizes: dict[str, int] = {}  # manifest key -> its size in the listing
-        chosen, superseded = newest_per_name(await self._index(site, since, report, sizes))
+        order = self.history.ref_order  # by seq (agent/history.py), once the site is indexed
+        chosen, superseded = newest_per_name(await self._index(site, since, report, sizes),
+                                             order)
         report.superseded += superseded
-        chosen, refused = drop_conflicts(chosen)
+        chosen, refused = drop_conflicts(chosen, order)
         report.problems += [Problem(r.label, why) for r, why in refused]
         progress = Progress(len(chosen), sum(r.size for r in chosen), enabled=show_progress)
         groups = by_manifest(chosen)
@@ -370,7 +392,7 @@ class Restorer:
     async def _restore_manifest(self, info: ObjectInfo, refs: list[Ref], target: TargetDir,
                                 report: RestoreReport, progress: Progress) -> None:
         """Load a chosen manifest again (only its index entry was kept) and write its files."""
-        async with self._manifest_or_problem(info, None, report) as m:
+        async with self._manifest_or_problem(info, None, report, observe=False) as m:
             if m is None or m.created != refs[0].created:
                 why = ("its manifest could not be read again (see above)" if m is None else
                        "its manifest changed while restore was running")
@@ -381,6 +403,10 @@ class Restorer:
     async def _write_refs(self, m: Manifest, refs: list[Ref], target: TargetDir | None,
                           report: RestoreReport, progress: Progress) -> None:
         """Write (or only verify) the files `refs` names of one manifest; count or report each."""
+        if target is not None:
+            refs = self._not_rolled_back(refs, m, report)
+            if not refs:
+                return
         if not m.entries:
             try:
                 if target is None:
@@ -393,6 +419,7 @@ class Restorer:
             report.objects_ok += 1
             report.bytes_ok += m.size
             progress.advance(0, 1)
+            self._restored(refs, m, report)
             return
         wanted = {r.entry for r in refs}
         failure = ""
@@ -411,6 +438,32 @@ class Restorer:
             else:
                 why = splitter.bad.get(r.entry) or failure or "not restored"
                 report.problems.append(Problem(r.label, why))
+        if target is not None:
+            self._restored([r for r in refs if r.entry in splitter.ok], m, report)
+
+    def _not_rolled_back(self, refs: list[Ref], m: Manifest, report: RestoreReport) -> list[Ref]:
+        """The files the restore journal lets `m` write: not one restored before from a newer
+        version (`RestoreJournal.refuse`); the others are problems."""
+        if self._journal is None:
+            return refs
+        keep: list[Ref] = []
+        for r in refs:
+            why = self._journal.refuse("/".join(r.dest), m)
+            if why:
+                report.problems.append(Problem(r.label, why))
+            else:
+                keep.append(r)
+        return keep
+
+    def _restored(self, refs: list[Ref], m: Manifest, report: RestoreReport) -> None:
+        """Remember in the restore journal which version each file was written from."""
+        journal = self._journal
+        if journal is None:
+            return
+        for r in refs:
+            unrecorded = journal.record("/".join(r.dest), m)
+            if unrecorded:
+                report.problems.append(Problem(r.label, unrecorded))
 
 
 def restore_path(target: Path, m: Manifest) -> Path:

@@ -3,8 +3,9 @@ of each name, and names that cannot all be written (a file where another needs a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from agent.manifest import KIND_MQTT_BATCH, Manifest
 
@@ -21,6 +22,8 @@ class Ref(NamedTuple):
     key: str  # the manifest's cloud key, to load it again when restoring
     entry: int  # index of the entry in its pack; -1: the whole object
     size: int
+    stream: str = ""  # the manifest's numbering (version 2; "" and 0 for version 1)
+    seq: int = 0
 
     @property
     def dest(self) -> tuple[str, ...]:
@@ -41,18 +44,24 @@ class Ref(NamedTuple):
 
 
 def refs_of(m: Manifest, key: str) -> list[Ref]:
+    stream = sys.intern(m.stream)  # one string per stream, not one per file
     if not m.entries:
-        return [Ref(m.site, m.source, m.kind, m.name, m.created, m.object_id, key, -1, m.size)]
-    return [Ref(m.site, m.source, m.kind, e.name, m.created, m.object_id, key, i, e.size)
-            for i, e in enumerate(m.entries)]
+        return [Ref(m.site, m.source, m.kind, m.name, m.created, m.object_id, key, -1, m.size,
+                    stream, m.seq)]
+    return [Ref(m.site, m.source, m.kind, e.name, m.created, m.object_id, key, i, e.size,
+                stream, m.seq) for i, e in enumerate(m.entries)]
 
 
-def newest_per_name(refs: Iterable[Ref]) -> tuple[list[Ref], int]:
+Order = Callable[[Ref], Any]  # newer sorts later (`History.ref_order`: by seq)
+
+
+def newest_per_name(refs: Iterable[Ref], order: Order = lambda r: r.order
+                    ) -> tuple[list[Ref], int]:
     """A name dropped again is a new version: the newest wins; returns it and how many older
     versions were skipped."""
     newest: dict[tuple[str, str, str, bool], Ref] = {}
     superseded = 0
-    for r in sorted(refs, key=lambda r: r.order):
+    for r in sorted(refs, key=order):
         k = (r.site, r.source, r.name, r.kind == KIND_MQTT_BATCH)
         if k in newest:
             superseded += 1
@@ -60,7 +69,8 @@ def newest_per_name(refs: Iterable[Ref]) -> tuple[list[Ref], int]:
     return list(newest.values()), superseded
 
 
-def drop_conflicts(refs: list[Ref]) -> tuple[list[Ref], list[tuple[Ref, str]]]:
+def drop_conflicts(refs: list[Ref], order: Order = lambda r: r.order
+                   ) -> tuple[list[Ref], list[tuple[Ref, str]]]:
     """Files that can all be written, and the others with why not.
 
     A file `a` and a file `a/b` cannot both exist, nor a file and an MQTT batch at the same
@@ -70,7 +80,7 @@ def drop_conflicts(refs: list[Ref]) -> tuple[list[Ref], list[tuple[Ref, str]]]:
     folders: dict[tuple[str, ...], Ref] = {}  # a folder some accepted file needs -> that file
     keep: list[Ref] = []
     refused: list[tuple[Ref, str]] = []
-    for r in sorted(refs, key=lambda r: r.order, reverse=True):
+    for r in sorted(refs, key=order, reverse=True):
         dest = r.dest
         other = files.get(dest) or folders.get(dest) or next(
             (files[dest[:i]] for i in range(1, len(dest)) if dest[:i] in files), None)

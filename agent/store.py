@@ -25,11 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import seqbook
 from agent.errors import DiskFullError, QuotaExceededError, StoreError, StoreLockedError
 from agent.fsio import free_bytes, fsync_dir, is_disk_full
 from agent.settings import ClassSettings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest numbering (agent/seqbook.py); 1 is migrated
 # Sealing adds a header and a tag to each chunk; manifests are small. Reserve with margin.
 _PER_CHUNK_OVERHEAD = 128
 # Ingest stops while fewer bytes than this would stay free on state_dir's filesystem: the
@@ -116,6 +117,7 @@ class StagedObject:
     manifest_bytes: int = 0
     manifest_hash: str = ""  # BLAKE3 of the sealed manifest file
     member_keys: list[str] = field(default_factory=list)  # source keys of a pack's files
+    created: float | None = None  # the manifest's `created` (its cloud date folder), if set
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ class Store:
                 raise
             raise DiskFullError(self._disk_full_message(f"{e} opening the index")) from e
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(_SCHEMA + seqbook.SCHEMA)
         self._add_missing_columns()
         self._check_schema_version()
         self._reconcile()
@@ -240,11 +242,13 @@ class Store:
             self._db.execute("ALTER TABLE objects ADD COLUMN manifest_hash TEXT")
         if "items" not in have:  # files in a pack; 1 for everything else
             self._db.execute("ALTER TABLE objects ADD COLUMN items INTEGER NOT NULL DEFAULT 1")
+        seqbook.add_columns(self._db, have)
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        if row is None or int(row[0]) == 1:  # 1 -> 2 is `_add_missing_columns`, done
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)",
+                             (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
                 f"store {self.state_dir} has schema {row[0]}, this skyferry uses {SCHEMA_VERSION}"
@@ -254,6 +258,8 @@ class Store:
         """Make the index and the files agree after a crash; cost grows with in-flight work only."""
         with self._txn():
             self._db.execute("UPDATE chunks SET state='sealed' WHERE state='uploading'")
+            # A seq allocated by an ingest that never committed (crash, kill) is void.
+            seqbook.void_pending(self._db, None, "interrupted")
         for staged in list(self.staging_dir.iterdir()):
             if not staged.is_dir():
                 staged.unlink()
@@ -644,13 +650,15 @@ class Store:
                 if db.execute("SELECT state FROM chunks WHERE id=?", (c,)).fetchone()[0]
                 != "uploaded"
             )
+            num = seqbook.committed(db, staged.object_id)
             db.execute(
                 "INSERT INTO objects (id, source, source_key, class, rank, size, manifest_hash,"
-                " manifest_bytes, created, state, chunks_left, items)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                " manifest_bytes, created, state, chunks_left, items, stream, seq)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (staged.object_id, staged.source, staged.source_key, cls.name, cls.rank,
-                 staged.size, staged.manifest_hash, staged.manifest_bytes, time.time(), left,
-                 max(1, len(staged.member_keys))),
+                 staged.size, staged.manifest_hash, staged.manifest_bytes,
+                 staged.created or time.time(), left, max(1, len(staged.member_keys)),
+                 num and num.stream, num and num.seq),
             )
             db.executemany(
                 "INSERT INTO object_chunks (object_id, seq, chunk_id) VALUES (?, ?, ?)",
@@ -718,6 +726,23 @@ class Store:
             # files are the only copy, and the next start-up promotes them.
             return
         shutil.rmtree(self.staging_path(object_id), ignore_errors=True)
+        with contextlib.suppress(DiskFullError), self._txn() as db:  # else: at next start-up
+            seqbook.void_pending(db, object_id, "abandoned")
+
+    # ---- manifest numbering (agent/seqbook.py) ---------------------------------------------
+
+    def allocate_seq(self, object_id: str, key_id: str) -> seqbook.Numbered:
+        """Durably number the manifest of `object_id` (signed by the key `key_id`)."""
+        with self._txn() as db:
+            return seqbook.allocate(db, key_id, object_id)
+
+    def history_state(self, key_id: str) -> seqbook.HistoryState | None:
+        with self._lock:
+            return seqbook.state(self._db, key_id)
+
+    def tip_sent(self, stream: str, n: int) -> None:
+        with self._txn() as db:
+            seqbook.tip_sent(db, stream, n)
 
     # ---- uplink ---------------------------------------------------------------------------
 

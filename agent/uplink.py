@@ -17,6 +17,7 @@ from agent import layout
 from agent.backend_health import BackendHealth
 from agent.backends import Backend, backoff, is_transient
 from agent.budget import Admission
+from agent.crypto import EdgeKeys
 from agent.errors import BackendError, CorruptChunkError, DiskFullError, PermanentBackendError
 from agent.gate import Clock, Gate
 from agent.ratelimit import TokenBucket
@@ -24,6 +25,7 @@ from agent.settings import UplinkSettings
 from agent.store import ChunkWork, ManifestWork, Store, Work
 from agent.telemetry.logs import log_event
 from agent.telemetry.metrics import Metrics
+from agent.tips import BuiltTip, TipWriter, send_tip, tip_loop
 
 T = TypeVar("T")
 RunBlocking = Callable[..., Awaitable[Any]]
@@ -67,8 +69,13 @@ def read_verified(path: Path, size: int, sealed_hash: str, what: str) -> bytes:
 class Uplink:
     def __init__(self, site: str, store: Store, backend: Backend, gate: Gate,
                  settings: UplinkSettings, run_blocking: RunBlocking, metrics: Metrics,
-                 clock: Clock, admission: Admission | None = None) -> None:
+                 clock: Clock, admission: Admission | None = None,
+                 keys: EdgeKeys | None = None) -> None:
         self.site = site
+        # With the site's keys, the uplink also sends tips: after manifests were acknowledged
+        # and at each window opening, whenever the site's history changed (agent/tips.py).
+        self.tips = None if keys is None else TipWriter(site, keys, store)
+        self.tip_due = asyncio.Event()
         self.store = store
         self.backend = backend
         self.gate = gate
@@ -125,6 +132,8 @@ class Uplink:
                 self._group = tg
                 for i in range(self.settings.streams):
                     tg.create_task(self._worker(i), name=f"uplink-{i}")
+                if self.tips is not None:
+                    tg.create_task(tip_loop(self), name="uplink-tips")
         finally:
             self._group = None
 
@@ -546,5 +555,10 @@ class Uplink:
         await self.run_blocking(self.store.mark_committed, work.object_id)
         self.metrics.sent_bytes.labels("manifest").inc(nbytes)
         self.metrics.committed_objects.labels(work.priority).inc()
+        self.tip_due.set()
         log_event(log, logging.INFO, "object_committed", "object complete in the cloud",
                   object=work.object_id, **{"class": work.priority})
+
+    async def send_tip(self) -> BuiltTip | None:
+        """Send the site's tip now if its history changed since the last one (agent/tips.py)."""
+        return await send_tip(self)

@@ -247,12 +247,13 @@ def drop_file(spool: Path, name: str, data: bytes, mtime_ns: int | None = None) 
 
 
 def tree_digest(root: Path) -> dict[str, tuple[int, str]]:
-    """name -> (size, blake3) for every file below root."""
+    """name -> (size, blake3) for every file below root, but the restore journal (restore's
+    own record in the target, agent/history.py)."""
     import blake3
 
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.relative_to(root).parts[0] != ".skyferry":
             h = blake3.blake3()
             with open(p, "rb") as f:
                 while block := f.read(1 << 20):

@@ -18,7 +18,7 @@ from pathlib import Path
 import blake3
 import pytest
 import zstandard
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -131,7 +131,7 @@ class DocReader:
             raise FormatViolation("unknown algorithm")
         if out["compression"] not in (c["COMPRESSION_NONE"], c["COMPRESSION_ZSTD"]):
             raise FormatViolation("unknown compression")
-        if out["kind"] not in (c["KIND_CHUNK"], c["KIND_MANIFEST"]):
+        if out["kind"] not in (c["KIND_CHUNK"], c["KIND_MANIFEST"], c["KIND_TIP"]):
             raise FormatViolation("unknown kind")
         return out
 
@@ -359,6 +359,49 @@ def test_canonical_body_encoding_is_as_documented() -> None:
     assert manifest.hash in doc_text()  # the empty-object hash is printed in the document
 
 
+def test_a_version_2_manifest_has_the_documented_fields() -> None:
+    data = b"numbered"
+    v1 = Manifest(
+        object_id=uuid7(), site="s", source="files", kind="file", name="n.txt",
+        size=len(data), mtime_ns=1, hash=crypto.content_hash(data), priority="normal",
+        created=now_iso(), chunks=(ChunkRef("ab" * 32, 0, len(data), crypto.content_hash(data)),),
+    )
+    m = v1.numbered("0f" * 16, 1041, now_iso())
+    fields = json.loads(m.to_json())
+    v2_rows = {code(r[0]) for r in table("manifest-v2-fields")}
+    assert set(fields) == {code(r[0]) for r in table("manifest-fields")} - {"entries"} | v2_rows
+    assert (fields["version"], fields["stream"], fields["seq"]) == (2, "0f" * 16, 1041)
+    assert Manifest.from_json(m.to_json()) == m
+    assert set(json.loads(v1.to_json())) & v2_rows == set(), "version 1 has no numbering"
+    for bad in ({"seq": 0}, {"seq": "1"}, {"stream": "XY" * 16}, {"seq": None}):
+        broken = {**fields, **bad}
+        with pytest.raises(FormatError, match="version 2 needs"):
+            Manifest.from_json(json.dumps(broken).encode())
+    with pytest.raises(FormatError, match="not supported"):
+        Manifest.from_json(json.dumps({**fields, "version": 3}).encode())
+
+
+def test_independent_reader_opens_a_tip(reader: DocReader, recipient: X25519PrivateKey) -> None:
+    from agent.tips import Tip, seal_tip, tip_key
+
+    signer = Ed25519PrivateKey.generate()
+    edge = crypto.EdgeKeys(recipient.public_key(), signer, bytes(32))
+    tip = Tip("camp-alpha", "0f" * 16, 7, now_iso(), 1043, ((1042, 1043),), ((5, 6), (9, 9)))
+    opened = reader.open(seal_tip(tip, edge), recipient)
+    assert opened.header["kind"] == reader.codes["KIND_TIP"]
+    n = reader.sizes["SIGNATURE_SIZE"]
+    signature, body = opened.plaintext[:n], opened.plaintext[n:]
+    signer.public_key().verify(signature, reader.strings["tip signature context"] + body)
+    fields = json.loads(body)
+    assert set(fields) == {code(r[0]) for r in table("tip-fields")}
+    assert fields["queued"] == [[1042, 1043]] and fields["type"] == "tip"
+    assert tip_key("camp-alpha", "0f" * 16, 7) == f"camp-alpha/tips/{'0f' * 16}/{7:020d}"
+    assert Tip.from_json(body) == tip
+    # A tip's signature is not a manifest's: the contexts differ.
+    with pytest.raises(InvalidSignature):
+        signer.public_key().verify(signature, reader.strings["signature context"] + body)
+
+
 # ---- the worked example in the document is real --------------------------------------------
 
 
@@ -396,3 +439,29 @@ def test_worked_example_agrees_with_agent_crypto() -> None:
     assert header.kind == crypto.KIND_MANIFEST
     m = Manifest.from_json(vector("manifest.body").encode("utf-8"))
     assert m.chunks[0].length == m.size
+
+
+def test_version_2_worked_example_opens_with_the_independent_reader(reader: DocReader) -> None:
+    recipient = serialization.load_pem_private_key(vector("v2.recipient.key").encode(), None)
+    site_key = serialization.load_pem_public_key(vector("v2.site.pub").encode())
+    assert isinstance(recipient, X25519PrivateKey)
+    assert isinstance(site_key, Ed25519PublicKey)
+    manifest_key, tip_key = vector("v2.cloud-keys").split()
+
+    body = reader.open_manifest(hex_vector("v2.manifest.sealed"), recipient, site_key)
+    assert body == vector("v2.manifest.body").encode("utf-8")
+    m = json.loads(body)
+    assert (m["version"], m["seq"]) == (2, 1)
+    assert manifest_key.split("/")[-1] == m["object_id"]
+    assert "/".join(manifest_key.split("/")[2:5]) == m["created"][:10].replace("-", "/")
+    assert Manifest.from_json(body).seq == 1
+
+    tip = reader.open(hex_vector("v2.tip.sealed"), recipient)
+    assert tip.header["kind"] == reader.codes["KIND_TIP"]
+    n = reader.sizes["SIGNATURE_SIZE"]
+    tip_body = tip.plaintext[n:]
+    site_key.verify(tip.plaintext[:n], reader.strings["tip signature context"] + tip_body)
+    assert tip_body == vector("v2.tip.body").encode("utf-8")
+    t = json.loads(tip_body)
+    assert tip_key == f"{t['site']}/tips/{t['stream']}/{t['n']:020d}"
+    assert (t["stream"], t["highest"], t["queued"]) == (m["stream"], 1, [[1, 1]])

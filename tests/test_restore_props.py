@@ -269,7 +269,8 @@ def check_restore(w: World, rep: RestoreReport) -> None:
     wanted = wanted_files(w)
     by_dest = {dest_of(x.file): x for x in wanted}
     written = {p.relative_to(w.target).parts: p for p in w.target.rglob("*")
-               if p.is_file() and not p.is_symlink()}
+               if p.is_file() and not p.is_symlink()
+               and p.relative_to(w.target).parts[0] != ".skyferry"}  # the restore journal
     assert not [p for p in written.values() if ".skyferry-tmp-" in p.name]
     # No file holds anything but the newest signed content of its name.
     for parts, path in written.items():
