@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.backends import Backend, retrying
 from agent.errors import BackendError, CryptoError, FormatError, KeyFileError, RestoreError
 from agent.manifest import KIND_MQTT_BATCH, Manifest
-from agent.tips import Tip, open_tip, parse_tip_key, tips_prefix
+from agent.tips import MAX_TIP_BYTES, Tip, open_tip, parse_tip_key, tips_prefix
 
 Finding = tuple[str, str]  # (what, why): a problem line of the report
 
@@ -199,7 +199,8 @@ class History:
     async def _open(self, backend: Backend, recipient: X25519PrivateKey,
                     site_key: Callable[[], Ed25519PublicKey], key: str) -> Tip | None:
         try:
-            blob = await retrying(lambda: backend.get(key))
+            # Refused unread beyond the cap: a bucket can hold anything at a tip key.
+            blob = await retrying(lambda: backend.get(key, max_size=MAX_TIP_BYTES))
             return open_tip(key, blob, recipient, site_key())
         except KeyFileError as e:  # said by each of the site's manifests too (`finish`)
             self._key_errors.setdefault(key.split("/", 1)[0], (key, str(e)))
