@@ -88,7 +88,7 @@ class Tip:
     def from_json(cls, raw: bytes) -> Tip:
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # also integers or nesting beyond the parser
             raise FormatError(f"tip is not valid JSON: {e}") from None
         if not isinstance(data, dict) or data.get("type") != "tip":
             raise FormatError("not a tip object")
