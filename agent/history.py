@@ -12,6 +12,8 @@ Memory: 8 bytes per numbered manifest seen, plus one tip per stream.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import os
 import sqlite3
@@ -50,6 +52,8 @@ class Version(Protocol):
 
 JOURNAL_DIR = ".skyferry"  # in the restore target; no site id can have this name
 JOURNAL_FILE = "restored.sqlite"
+_COLUMNS = ("path", "stream", "seq", "created", "object_id")
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def key_day(key: str) -> str:
@@ -301,10 +305,17 @@ class RestoreJournal:
     one written there before (a rollback: the newer manifest was deleted or hidden since); it
     names the file as a problem instead. Made with the first file restored: a restore that
     writes nothing leaves nothing.
+
+    Anyone who can write the target can swap `.skyferry` for a link at any moment, so the
+    folder is opened through the target's descriptor (`dir_fd`, restore_fs.TargetDir) with
+    O_NOFOLLOW each time the journal is opened, and SQLite is given it as
+    /proc/self/fd/<folder>: SQLite opens the journal and its WAL files (themselves with
+    O_NOFOLLOW) at once, by the path the kernel gives for that checked folder.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, dir_fd: int | None = None) -> None:
         self.path = target / JOURNAL_DIR / JOURNAL_FILE
+        self._dir_fd = dir_fd
         self._db: sqlite3.Connection | None = None
         for p in (self.path.parent, self.path):
             if p.is_symlink():
@@ -313,21 +324,57 @@ class RestoreJournal:
         if self.path.exists():
             self._open()
 
+    def _folder(self) -> int:
+        """A descriptor of `.skyferry`, created if missing, never reached through a link."""
+        if self._dir_fd is None:
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            return os.open(self.path.parent, _FOLDER_FLAGS)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(JOURNAL_DIR, 0o700, dir_fd=self._dir_fd)
+        try:
+            return os.open(JOURNAL_DIR, _FOLDER_FLAGS, dir_fd=self._dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(self.path.parent):
+                raise RestoreError(f"{self.path.parent} is a symbolic link; the restore journal "
+                                   "is not written through links: remove it") from None
+            raise
+
     def _open(self) -> sqlite3.Connection:
         if self._db is not None:
             return self._db
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-            db = sqlite3.connect(self.path, isolation_level=None)
-            # One small write per restored file: WAL without an fsync per file (a crash may
-            # lose the last records, so a file restored just then is not protected by them).
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("CREATE TABLE IF NOT EXISTS restored (path TEXT PRIMARY KEY, stream TEXT "
-                       "NOT NULL, seq INTEGER NOT NULL, created TEXT NOT NULL, object_id TEXT "
-                       "NOT NULL) WITHOUT ROWID")
-        except (OSError, sqlite3.Error) as e:
+            folder = self._folder()
+            try:
+                st = os.fstat(folder)
+                if st.st_mode & 0o022 or st.st_uid not in (os.geteuid(), 0):
+                    raise RestoreError(
+                        f"{self.path.parent} is writable by other users or owned by another "
+                        f"user (uid {st.st_uid}, mode {st.st_mode & 0o777:o}), who could swap "
+                        "the restore journal: remove it, or make it yours with mode 700")
+                os.close(os.open(JOURNAL_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=folder))
+                where = (f"/proc/self/fd/{folder}" if os.path.isdir("/proc/self/fd")
+                         else str(self.path.parent))
+                db = sqlite3.connect(f"{where}/{JOURNAL_FILE}", isolation_level=None)
+                try:
+                    # One small write per restored file: WAL without an fsync per file (a crash
+                    # may lose the last records, so a file restored just then is not protected
+                    # by them).
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute("CREATE TABLE IF NOT EXISTS restored (path TEXT PRIMARY KEY, "
+                               "stream TEXT NOT NULL, seq INTEGER NOT NULL, created TEXT NOT "
+                               "NULL, object_id TEXT NOT NULL) WITHOUT ROWID")
+                    columns = [r[1] for r in db.execute("PRAGMA table_info(restored)")]
+                    if columns != list(_COLUMNS):
+                        raise RestoreError(f"its table 'restored' has the columns {columns}, "
+                                           f"not {list(_COLUMNS)}")
+                except BaseException:
+                    db.close()
+                    raise
+            finally:
+                os.close(folder)
+        except (OSError, sqlite3.Error, RestoreError) as e:
             raise RestoreError(f"cannot open the restore journal {self.path}: {e}; restore "
                                "keeps it so as never to roll a file back: make the target "
                                "writable, or move a damaged journal away (it then forgets what "
@@ -340,10 +387,16 @@ class RestoreJournal:
         None."""
         if self._db is None:
             return None
-        row = self._db.execute("SELECT stream, seq, created, object_id FROM restored "
-                               "WHERE path=?", (path,)).fetchone()
+        try:
+            row = self._db.execute("SELECT stream, seq, created, object_id FROM restored "
+                                   "WHERE path=?", (path,)).fetchone()
+        except sqlite3.Error as e:
+            return f"not restored: the restore journal {self.path} cannot be read ({e})"
         if row is None:
             return None
+        if [type(v) for v in row] != [str, int, str, str]:
+            return (f"not restored: the restore journal {self.path} holds a damaged record "
+                    f"of this file ({row!r}): move the journal away to restore it anyway")
         stream, seq, created, object_id = row
         if m.version >= 2 and stream == m.stream:
             older = m.seq < seq

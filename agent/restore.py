@@ -322,12 +322,13 @@ class Restorer:
             await self._verify(names, since, report, show_progress)
         else:
             dir_ = TargetDir(target)
-            self._journal = RestoreJournal(target)
             try:
+                self._journal = RestoreJournal(target, dir_.fd)  # opened through dir_ (seam)
                 await self._restore(dir_, names, since, report, show_progress)
             finally:
                 dir_.close()
-                self._journal.close()
+                if self._journal is not None:
+                    self._journal.close()
                 self._journal = None
         report.problems += [Problem(what, why) for what, why in self.history.finish()]
         return report

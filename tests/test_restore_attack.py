@@ -88,3 +88,72 @@ def test_a_signed_tip_that_breaks_the_json_parser_is_a_problem(cloud: Cloud, tmp
     assert [p for p in rep["problems"] if p["what"] == key], rep
     assert rep["objects_ok"] == 1
     assert json.dumps(rep)
+
+
+# ---- the restore journal, against a local user who can write the target ------------------------
+
+
+def test_a_journal_folder_swapped_for_a_link_during_restore_is_not_written_through(
+        cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.skyferry` was checked when restore started and opened by path with the first file: a
+    link planted in between took the journal (and its WAL) outside the target, exit 0."""
+    from agent.restore import Restorer
+
+    cloud.publish("a.txt", b"a")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    write = Restorer.restore_object
+
+    async def planted(self: Restorer, *args: object) -> None:
+        (out / ".skyferry").symlink_to(elsewhere)  # after the start, before the first record
+        await write(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Restorer, "restore_object", planted)
+    rep = cloud.restore(out)
+    assert not list(elsewhere.iterdir())
+    assert not rep.ok
+    assert [p for p in rep.problems if "a.txt" in p.what and "symbolic link" in p.reason], \
+        rep.problems
+
+
+@pytest.mark.parametrize("damage", ["other-columns", "other-types", "not-sqlite"])
+def test_a_damaged_or_planted_journal_is_one_clear_problem(cloud: Cloud, tmp_path: Path,
+                                                           damage: str) -> None:
+    """A journal with other columns or other types (anyone who can write the target can put
+    one there; a damaged disk can make one) made restore a traceback."""
+    import sqlite3
+
+    cloud.publish("a.txt", b"a")
+    out = tmp_path / "out"
+    (out / ".skyferry").mkdir(parents=True, mode=0o700)
+    path = out / ".skyferry" / "restored.sqlite"
+    if damage == "not-sqlite":
+        path.write_bytes(b"x" * 8192)
+    else:
+        db = sqlite3.connect(path)
+        if damage == "other-columns":
+            db.execute("CREATE TABLE restored (path TEXT PRIMARY KEY, x)")
+        else:
+            db.execute("CREATE TABLE restored (path TEXT PRIMARY KEY, stream, seq, created, "
+                       "object_id)")
+            db.execute(f"INSERT INTO restored VALUES ('{SITE}/files/a.txt', 'zz', 'zz', 5, 7)")
+        db.commit()
+        db.close()
+    r = cli(cloud, "restore", out)
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr  # type: ignore
+    assert "restored.sqlite" in r.stderr + r.stdout  # type: ignore[attr-defined]
+    assert not (out / SITE / "files" / "a.txt").exists(), "restored without its rollback check"
+
+
+def test_a_journal_folder_others_can_write_is_refused(cloud: Cloud, tmp_path: Path) -> None:
+    """A `.skyferry` made beforehand by another local user, writable by them: they could swap
+    the journal's files under restore. Refused, nothing written into it."""
+    cloud.publish("a.txt", b"a")
+    out = tmp_path / "out"
+    (out / ".skyferry").mkdir(parents=True)
+    (out / ".skyferry").chmod(0o777)
+    rep = cloud.restore(out)
+    assert not rep.ok
+    assert [p for p in rep.problems if "writable by other users" in p.reason], rep.problems
+    assert not list((out / ".skyferry").iterdir())
