@@ -245,7 +245,8 @@ class History:
 def _created_of(tip: Tip) -> datetime | None:
     try:
         when = datetime.fromisoformat(tip.created)
-    except ValueError:
+        when.astimezone(UTC)  # its date folder (`utc_day`) must exist
+    except (ValueError, OverflowError):
         return None
     return when if when.tzinfo is not None else None
 

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
 import blake3
@@ -491,6 +491,11 @@ def _created_at(m: Manifest) -> datetime:
     if t.tzinfo is None:
         raise FormatError(f"manifest {m.object_id}: created {m.created!r} has no time zone "
                           "(the format writes UTC with an offset)")
+    try:  # the history's date-folder rule takes its UTC day and the day after
+        (t.astimezone(UTC) + timedelta(days=1)).astimezone(UTC)
+    except OverflowError:
+        raise FormatError(f"manifest {m.object_id}: created {m.created!r} is at the end of "
+                          "the calendar (no UTC date folder, or none after it)") from None
     return t
 
 

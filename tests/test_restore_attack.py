@@ -157,3 +157,27 @@ def test_a_journal_folder_others_can_write_is_refused(cloud: Cloud, tmp_path: Pa
     assert not rep.ok
     assert [p for p in rep.problems if "writable by other users" in p.reason], rep.problems
     assert not list((out / ".skyferry").iterdir())
+
+
+# ---- a compromised site's signed absurdities ----------------------------------------------------
+
+
+@pytest.mark.parametrize("created", [
+    "0001-01-01T00:00:00+14:00",  # before year 1 in UTC
+    "9999-12-31T23:59:59-14:00",  # after year 9999 in UTC
+    "9999-12-31T23:00:00+00:00",  # the next day (version 1's second date folder) is not a date
+])
+def test_a_signed_created_at_the_end_of_time_is_a_problem(cloud: Cloud, tmp_path: Path,
+                                                          created: str) -> None:
+    """The history's date-folder rule took the UTC day of `created`: an OverflowError
+    traceback out of verify and restore."""
+    cloud.publish("good.txt", b"good")
+    m = cloud.manifest("bad.txt", b"bad", created=created)
+    key = f"{SITE}/manifests/2026/11/25/{m.object_id}"
+    cloud.write(key, cloud.seal_manifest(m.to_json()))
+    for verb in ("verify", "restore"):
+        r = cli(cloud, verb, tmp_path / "out")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # type: ignore
+        rep = r.report  # type: ignore[attr-defined]
+        assert [p for p in rep["problems"] if p["what"] == key], rep
+        assert rep["objects_ok"] == 1
