@@ -1,7 +1,10 @@
 """Property-based restore and verify (issue 14, acceptance 2).
 
-Random sets of objects with names from a hostile alphabet, random damage to the cloud and
-random symbolic links planted in the target. Whatever hypothesis draws, restore:
+Random sets of objects with names from a hostile alphabet, random damage to the cloud (bit
+flips, truncation, deletion, garbage, oversize objects, swaps, replayed copies of manifests in
+other date folders) and random symbolic links planted in the target (at folders, final and old
+temp names, and at the restore journal's folder `.skyferry` or its SQLite files). Whatever
+hypothesis draws, restore:
 
 - never writes outside the target (every planted link, and what it points to, is untouched);
 - never leaves a file whose bytes differ from the newest signed content for its name;
@@ -22,6 +25,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import layout
+from agent.errors import RestoreError
 from agent.manifest import KIND_FILE, KIND_MQTT_BATCH
 from agent.restore import RestoreReport
 from agent.restore_io import MAX_SEALED_MANIFEST, sealed_max
@@ -79,7 +84,7 @@ class ObjSpec:
 class Damage:
     what: str  # "chunk" or "manifest"
     target: int  # drawn index, taken modulo the number of such objects
-    op: str  # flip, truncate, delete, garbage, oversize, swap
+    op: str  # flip, truncate, delete, garbage, oversize, swap, replay (manifests: a copy)
     at: int
 
 
@@ -98,9 +103,15 @@ def objects(draw: st.DrawFn) -> ObjSpec:
 
 damages = st.lists(st.builds(
     Damage, st.sampled_from(["chunk", "manifest"]), st.integers(0, 99),
-    st.sampled_from(["flip", "truncate", "delete", "garbage", "oversize", "swap"]),
+    st.sampled_from(["flip", "truncate", "delete", "garbage", "oversize", "swap", "replay"]),
     st.integers(0, 10**6)), max_size=3)
 plants = st.lists(st.tuples(st.integers(0, 99), st.integers(0, 4), st.booleans()), max_size=3)
+# Links planted in the restore journal's folder (`<to>/.skyferry/`, made beforehand by restore
+# or anyone): at the folder itself, or at the journal's files.
+JOURNAL_FILES = ["restored.sqlite", "restored.sqlite-wal", "restored.sqlite-shm",
+                 "restored.sqlite-journal"]
+journal_plants = st.lists(st.sampled_from([".skyferry", *JOURNAL_FILES]), max_size=2,
+                          unique=True)
 
 
 @dataclass
@@ -115,7 +126,9 @@ class World:
     damaged_manifests: set[str] = field(default_factory=set)
     deleted_manifests: set[str] = field(default_factory=set)
     damaged_chunks: set[str] = field(default_factory=set)
+    replays: set[str] = field(default_factory=set)  # keys of manifests copied elsewhere
     links: dict[Path, str] = field(default_factory=dict)  # planted link -> what it points to
+    journal_links: dict[Path, str] = field(default_factory=dict)  # the same, in `.skyferry`
 
     def publish(self, spec: ObjSpec) -> None:
         if len(spec.files) == 1:
@@ -144,6 +157,18 @@ class World:
                                  and d.op != "delete"):
             return  # damaged already (a second flip could undo the first)
         blob = path.read_bytes()
+        if d.op == "replay":
+            if d.what == "chunk":
+                return
+            # An older manifest put back where it never was: a later date folder than its
+            # `created` allows (version 1: its own day or the next).
+            parts = key.split("/")
+            day = datetime(*map(int, parts[2:5])) + timedelta(days=2 + d.at % 300)
+            copy = "/".join([*parts[:2], f"{day:%Y/%m/%d}", parts[5]])
+            if copy not in self.replays:
+                self.cloud.write(copy, blob)
+                self.replays.add(copy)
+            return
         if d.op == "swap":
             other = keys[(d.target + 1 + d.at) % len(keys)]
             if other == key or not (self.cloud.root / other).exists():
@@ -205,6 +230,17 @@ class World:
         where.symlink_to(aim)
         self.links[where] = str(aim)
 
+    def plant_journal(self, name: str) -> None:
+        where = self.target / ".skyferry"
+        if where.is_symlink() or (name == ".skyferry" and where.exists()):
+            return
+        if name != ".skyferry":
+            where.mkdir(mode=0o700, exist_ok=True)
+            where = where / name
+        aim = self.outside / "victim" if name != ".skyferry" else self.outside
+        where.symlink_to(aim)
+        self.journal_links[where] = str(aim)
+
 
 def dest_of(f: FileSpec) -> tuple[str, ...]:
     if f.batch:
@@ -246,7 +282,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 def build(keys: Keys, root: Path, objs: list[ObjSpec], dmg: list[Damage],
-          links: list[tuple[int, int, bool]]) -> World:
+          links: list[tuple[int, int, bool]], journal: tuple[str, ...] = ()) -> World:
     w = World(Cloud(root / "cloud", keys), root / "target", root / "outside")
     w.outside.mkdir()
     (w.outside / "victim").write_bytes(b"outside")
@@ -257,6 +293,8 @@ def build(keys: Keys, root: Path, objs: list[ObjSpec], dmg: list[Damage],
         w.damage(d)
     for obj, depth, to_file in links:
         w.plant(obj, depth, to_file)
+    for name in journal:
+        w.plant_journal(name)
     return w
 
 
@@ -279,27 +317,39 @@ def check_restore(w: World, rep: RestoreReport) -> None:
     missing = [x for x in wanted if dest_of(x.file) not in written]
     for x in missing:
         assert named(rep, x), (x, rep.problems)
-    bad = w.damaged_manifests | {p.key for p, s in zip(w.published, w.specs, strict=True)
-                                 if not all(name_ok(f.name) for f in s.files)
-                                 and p.key not in w.deleted_manifests}
+    bad = w.damaged_manifests | w.replays | {
+        p.key for p, s in zip(w.published, w.specs, strict=True)
+        if not all(name_ok(f.name) for f in s.files) and p.key not in w.deleted_manifests}
     for key in bad:
         assert [p for p in rep.problems if p.what == key], (key, rep.problems)
     if missing or bad:
         assert not rep.ok
     assert rep.objects_ok == len(written)
+    # SQLite may remove a link it finds at its WAL or journal name (in `.skyferry`, below the
+    # target); what the link points to is untouched (checked above).
     if not (w.damaged_chunks or w.damaged_manifests or w.deleted_manifests or bad or w.links
-            or in_conflict(wanted)):
+            or w.journal_links or w.replays or in_conflict(wanted)):
         assert rep.ok and not missing, rep.problems
 
 
 @PROFILE
-@given(objs=st.lists(objects(), min_size=1, max_size=6), dmg=damages, links=plants)
+@given(objs=st.lists(objects(), min_size=1, max_size=6), dmg=damages, links=plants,
+       journal=journal_plants)
 def test_restore_never_lies_and_never_escapes(keys: Keys, objs: list[ObjSpec],
                                               dmg: list[Damage],
-                                              links: list[tuple[int, int, bool]]) -> None:
+                                              links: list[tuple[int, int, bool]],
+                                              journal: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="props-"))
     try:
-        w = build(keys, root, objs, dmg, links)
+        w = build(keys, root, objs, dmg, links, tuple(journal))
+        refused = {".skyferry", "restored.sqlite"} & {
+            p.name for p in w.journal_links}  # a link at the journal: refused before anything
+        if refused:
+            with pytest.raises(RestoreError, match="symbolic link"):
+                w.cloud.restore(w.target)
+            assert [p.name for p in w.outside.iterdir()] == ["victim"]
+            assert (w.outside / "victim").read_bytes() == b"outside"
+            return
         check_restore(w, w.cloud.restore(w.target))
     finally:
         shutil.rmtree(root)
@@ -318,7 +368,7 @@ def test_verify_fails_exactly_when_something_read_is_damaged(
                   and all(name_ok(f.name) for f in s.files)]
         broken = [p for p in usable if any(layout.chunk_key(SITE, c.id) in w.damaged_chunks
                                            for c in p.manifest.chunks)]
-        refused = len(w.published) - len(usable) - len(w.deleted_manifests)
+        refused = len(w.published) - len(usable) - len(w.deleted_manifests) + len(w.replays)
         everything_gone = not usable and not refused
         assert rep.ok == (not broken and not refused and not everything_gone), rep.problems
         # Files of a damaged pack that check out on their own are counted, the rest named.
