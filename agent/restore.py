@@ -313,7 +313,8 @@ class Restorer:
         """
         report = RestoreReport()
         self.history = History(since)
-        names = sites or await self.sites()
+        # A site given twice is read once: twice, each of its seqs would be seen twice.
+        names = list(dict.fromkeys(sites)) if sites else await self.sites()
         if not names:
             report.problems.append(Problem(self.backend.url, (
                 "no site has any manifest here (nothing under <site>/manifests/): check the "
