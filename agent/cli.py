@@ -113,7 +113,12 @@ def _parse_since(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO-8601 time such as 2026-11-25T10:00") from None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+    t = t.replace(tzinfo=UTC) if t.tzinfo is None else t
+    try:
+        t.astimezone(UTC)  # its UTC date folder must exist
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside the calendar in UTC") from None
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,3 +212,13 @@ def test_a_site_given_twice_is_read_once(cloud: Cloud, tmp_path: Path, target: s
     rep = cloud.restore(tmp_path / target if target else None, sites=[SITE, SITE])
     assert rep.ok, rep.problems
     assert (rep.manifests, rep.objects_ok) == (3, 3)
+
+
+@pytest.mark.parametrize("since", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
+def test_a_since_beyond_the_calendar_is_refused_in_one_line(cloud: Cloud, since: str) -> None:
+    """Its UTC date folder does not exist: an OverflowError traceback."""
+    cloud.publish("a", b"a")
+    r = run_cli("verify", "--backend", cloud.url, "--key", str(cloud.keys.recipient_key),
+                "--since", since)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--since" in r.stderr and since in r.stderr, r.stderr
