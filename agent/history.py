@@ -13,7 +13,9 @@ Memory: 8 bytes per numbered manifest seen, plus one tip per stream.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import heapq
 import itertools
 import os
 import sqlite3
@@ -33,6 +35,8 @@ from agent.manifest import KIND_MQTT_BATCH, Manifest
 from agent.tips import MAX_TIP_BYTES, Tip, open_tip, parse_tip_key, tips_prefix
 
 Finding = tuple[str, str]  # (what, why): a problem line of the report
+MAX_GAP_LINES = 100  # per stream, gaps (and repeated seqs) named one by one; then a sum
+MAX_RANGES_HELD = 4_000_000  # queued and void ranges of all tips kept at once: 64 MB
 
 
 class Version(Protocol):
@@ -84,8 +88,16 @@ class _Stream:
     stream: str
     seqs: array[int] = field(default_factory=lambda: array("q"))
     first_created: str = ""  # of its oldest manifest seen: orders streams (`version_key`)
-    tip: Tip | None = None  # the newest tip that opened
+    tip: Tip | None = None  # the newest tip that opened, its ranges in `covered`
     base: int = 0  # with --since: seqs up to here are before the range checked
+    # The tip's queued and void ranges, merged, as first, last, first, last, ...: 16 bytes a
+    # range, where a tuple of tuples costs about 100 (a signed tip may hold 500,000 ranges).
+    covered: array[int] = field(default_factory=lambda: array("q"))
+
+    def keep(self, tip: Tip) -> None:
+        for first, last in heapq.merge(tip.queued, tip.void):
+            self.covered.extend((first, last))
+        self.tip = dataclasses.replace(tip, queued=(), void=())
 
 
 class History:
@@ -97,6 +109,7 @@ class History:
         self.findings: list[Finding] = []
         self._unreadable: dict[str, int] = {}
         self._key_errors: dict[str, Finding] = {}  # per site: its public key did not load
+        self._ranges_held = 0  # in the tips kept (`_Stream.covered`)
 
     def _stream(self, site: str, stream: str) -> _Stream:
         s = self._streams.get((site, stream))
@@ -159,13 +172,27 @@ class History:
             s = self._stream(site, stream)
             newest = len(tips) - 1
             while newest >= 0 and s.tip is None:
-                s.tip = await self._open(backend, recipient, site_key, tips[newest][1])
+                tip = await self._open(backend, recipient, site_key, tips[newest][1])
+                if tip is not None and self._held(tips[newest][1], tip):
+                    s.keep(tip)
+                del tip
                 newest -= 1
             if self.since is not None and s.tip is not None:
                 day = await self._since_base(backend, recipient, site_key, s, tips[:newest + 2])
                 assert first_day is not None
                 first_day = min(first_day, day)  # "" (every folder) sorts first
         return first_day
+
+    def _held(self, key: str, tip: Tip) -> bool:
+        """Whether the ranges of one more stream's tip fit in the memory kept for tips."""
+        self._ranges_held += len(tip.queued) + len(tip.void)
+        if self._ranges_held <= MAX_RANGES_HELD:
+            return True
+        self.findings.append((key, f"not used: the tips of {len(self._streams)} streams hold "
+                              f"more than {MAX_RANGES_HELD} ranges in all (a site has a few "
+                              "streams of at most 200,000 each); this stream's gaps are not "
+                              "checked"))
+        return False
 
     def _tip_gaps(self, site: str, stream: str, numbers: list[int]) -> None:
         """Tip numbers are 1, 2, 3, ...: a missing one was deleted from the bucket."""
@@ -232,13 +259,20 @@ class History:
             if s.tip is None:
                 continue
             what = f"{s.site}: stream {s.stream[:8]}"
+            lines = gaps.setdefault(s.site, [])
+            ranges = seqs = 0
             for a, b in _missing(s):
-                gaps.setdefault(s.site, []).append((what, f"{_span(a, b)} missing (the site's "
-                                                    f"tip {s.tip.n} says they were uploaded)"))
-                missing[s.site] = missing.get(s.site, 0) + b - a + 1
-        for site, lines in gaps.items():
+                ranges, seqs = ranges + 1, seqs + b - a + 1
+                if ranges <= MAX_GAP_LINES:  # a signed tip can claim a gap at every other seq
+                    lines.append((what, f"{_span(a, b)} missing (the site's tip {s.tip.n} "
+                                        "says they were uploaded)"))
+            if ranges > MAX_GAP_LINES:
+                lines.append((what, f"{ranges} gaps, {seqs} manifests missing in all (the "
+                                    f"first {MAX_GAP_LINES} gaps are named)"))
+            missing[s.site] = missing.get(s.site, 0) + seqs
+        for site, site_lines in gaps.items():
             if missing[site] > self._unreadable.get(site, 0):
-                out += lines
+                out += site_lines
         return out
 
 
@@ -257,10 +291,14 @@ async def _listing(backend: Backend, prefix: str) -> list[str]:
 
 def _repeats(s: _Stream) -> Iterator[Finding]:
     seqs = sorted(s.seqs)
+    what, named = f"{s.site}: stream {s.stream[:8]}", 0
     for a, b in itertools.pairwise(seqs):
         if a == b:
-            yield (f"{s.site}: stream {s.stream[:8]}",
-                   f"manifest seq {a} appears more than once: replayed or forged")
+            named += 1
+            if named <= MAX_GAP_LINES:
+                yield (what, f"manifest seq {a} appears more than once: replayed or forged")
+    if named > MAX_GAP_LINES:
+        yield (what, f"{named} repeated seqs in all (the first {MAX_GAP_LINES} are named)")
 
 
 def _runs(seqs: list[int]) -> Iterator[tuple[int, int]]:
@@ -280,7 +318,8 @@ def _runs(seqs: list[int]) -> Iterator[tuple[int, int]]:
 def _missing(s: _Stream) -> Iterator[tuple[int, int]]:
     """Seqs in (base, tip.highest] neither seen, queued at the site, nor void, as ranges."""
     assert s.tip is not None
-    covered = sorted([*_runs(sorted(s.seqs)), *s.tip.queued, *s.tip.void])
+    tip_ranges = zip(s.covered[::2], s.covered[1::2], strict=True)
+    covered = heapq.merge(_runs(sorted(s.seqs)), tip_ranges)
     at = s.base + 1  # the first seq not yet known to be accounted for
     for first, last in covered:
         if at > s.tip.highest:

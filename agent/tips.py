@@ -110,6 +110,9 @@ class Tip:
 def _ranges(value: Any, highest: int, what: str) -> Ranges:
     if not isinstance(value, list):
         raise FormatError(f"tip field {what!r} must be a list of [first, last] ranges")
+    if len(value) > MAX_RANGES:  # a site merges ranges beyond this (`coarsen`)
+        raise FormatError(f"tip field {what!r} holds {len(value)} ranges, more than the "
+                          f"{MAX_RANGES} a site sends")
     out: list[tuple[int, int]] = []
     last = 0
     for r in value:

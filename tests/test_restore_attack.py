@@ -222,3 +222,55 @@ def test_a_since_beyond_the_calendar_is_refused_in_one_line(cloud: Cloud, since:
                 "--since", since)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--since" in r.stderr and since in r.stderr, r.stderr
+
+
+def gappy_tip(cloud: Cloud, stream: str, ranges: int, extra: int = 0) -> str:
+    """A signed tip whose queued and void lists (`ranges` each, `extra` more queued) leave a
+    gap at every other seq."""
+    queued = tuple((4 * i + 1, 4 * i + 1) for i in range(ranges + extra))
+    void = tuple((4 * i + 3, 4 * i + 3) for i in range(ranges))
+    tip = tips.Tip(SITE, stream, 1, cloud.tick(), 4 * (ranges + extra), queued, void)
+    key = tips.tip_key(SITE, stream, 1)
+    cloud.write(key, tips.seal_tip(tip, cloud.keys.edge))
+    return key
+
+
+def test_signed_tips_claiming_a_gap_at_every_other_seq_are_a_few_lines(
+        cloud: Cloud, tmp_path: Path) -> None:
+    """A compromised site's tips (400 KB sealed each) said every other seq of 800,000 was
+    uploaded: one problem line per gap, 305 MiB peak RSS for one stream, 1081 MiB for four.
+    Now each stream's gaps are named up to a bound, then summed; a list longer than a site
+    sends (100,000 ranges) refuses the tip."""
+    publish_v2(cloud, "a", b"a", 1)
+    ranges = tips.MAX_RANGES
+    for s in range(4):
+        gappy_tip(cloud, f"{s:08x}" + "0" * 24, ranges)
+    too_long = gappy_tip(cloud, "f" * 32, ranges, extra=1)
+    r = cli(cloud, "verify")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # type: ignore
+    assert r.peak_rss <= RSS_LIMIT, r.peak_rss / MIB  # type: ignore[attr-defined]
+    print(f"verify: peak RSS {r.peak_rss / MIB:.0f} MiB")  # type: ignore[attr-defined]
+    rep = r.report  # type: ignore[attr-defined]
+    gaps = [p for p in rep["problems"] if "missing" in p["reason"]]
+    assert 4 <= len(gaps) <= 4 * 101, len(gaps)
+    # Every stream's gaps are summed up: how many ranges and manifests in all.
+    assert all([p for p in gaps if p["what"].endswith(f"stream {s:08x}")
+                and f"{2 * ranges} manifests" in p["reason"]] for s in range(4)), gaps[-3:]
+    assert [p for p in rep["problems"] if p["what"] == too_long
+            and "100001 ranges" in p["reason"]], rep["problems"][-3:]
+
+
+def test_the_ranges_of_tips_kept_at_once_are_bounded(cloud: Cloud,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each stream's tip is kept until every manifest was seen; a compromised site can make
+    any number of streams. Beyond the bound a tip is named and its stream not checked."""
+    from agent import history
+
+    monkeypatch.setattr(history, "MAX_RANGES_HELD", 250)
+    publish_v2(cloud, "a", b"a", 1)
+    keys = [gappy_tip(cloud, f"{s:08x}" + "0" * 24, 50) for s in range(3)]
+    rep = cloud.restore(None)
+    refused = [p.what for p in rep.problems if "ranges in all" in p.reason]
+    assert len(refused) == 1 and refused[0] in keys, rep.problems
+    checked = {p.what for p in rep.problems if "missing" in p.reason}
+    assert len(checked) == 2, checked  # the other two streams' gaps are named
