@@ -110,6 +110,8 @@ class History:
         self._unreadable: dict[str, int] = {}
         self._key_errors: dict[str, Finding] = {}  # per site: its public key did not load
         self._ranges_held = 0  # in the tips kept (`_Stream.covered`)
+        self._unreadable_keys: set[str] = set()
+        self._masked: dict[str, str] = {}  # site -> its gaps, when its unreadable ones may be them
 
     def _stream(self, site: str, stream: str) -> _Stream:
         s = self._streams.get((site, stream))
@@ -239,16 +241,27 @@ class History:
             self.findings.append((key, str(e)))
         return None
 
-    def unreadable(self, site: str) -> None:
+    def unreadable(self, site: str, key: str = "") -> None:
         """A manifest key of `site` that did not open (already a problem of its own)."""
         self._unreadable[site] = self._unreadable.get(site, 0) + 1
+        if key:
+            self._unreadable_keys.add(key)
+
+    def note(self, key: str) -> str:
+        """What to add to the problem of an unreadable manifest `key` once `finish` ran: the
+        gaps of its site it may account for (they are not named on lines of their own)."""
+        if key not in self._unreadable_keys:
+            return ""
+        return self._masked.get(key.split("/", 1)[0], "")
 
     def finish(self) -> list[Finding]:
         """Every finding: gaps and repeated seqs per stream, after all manifests were seen.
 
         Seqs whose manifest may be one of the site's manifests that did not open are not named
-        again: while a site's missing seqs are no more than its unreadable manifests, those
-        (each a problem already) may be them. One more, and every gap is named.
+        on lines of their own: while a site's missing seqs are no more than its unreadable
+        manifests, those (each a problem already) may be them, and each such problem names
+        them (`note`): garbage planted beside a deletion never hides it. One more, and every
+        gap is named on its own line.
         """
         out = list(self.findings)
         out += [f for site, f in self._key_errors.items() if not self._unreadable.get(site)]
@@ -273,6 +286,12 @@ class History:
         for site, site_lines in gaps.items():
             if missing[site] > self._unreadable.get(site, 0):
                 out += site_lines
+            elif site_lines:
+                said = "; ".join(f"{what}: {why}" for what, why in site_lines[:3])
+                more = f" and {len(site_lines) - 3} more gaps" if len(site_lines) > 3 else ""
+                self._masked[site] = (f"; the site's history misses {missing[site]} "
+                                      f"manifest(s), which may be this one or another that "
+                                      f"did not open: {said}{more}")
         return out
 
 

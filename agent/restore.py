@@ -225,7 +225,7 @@ class Restorer:
         except DECODE_ERRORS as e:
             report.problems.append(Problem(info.key, str(e)))
             if observe:
-                self.history.unreadable(layout.site_of(info.key))
+                self.history.unreadable(layout.site_of(info.key), info.key)
         replayed = None if m is None or not observe else self.history.observe(info.key, m)
         if replayed is not None:
             report.problems.append(Problem(info.key, replayed))
@@ -332,6 +332,8 @@ class Restorer:
                     self._journal.close()
                 self._journal = None
         report.problems += [Problem(what, why) for what, why in self.history.finish()]
+        for p in report.problems:  # gaps an unreadable manifest may account for
+            p.reason += self.history.note(p.what)
         return report
 
     async def _verify(self, sites: list[str], since: datetime | None, report: RestoreReport,

@@ -274,3 +274,19 @@ def test_the_ranges_of_tips_kept_at_once_are_bounded(cloud: Cloud,
     assert len(refused) == 1 and refused[0] in keys, rep.problems
     checked = {p.what for p in rep.problems if "missing" in p.reason}
     assert len(checked) == 2, checked  # the other two streams' gaps are named
+
+
+def test_a_deleted_manifest_is_named_even_behind_planted_garbage(cloud: Cloud) -> None:
+    """No keys needed: delete the newest manifest and plant one garbage object among the
+    manifests. Gaps no more than the unreadable manifests were not named (they may be those),
+    so verify said only "garbage" and never that a manifest was missing."""
+    published = [publish_v2(cloud, f"f{seq}", b"x" * seq, seq) for seq in (1, 2, 3)]
+    put_tip(cloud, 1, 3)
+    (cloud.root / published[2].key).unlink()
+    garbage = f"{SITE}/manifests/2026/11/25/{published[2].manifest.object_id[:-1]}0"
+    cloud.write(garbage, b"not a manifest" * 10)
+    rep = cloud.restore(None)
+    assert not rep.ok
+    (line,) = [p for p in rep.problems if p.what == garbage]
+    assert "manifest 3 missing" in line.reason, rep.problems
+    assert len(rep.problems) == 1, rep.problems  # a damaged manifest is still one line
