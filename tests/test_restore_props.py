@@ -9,7 +9,8 @@ hypothesis draws, restore:
 - never writes outside the target (every planted link, and what it points to, is untouched);
 - never leaves a file whose bytes differ from the newest signed content for its name;
 - restores every wanted file or names it, and names every manifest it could not use;
-- reports failure (the CLI's non-zero exit) whenever anything was not restored;
+- reports failure (the CLI's non-zero exit) whenever anything was not restored, and whenever
+  a manifest was deleted (the manifests are numbered and the site's tip says how many);
 - restores everything and reports success when nothing was damaged, planted or in conflict.
 
 Verify reports failure exactly when something it reads is damaged.
@@ -32,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import layout
+from agent import layout, tips
 from agent.errors import RestoreError
 from agent.manifest import KIND_FILE, KIND_MQTT_BATCH
 from agent.restore import RestoreReport
@@ -55,6 +56,7 @@ COMPONENTS = [
 ]
 TEMP_FORM = re.compile(r"\.skyferry-tmp-[0-9a-f]{32}")
 SOURCES = ["files", "mqtt", "t"]
+STREAM = "5e" * 16  # the site's numbering stream
 names = st.lists(st.sampled_from(COMPONENTS), min_size=1, max_size=3).map("/".join)
 contents = st.binary(max_size=300)
 
@@ -131,14 +133,16 @@ class World:
     journal_links: dict[Path, str] = field(default_factory=dict)  # the same, in `.skyferry`
 
     def publish(self, spec: ObjSpec) -> None:
+        # Numbered as a site numbers them (version 2: seq 1, 2, ... in one stream).
+        numbering = {"version": 2, "stream": STREAM, "seq": len(self.published) + 1}
         if len(spec.files) == 1:
             f = spec.files[0]
             p = self.cloud.publish(f.name, f.data, source=f.source, chunk_size=spec.chunk_size,
-                                   kind=KIND_MQTT_BATCH if f.batch else KIND_FILE)
+                                   kind=KIND_MQTT_BATCH if f.batch else KIND_FILE, **numbering)
         else:
             p = self.cloud.publish_pack([(f.name, f.data) for f in spec.files],
                                         source=spec.files[0].source,
-                                        chunk_size=spec.chunk_size)
+                                        chunk_size=spec.chunk_size, **numbering)
         self.published.append(p)
         self.specs.append(spec)
 
@@ -289,6 +293,9 @@ def build(keys: Keys, root: Path, objs: list[ObjSpec], dmg: list[Damage],
     w.target.mkdir()
     for spec in objs:
         w.publish(spec)
+    # The site's tip, signed after its manifests: a deleted one is a gap.
+    tip = tips.Tip(SITE, STREAM, 1, w.cloud.tick(), len(w.published), (), ())
+    w.cloud.write(tips.tip_key(SITE, STREAM, 1), tips.seal_tip(tip, keys.edge))
     for d in dmg:
         w.damage(d)
     for obj, depth, to_file in links:
@@ -322,7 +329,7 @@ def check_restore(w: World, rep: RestoreReport) -> None:
         if not all(name_ok(f.name) for f in s.files) and p.key not in w.deleted_manifests}
     for key in bad:
         assert [p for p in rep.problems if p.what == key], (key, rep.problems)
-    if missing or bad:
+    if missing or bad or w.deleted_manifests:  # a deleted manifest is a gap in the history
         assert not rep.ok
     assert rep.objects_ok == len(written)
     # SQLite may remove a link it finds at its WAL or journal name (in `.skyferry`, below the
@@ -369,8 +376,8 @@ def test_verify_fails_exactly_when_something_read_is_damaged(
         broken = [p for p in usable if any(layout.chunk_key(SITE, c.id) in w.damaged_chunks
                                            for c in p.manifest.chunks)]
         refused = len(w.published) - len(usable) - len(w.deleted_manifests) + len(w.replays)
-        everything_gone = not usable and not refused
-        assert rep.ok == (not broken and not refused and not everything_gone), rep.problems
+        # A deleted manifest is a gap in the site's numbered history: never a clean verify.
+        assert rep.ok == (not broken and not refused and not w.deleted_manifests), rep.problems
         # Files of a damaged pack that check out on their own are counted, the rest named.
         whole = sum(len(p.contents) for p in usable if p not in broken)
         assert whole <= rep.objects_ok <= sum(len(p.contents) for p in usable)
