@@ -7,7 +7,8 @@ back: gaps (`camp-alpha: manifests 1041–1043 missing`), replays (one seq on tw
 manifest in a date folder its `created` does not match) and rollbacks (an older version than
 one a previous restore wrote, `RestoreJournal`).
 
-Memory: 8 bytes per numbered manifest seen, plus one tip per stream.
+Memory: 8 bytes per numbered manifest seen, plus one tip per stream (its ranges 16 bytes
+each, at most MAX_RANGES_HELD in all).
 """
 
 from __future__ import annotations
