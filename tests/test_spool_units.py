@@ -263,3 +263,32 @@ def test_what_is_swapped_in_at_the_last_instant_is_put_back(tmp_path: Path) -> N
         else:
             assert (spool / "x.txt").read_bytes() == b"new version"
     assert outside.read_bytes() == b"outside"
+
+
+def test_a_file_with_a_name_of_255_bytes_is_deleted_and_moved(tmp_path: Path) -> None:
+    """The aside and temporary names add to the file's name; at NAME_MAX they must still fit,
+    or an accepted file stays in the spool and is ingested again at every restart."""
+    long = "n" * 249 + "\u00e9\u00e9.b"  # 255 bytes in UTF-8
+    assert len(os.fsencode(long)) == 255
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    fd, c = one_file(spool, long, b"long name")
+    try:
+        hold = Hold(fd, c)
+        try:
+            os.close(hold.open())
+            dispose(fd, c, hold, None)
+        finally:
+            hold.close()
+    finally:
+        os.close(fd)
+    assert os.listdir(spool) == []
+
+    source, taken, _ = spool_source(spool, after="move")
+    (spool / long).write_bytes(b"long name, moved")
+    with Lines() as lines:
+        asyncio.run(source.scan_once())
+    assert taken == [long]
+    assert [e for e in lines.events if e[0] == "spool_skipped"] == []
+    assert (spool / "done" / long).read_bytes() == b"long name, moved"
+    assert sorted(os.listdir(spool)) == ["done"]
