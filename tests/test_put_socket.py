@@ -372,3 +372,31 @@ def test_output_to_a_closed_pipe_exits_quietly(open_site: Callable[..., Site],
     assert r.stderr == ""
     rc = int(r.stdout.rsplit("rc=", 1)[1])
     assert rc in (0, 141)
+
+
+def test_descriptors_sent_in_many_pieces_are_refused_at_once() -> None:
+    """Each piece of a request may carry descriptors: counted over the whole request, not per
+    piece, or one client makes the daemon hold thousands (up to its descriptor limit)."""
+    import asyncio
+
+    from agent.sources.put import MAX_FDS, Refused, read_request
+
+    before = len(os.listdir("/proc/self/fd"))
+    server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.setblocking(False)
+    f = os.open("/etc/hostname", os.O_RDONLY)
+    try:
+        for _ in range(MAX_FDS * 20):  # one descriptor per piece: never truncated
+            socket.send_fds(client, [b" "], [f])
+        client.sendall(b"{}\n")
+
+        async def read() -> None:
+            await read_request(asyncio.get_running_loop(), server)
+
+        with pytest.raises(Refused, match="descriptors"):
+            asyncio.run(read())
+    finally:
+        os.close(f)
+        server.close()
+        client.close()
+    assert len(os.listdir("/proc/self/fd")) == before

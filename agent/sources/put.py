@@ -245,7 +245,9 @@ async def read_request(loop: asyncio.AbstractEventLoop,
                 raise Refused(f"request longer than {MAX_LINE} bytes")
             data, got, flags = await _recv_fds(loop, conn)
             fds += got
-            if flags & socket.MSG_CTRUNC:
+            # Counted over the whole request: each piece of it may carry some, and a client
+            # sending one per byte would make the daemon hold thousands.
+            if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
                 raise Refused("too many descriptors came with the request; send one")
             if not data:
                 break  # the client closed its side: what came is the request
