@@ -400,3 +400,42 @@ def test_descriptors_sent_in_many_pieces_are_refused_at_once() -> None:
         server.close()
         client.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_deep_json_and_fields_of_the_wrong_type_are_refused_plainly(tmp_path: Path) -> None:
+    """A request nested past the JSON decoder's recursion limit, or a name that is not a
+    string, is a malformed request (one clear refusal), not an internal error nor a file
+    named "None"."""
+    import asyncio
+
+    from agent.sources.put import Peer, PutServer
+
+    taken: list[str] = []
+
+    async def ingest(req: Any) -> Any:
+        taken.append(req.name)
+        raise AssertionError("nothing here may be ingested")
+
+    server = PutServer(tmp_path / "s.sock", ingest, ["normal"])
+    peer = Peer(1, 2, 3)
+    f = os.open("/etc/hostname", os.O_RDONLY)
+    try:
+        async def answer(line: bytes) -> dict[str, Any]:
+            fds = [os.dup(f)]
+            try:
+                return await server._answer(line, fds, peer)
+            finally:
+                os.close(fds[0])
+
+        for line, why in ((b"[" * 100_000, "malformed request"),
+                          (b'{"op": "put", "name": null, "priority": "normal"}', "'name'"),
+                          (b'{"op": "put", "name": {"a": 1}, "priority": "normal"}', "'name'"),
+                          (b'{"op": "put", "name": 5, "priority": "normal"}', "'name'"),
+                          (b'{"op": "put", "name": "x", "priority": "normal", "path": [1]}',
+                           "'path'")):
+            reply = asyncio.run(answer(line))
+            assert not reply["ok"] and why in reply["error"], (line[:30], reply)
+            assert "internal error" not in reply["error"]
+    finally:
+        os.close(f)
+    assert taken == []

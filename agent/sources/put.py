@@ -169,7 +169,7 @@ class PutServer:
         try:
             try:
                 req = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the decoder's limit
                 raise Refused("malformed request: expected one line of JSON") from None
             if not isinstance(req, dict):
                 raise Refused("malformed request: expected a JSON object on one line")
@@ -196,11 +196,13 @@ class PutServer:
         return {"ok": False, "error": str(e)}
 
     async def _put(self, req: dict[str, Any], fds: list[int], peer: Peer) -> dict[str, Any]:
-        try:
-            name, priority = str(req["name"]), str(req["priority"])
-            shown = Path(str(req.get("path") or name))
-        except KeyError as e:
-            raise Refused(f"malformed request: no {e.args[0]!r}") from None
+        for key in ("name", "priority", "path"):
+            if key not in req and key != "path":
+                raise Refused(f"malformed request: no {key!r}")
+            if not isinstance(req.get(key, ""), str):
+                raise Refused(f"malformed request: {key!r} must be a string")
+        name, priority = req["name"], req["priority"]
+        shown = Path(req.get("path") or name)
         if priority not in self.classes:
             raise Refused(f"unknown class {priority!r}; use one of: {', '.join(self.classes)}")
         fd, seen = received_file(fds, shown)
