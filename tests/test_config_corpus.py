@@ -220,6 +220,12 @@ CORPUS: list[tuple[str, Change, str]] = [
         lambda s: {"backend": {"url": f"file://{s.root}/cloudfile"}})), "backend.url"),
     ("put-socket-is-the-key", config(lambda s: {"put": {"socket": str(edge(s) / "site.key")}}),
      "put.socket"),
+    ("backend-url-bad-ipv6", config({"backend": {"url": "s3://[bucket/prefix"}}), "backend.url"),
+    ("backend-file-url-bad-ipv6", config({"backend": {"url": "file://[::1/srv"}}),
+     "backend.url"),
+    ("endpoint-bad-ipv6", config({"backend": {"url": "s3://bucket/p",
+                                              "endpoint": "http://[::1:9000"}}),
+     "backend.endpoint"),
 ]
 
 
@@ -436,3 +442,16 @@ def test_as_the_service_user_unreadable_keys_and_unwritable_folders_are_named(
         assert not (locked / "state").exists()
     finally:
         shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("verb", ["verify", "restore"])
+def test_a_backend_url_with_an_unbalanced_bracket_is_one_line(
+        verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = generate_keys(tmp_path / "keys", "s")
+    args = [verb, "--backend", "s3://[bucket/p", "--key", str(keys.cloud_dir / "recipient.key")]
+    if verb == "restore":
+        args += ["--to", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "s3://[bucket/p: not a URL" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
