@@ -212,6 +212,9 @@ class _Table:
         if not text:
             self.report(name, "must not be empty", "give a path, absolute or relative to this file")
             return default
+        if "\0" in text:  # no file system takes one; os calls raise ValueError on it
+            self.report(name, "holds a NUL character", "give the path without \\u0000")
+            return default
         return base / Path(text).expanduser()
 
     def _unit(self, name: str, parse: Callable[[str | float], T], forms: str, default: U) -> T | U:
