@@ -223,6 +223,12 @@ CORPUS: list[tuple[str, Change, str]] = [
     ("state-dir-nul", config({"site": {"state_dir": "/var/lib/sky\0ferry"}}), "site.state_dir"),
     ("signing-key-nul", config({"keys": {"signing_key": "keys/site\0.key"}}), "keys.signing_key"),
     ("spool-path-nul", spools(spool_at(lambda s: Path("/srv/spo\0ol"))), "spool[0].path"),
+    ("mqtt-ca-file-name-too-long", config({"mqtt": {
+        "host": "127.0.0.1", "subscribe": [{"topic": "a/#"}],
+        "tls": {"ca_file": "/etc/" + "c" * 300}}}),
+     "mqtt.tls.ca_file"),
+    ("tle-file-nul", config({"windows": {"mode": "tle", "tle": {
+        "files": ["relay\0.tle"], "latitude": 52.5, "longitude": 13.4}}}), "windows.tle.files"),
     ("backend-url-bad-ipv6", config({"backend": {"url": "s3://[bucket/prefix"}}), "backend.url"),
     ("backend-file-url-bad-ipv6", config({"backend": {"url": "file://[::1/srv"}}),
      "backend.url"),
