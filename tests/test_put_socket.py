@@ -332,7 +332,10 @@ def test_put_during_daemon_start_succeeds(open_site: Callable[..., Site],
           "the others into the store directly")
 
 
-def test_store_lock_is_waited_for_then_refused_with_one_clear_line(tmp_path: Path) -> None:
+def test_store_lock_is_waited_for_then_refused_with_one_clear_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     from agent.errors import StoreLockedError
     from agent.settings import ClassSettings
     from agent.store import Store
@@ -341,13 +344,20 @@ def test_store_lock_is_waited_for_then_refused_with_one_clear_line(tmp_path: Pat
     held = Store(tmp_path / "state", classes)
     try:
         t0 = time.monotonic()
-        with pytest.raises(StoreLockedError) as e:
+        with caplog.at_level(logging.INFO, logger="skyferry.store"), \
+                pytest.raises(StoreLockedError) as e:
             Store(tmp_path / "state", classes, lock_wait_s=0.5)
         assert time.monotonic() - t0 >= 0.5
         assert "after waiting 0.5s" in str(e.value) and "\n" not in str(e.value)
+        # While it waits, the wait is said once (a start that seems to hang says why).
+        waiting = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+        assert len(waiting) == 1 and str(tmp_path / "state") in waiting[0], caplog.records
     finally:
         held.close()
-    Store(tmp_path / "state", classes, lock_wait_s=0.5).close()  # free again: taken at once
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="skyferry.store"):
+        Store(tmp_path / "state", classes, lock_wait_s=0.5).close()  # free: taken at once
+    assert not [r for r in caplog.records if "waiting up to" in r.getMessage()]
 
 
 # ---- CLI output to a closed pipe --------------------------------------------------------
