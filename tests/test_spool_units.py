@@ -292,3 +292,66 @@ def test_a_file_with_a_name_of_255_bytes_is_deleted_and_moved(tmp_path: Path) ->
     assert [e for e in lines.events if e[0] == "spool_skipped"] == []
     assert (spool / "done" / long).read_bytes() == b"long name, moved"
     assert sorted(os.listdir(spool)) == ["done"]
+
+
+
+def test_an_aside_file_left_by_a_kill_is_taken_back_once_and_stored_once(
+        tmp_path: Path) -> None:
+    """A kill -9 between renaming an accepted file aside and deleting it leaves the hidden
+    `.NAME.skyferry-accepted` behind. At the next start it goes back under its name, is
+    recognised as the version already stored (same name, size and mtime) and deleted: no
+    second object, nothing left; a new file that took the name meanwhile is not replaced."""
+    from agent import crypto
+    from agent.config import DEFAULT_CLASSES
+    from agent.pipeline import Pipeline
+    from agent.settings import ChunkingSettings, CompressionSettings
+    from agent.sources.spool_files import ASIDE_SUFFIX
+    from agent.store import Store
+
+    gen = crypto.generate_keys(tmp_path / "keys", "s")
+    e = gen.edge_dir
+    keys = crypto.load_edge_keys(e / "recipient.pub", e / "site.key", e / "dedup.key")
+    store = Store(tmp_path / "state", DEFAULT_CLASSES)
+    pipeline = Pipeline("s", keys, store, ChunkingSettings(), CompressionSettings(level=1))
+    spool = tmp_path / "spool"
+    (spool / "sub").mkdir(parents=True)
+
+    async def ingest(req: IngestRequest) -> IngestResult:
+        return await asyncio.to_thread(pipeline.ingest_file, req)
+
+    def source() -> SpoolSource:
+        return SpoolSource(SpoolSettings(name="s", path=spool, settle_s=0.0), ingest)
+
+    def objects() -> int:
+        return sum(sum(c.items.values()) for c in store.summary(time.time()).values())
+
+    files = {"sub/x.txt": b"accepted, then the daemon was killed\n", "y.txt": b"y\n"}
+    mtimes = {}
+    for name, data in files.items():
+        (spool / name).write_bytes(data)
+        mtimes[name] = (spool / name).stat().st_mtime_ns
+    first = source()
+    asyncio.run(first.scan_once())
+    assert first.accepted == 2 and not [p for p in spool.rglob("*") if p.is_file()]
+    stored = objects()
+    # The crash: each accepted version under its aside name, as the rename left it.
+    asides = {}
+    for name, data in files.items():
+        aside = (spool / name).with_name(f".{Path(name).name}{ASIDE_SUFFIX}")
+        aside.write_bytes(data)
+        os.utime(aside, ns=(mtimes[name], mtimes[name]))
+        asides[name] = aside
+    (spool / "y.txt").write_bytes(b"a new y, written after the crash\n")
+    with Lines() as lines:
+        restarted = source()
+        for _ in range(3):
+            asyncio.run(restarted.scan_once())
+    try:
+        assert objects() == stored + 1  # the new y.txt; x.txt was known: no second object
+    finally:
+        store.close()
+    # Nothing left: x.txt's aside came back and went; y.txt's waited for the new y.txt to
+    # be taken (had it been put over it, the new content would be lost: no new object).
+    assert not [p for p in spool.rglob("*") if p.is_file()]
+    left = [e for e in lines.events if e[0] == "spool_skipped" and e[2] == "aside_left"]
+    assert left == [("spool_skipped", f".y.txt{ASIDE_SUFFIX}", "aside_left")]

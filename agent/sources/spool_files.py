@@ -22,9 +22,8 @@ from pathlib import Path
 from agent.pipeline import same_content, same_file
 from agent.sources import spool_lease
 from agent.sources.spool_lease import Lease
-from agent.sources.spool_scan import DIR_FLAGS, Candidate, open_folder
+from agent.sources.spool_scan import ASIDE_SUFFIX, DIR_FLAGS, Candidate, open_folder
 
-ASIDE_SUFFIX = ".skyferry-accepted"
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _COPY_BLOCK = 1 << 20
 _NAME_MAX = 255  # bytes in one name (Linux file systems)
@@ -277,3 +276,23 @@ def open_done(root_fd: int, root: Path, done: Path) -> DoneDir:
     for part in rel.parts:
         fd = _enter(fd, part, create=True)
     return DoneDir(fd)
+
+
+def take_back(root_fd: int, rel: str) -> None:
+    """Put the aside file `rel` (`.NAME.skyferry-accepted`, left by a kill between the
+    rename and the delete) back under NAME, so it is looked at again: the version already
+    stored is recognised (same name, size and mtime) and deleted without a second object.
+    Never over a file that took the name meanwhile (FileExistsError); a name shortened with
+    a digest cannot be given back (ValueError)."""
+    parts = rel.split("/")
+    aside = parts[-1]
+    name = aside[1:-len(ASIDE_SUFFIX)]
+    if not name or side_name(name, ASIDE_SUFFIX) != aside or len(os.fsencode(aside)) >= 250:
+        raise ValueError("its name was shortened, the original cannot be told")
+    parent = open_folder(root_fd, parts[:-1])
+    try:
+        # link, not rename: rename would replace a file that has the name by now
+        os.link(aside, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+        os.unlink(aside, dir_fd=parent)
+    finally:
+        os.close(parent)

@@ -21,6 +21,8 @@ from pathlib import Path
 from agent.settings import ChunkingSettings
 
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
+# An accepted file is renamed to `.NAME` + this just before it is deleted (spool_files.py).
+ASIDE_SUFFIX = ".skyferry-accepted"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
@@ -86,6 +88,9 @@ class Fence:
 class ScanResult:
     files: list[Candidate] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    # Accepted files renamed aside and not deleted (the daemon was killed in between):
+    # relative names of the aside files.
+    asides: list[str] = field(default_factory=list)
 
 
 def open_folder(root_fd: int, parts: list[str] | tuple[str, ...]) -> int:
@@ -129,6 +134,8 @@ def _list(root: Path, fd: int, prefix: str, fence: Fence, out: ScanResult,
     for entry in entries:
         rel = prefix + entry.name
         if entry.name.startswith(".") or rel in fence.skip_names:
+            if entry.name.endswith(ASIDE_SUFFIX) and entry.is_file(follow_symlinks=False):
+                out.asides.append(rel)
             continue
         try:
             st = entry.stat(follow_symlinks=False)  # fstatat on the folder's descriptor
