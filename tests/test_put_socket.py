@@ -449,3 +449,25 @@ def test_deep_json_and_fields_of_the_wrong_type_are_refused_plainly(tmp_path: Pa
     finally:
         os.close(f)
     assert taken == []
+
+
+def test_a_loop_of_bad_requests_does_not_flood_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from agent.sources.put import Peer, PutServer
+
+    async def ingest(req: Any) -> Any:
+        raise AssertionError("nothing here may be ingested")
+
+    server = PutServer(tmp_path / "s.sock", ingest, ["normal"])
+
+    async def loop() -> list[dict[str, Any]]:
+        return [await server._answer(b"not json", [], Peer(1, 2, 3)) for _ in range(1000)]
+
+    with caplog.at_level(logging.INFO, logger="skyferry.put"):
+        replies = asyncio.run(loop())
+    assert all(not r["ok"] and "malformed request" in r["error"] for r in replies)
+    lines = [r for r in caplog.records if r.name == "skyferry.put"]
+    assert 1 <= len(lines) <= 30, len(lines)

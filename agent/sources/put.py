@@ -81,6 +81,7 @@ class PutServer:
         self._busy = Throttled()
         self._timeouts = Throttled()
         self._accept_errors = Throttled()
+        self._refusals = Throttled(every_s=10.0, burst=20)  # a group member may loop
 
     def _listen(self) -> socket.socket:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +192,8 @@ class PutServer:
         return {"ok": True, "status": await self.status()}
 
     def _refused(self, e: Exception, peer: Peer) -> dict[str, Any]:
-        log_event(log, logging.WARNING, "put_refused", f"put refused: {e}",
-                  peer_uid=peer.uid, peer_pid=peer.pid)
+        self._refusals.log(log, logging.WARNING, "put_refused", f"put refused: {e}",
+                           peer_uid=peer.uid, peer_pid=peer.pid)
         return {"ok": False, "error": str(e)}
 
     async def _put(self, req: dict[str, Any], fds: list[int], peer: Peer) -> dict[str, Any]:
