@@ -390,3 +390,43 @@ def test_a_deep_folder_tree_costs_one_open_per_folder(tmp_path: Path,
     assert len(result.files) == 301
     assert ("/".join(f"d{i}" for i in range(60)) + "/deep.txt") in {c.name for c in result.files}
     assert opens <= 2 * (60 + 300), opens
+
+
+def test_a_pack_never_needs_more_descriptors_than_the_process_may_open(
+        tmp_path: Path) -> None:
+    """A pack holds one descriptor per file (its read lease) until the files are deleted.
+    pack_files may be set up to 100,000; with 25,000 small files and a limit of 20,000
+    descriptors every pack failed on EMFILE (each file logged as "changed"), was re-sealed
+    once per failed member, and the next pass did the same: 100% of a core, nothing taken."""
+    import resource
+
+    from agent.pipeline import PackResult
+    from agent.settings import ChunkingSettings
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for i in range(1000):
+        (spool / f"f{i:04d}").write_bytes(b"%04d" % i)
+    packs: list[int] = []
+
+    async def ingest(req: IngestRequest) -> IngestResult:
+        raise AssertionError("small files go in packs")
+
+    async def ingest_pack(reqs: list[IngestRequest]) -> PackResult:
+        packs.append(len(reqs))
+        fds = [r.opener() for r in reqs if r.opener is not None]  # as the pipeline does
+        for fd in fds:
+            os.close(fd)
+        return PackResult("p", {r.name: IngestResult("p", 4, 0, 0, 0) for r in reqs}, {})
+
+    chunking = ChunkingSettings(pack_files=100_000, pack_size=1 << 30)
+    source = SpoolSource(SpoolSettings(name="s", path=spool, settle_s=0.0), ingest,
+                         ingest_pack, chunking)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))
+    try:
+        asyncio.run(source.scan_once())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert sum(packs) == 1000 and max(packs) <= 100, packs
+    assert os.listdir(spool) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -58,6 +59,16 @@ def raise_open_file_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pack_files_cap() -> int:
+    """The most files one pack may hold in this process: each holds a descriptor (its read
+    lease) until disposed of, the pipeline a second while it reads, and the store, sockets
+    and other packs need theirs; a pack beyond the limit failed on EMFILE every pass."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, soft // 4)
 
 
 def _on_pseudo_fs(fd: int) -> bool:
@@ -317,7 +328,10 @@ class SpoolSource:
         ready = [c for c in candidates
                  if now - seen[c.name][1] >= self.settings.settle_s
                  and self._failed.get(c.name) != version(c)]
-        batches = plan(ready, self.chunking)
+        chunking = self.chunking
+        if chunking is not None and chunking.pack_files > pack_files_cap():
+            chunking = dataclasses.replace(chunking, pack_files=pack_files_cap())
+        batches = plan(ready, chunking)
         self.ready_bytes = sum(c.size for c in ready)
         # Up to `workers` ingests at once (hashing, compression and encryption release the
         # GIL); a quota refusal stops the pass: the next one retries.
