@@ -100,6 +100,7 @@ class MqttSource:
         self._paho: PahoAccess | None = None
         self._client_now: aiomqtt.Client | None = None
         self._batches: dict[str, _Batch] = {}
+        self._batch_opened = asyncio.Event()  # the age ticker sleeps while no batch is open
         self._acks: collections.deque[Received] = collections.deque()
         self._limbo: list[Received] = []  # unacked when a connection dropped (see _on_connect)
         self._commits: set[asyncio.Task[None]] = set()
@@ -316,6 +317,7 @@ class MqttSource:
         batch = self._batches.get(cls)
         if batch is None:
             batch = self._batches[cls] = _Batch(cls, asyncio.get_running_loop().time())
+            self._batch_opened.set()
         batch.records.append(r)
         batch.nbytes += len(r.payload) + len(r.topic)
         if track_ack:
@@ -337,6 +339,9 @@ class MqttSource:
 
     async def _age_ticker(self) -> None:
         while True:
+            if not self._batches:  # nothing can age: no wake-ups at all while MQTT is quiet
+                self._batch_opened.clear()
+                await self._batch_opened.wait()
             await asyncio.sleep(_TICK_S)
             now = asyncio.get_running_loop().time()
             for cls, batch in list(self._batches.items()):
