@@ -448,7 +448,12 @@ def open_backend(spec: str | BackendSettings, env: Mapping[str, str] | None = No
     """
     settings = BackendSettings(url=spec) if isinstance(spec, str) else spec
     environ: Mapping[str, str] = os.environ if env is None else env
-    parsed = urlsplit(settings.url)
+    try:
+        parsed = urlsplit(settings.url)
+    except ValueError as e:  # an unbalanced [ or ]
+        raise PermanentBackendError(
+            f"{settings.url}: not a URL ({e}); use file:///path, azure://container/prefix, "
+            "s3://bucket/prefix or gs://bucket/prefix", "config") from None
     scheme = parsed.scheme.lower()
     if scheme == "file":
         return _open_file(settings.url, parsed.netloc, parsed.path)

@@ -430,7 +430,10 @@ def _check_backend_folder(url: str) -> None:
     one for writing creates the folder)."""
     from urllib.parse import unquote, urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced [ or ]: open_backend says so
+        return
     if parts.scheme.lower() == "file" and not Path(unquote(parts.path)).is_dir():
         raise SkyferryError(f"backend folder {unquote(parts.path)} ({url}) does not exist: "
                             "check the --backend URL")

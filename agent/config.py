@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Literal, TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from agent import units
 from agent.errors import ConfigError
@@ -211,6 +211,9 @@ class _Table:
             return default
         if not text:
             self.report(name, "must not be empty", "give a path, absolute or relative to this file")
+            return default
+        if "\0" in text:  # no file system takes one; os calls raise ValueError on it
+            self.report(name, "holds a NUL character", "give the path without \\u0000")
             return default
         return base / Path(text).expanduser()
 
@@ -742,12 +745,20 @@ def _boolean(t: _Table, name: str, default: bool) -> bool:
     return value
 
 
+def _split_url(url: str) -> SplitResult | None:
+    """urlsplit, or None for what it refuses (ValueError: an unbalanced IPv6 bracket)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
 def _endpoint(t: _Table) -> str | None:
     endpoint = t.string("endpoint", None)
     if endpoint is None:
         return None
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    parts = _split_url(endpoint)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         t.report("endpoint", "is not an http(s) URL",
                  'write the service URL, e.g. "https://s3.eu-central-1.example.net"')
         return None
@@ -811,7 +822,12 @@ def _check_s3_credentials(t: _Table, secrets: dict[str, SecretRef | None], has_i
 
 def _check_backend_url(t: _Table, url: str) -> str | None:
     """Check the URL's form; return its scheme when usable."""
-    parts = urlsplit(url)
+    parts = _split_url(url)
+    if parts is None:
+        t.report("url", "is not a URL (an unbalanced [ or ])",
+                 "use file:///path, azure://container/prefix, s3://bucket/prefix or "
+                 "gs://bucket/prefix")
+        return None
     scheme = parts.scheme.lower()
     if scheme in SCHEME_ALIASES:
         good = SCHEME_ALIASES[scheme]

@@ -365,6 +365,13 @@ def _check_mqtt(mqtt: MqttSettings, environ: Mapping[str, str], problems: list[s
     if mqtt.tls is not None:
         for name in ("ca_file", "cert_file", "key_file"):
             pem: Path | None = getattr(mqtt.tls, name)
-            if pem is not None and not (pem.is_file() and os.access(pem, os.R_OK)):
+            if pem is not None and not _readable_file(pem):
                 problems.append(f"mqtt.tls.{name}: is not a readable file (got "
                                 f"{_got(pem)}); give the path of the PEM file")
+
+
+def _readable_file(path: Path) -> bool:
+    try:
+        return path.is_file() and os.access(path, os.R_OK)
+    except (OSError, ValueError):  # a name too long, a NUL: not a usable file either
+        return False

@@ -257,6 +257,12 @@ class _Readable(Protocol):
     def readinto(self, view: memoryview, /) -> int | None: ...
 
 
+# A spool takes the file again by itself once it settles; a put must be sent again.
+NOT_STORED = ("it was not stored: a spool file is taken once it stops changing, a "
+              "`skyferry put` must be run again then")
+CHANGED_WHILE_READ = f"changed while it was being read; {NOT_STORED}"
+
+
 class _MemberChanged(Exception):
     """A file of a pack changed, shrank or vanished while it was read."""
 
@@ -346,8 +352,7 @@ def open_source(req: IngestRequest, seen: os.stat_result) -> int:
             raise SourceError(f"{req.path} was replaced by another file before it could be "
                               "read; the new one is looked at again")
         if not same_content(st, seen):
-            raise SourceError(f"{req.path} changed before it could be read; it is ingested "
-                              "once it stops changing")
+            raise SourceError(f"{req.path} changed before it could be read; {NOT_STORED}")
     except BaseException:
         os.close(fd)
         raise
@@ -579,8 +584,7 @@ class Pipeline:
         reserved, evicted = self.store.reserve(st.st_size, req.priority, self.chunking.max_size)
         staged = StagedObject(uuid7(), req.source, key, req.priority, st.st_size)
         whole = blake3.blake3()
-        changed = SourceError(f"{req.path} changed while it was being read; it will be "
-                              "ingested again once it stops changing")
+        changed = SourceError(f"{req.path} {CHANGED_WHILE_READ}")
 
         def pieces(settle: Settle) -> Iterator[memoryview]:
             with io.FileIO(open_source(req, st), "rb") as f:
@@ -673,8 +677,7 @@ class Pipeline:
                 return self._seal_pack(members, keys, accepted, failed)
             except _MemberChanged as e:
                 req = members.pop(e.index)[0]
-                failed[req.name] = SourceError(f"{req.path} {e}; it will be ingested again "
-                                               "once it stops changing")
+                failed[req.name] = SourceError(f"{req.path} {e}; {NOT_STORED}")
         return PackResult(None, accepted, failed)
 
     def _seal_pack(self, members: list[tuple[IngestRequest, os.stat_result]],

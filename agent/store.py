@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import sqlite3
@@ -160,6 +161,7 @@ class ClassSummary:
 
 
 LOCK_POLL_S = 0.05  # how often a waiting process tries the store lock again
+log = logging.getLogger("skyferry.store")
 
 
 class Store:
@@ -220,11 +222,17 @@ class Store:
         `skyferry put` writing directly while the daemon starts holds it for a moment)."""
         fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + wait_s
+        told = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if wait_s > 0 and not told:  # a start that seems to hang says why
+                    told = True
+                    log.info("the store %s is in use by another skyferry process (a `skyferry "
+                             "put` writing directly?); waiting up to %gs for it",
+                             self.state_dir, wait_s, extra={"event": "store_lock_wait"})
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     waited = f" after waiting {wait_s:g}s" if wait_s > 0 else ""

@@ -115,3 +115,32 @@ def test_keygen_operator_and_command_usage_errors(tmp_path: Path,
     assert main(["command", "--key", key, "--site", "s", "--broker", "h:x", "pause"]) == 2
     err = capsys.readouterr().err
     assert "OBJECT CLASS" in err and "HOST:PORT" in err
+
+
+def test_a_flood_of_refused_commands_does_not_flood_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Any client of the broker may publish on the cmd topic: refusals are counted, each
+    answered, but logged in a short burst and then summarised, not one line per message."""
+    import asyncio
+    import logging
+    from typing import Any
+
+    from agent.telemetry.commands import Commands
+    from agent.telemetry.metrics import Metrics
+
+    metrics = Metrics()
+
+    async def run_blocking(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    cmds = Commands(None, None, lambda: None, run_blocking, metrics, True)  # type: ignore[arg-type]
+
+    async def flood() -> list[dict[str, Any]]:
+        return [await cmds.apply(b'{"cmd": "pause", "junk": %d}' % i) for i in range(1000)]
+
+    with caplog.at_level(logging.INFO, logger="skyferry.commands"):
+        answers = asyncio.run(flood())
+    assert len(answers) == 1000 and not any(a["ok"] for a in answers)
+    assert metrics.commands_refused.labels("untrusted")._value.get() == 1000
+    lines = [r for r in caplog.records if r.name == "skyferry.commands"]
+    assert 1 <= len(lines) <= 30, len(lines)

@@ -220,6 +220,21 @@ CORPUS: list[tuple[str, Change, str]] = [
         lambda s: {"backend": {"url": f"file://{s.root}/cloudfile"}})), "backend.url"),
     ("put-socket-is-the-key", config(lambda s: {"put": {"socket": str(edge(s) / "site.key")}}),
      "put.socket"),
+    ("state-dir-nul", config({"site": {"state_dir": "/var/lib/sky\0ferry"}}), "site.state_dir"),
+    ("signing-key-nul", config({"keys": {"signing_key": "keys/site\0.key"}}), "keys.signing_key"),
+    ("spool-path-nul", spools(spool_at(lambda s: Path("/srv/spo\0ol"))), "spool[0].path"),
+    ("mqtt-ca-file-name-too-long", config({"mqtt": {
+        "host": "127.0.0.1", "subscribe": [{"topic": "a/#"}],
+        "tls": {"ca_file": "/etc/" + "c" * 300}}}),
+     "mqtt.tls.ca_file"),
+    ("tle-file-nul", config({"windows": {"mode": "tle", "tle": {
+        "files": ["relay\0.tle"], "latitude": 52.5, "longitude": 13.4}}}), "windows.tle.files"),
+    ("backend-url-bad-ipv6", config({"backend": {"url": "s3://[bucket/prefix"}}), "backend.url"),
+    ("backend-file-url-bad-ipv6", config({"backend": {"url": "file://[::1/srv"}}),
+     "backend.url"),
+    ("endpoint-bad-ipv6", config({"backend": {"url": "s3://bucket/p",
+                                              "endpoint": "http://[::1:9000"}}),
+     "backend.endpoint"),
 ]
 
 
@@ -436,3 +451,16 @@ def test_as_the_service_user_unreadable_keys_and_unwritable_folders_are_named(
         assert not (locked / "state").exists()
     finally:
         shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("verb", ["verify", "restore"])
+def test_a_backend_url_with_an_unbalanced_bracket_is_one_line(
+        verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = generate_keys(tmp_path / "keys", "s")
+    args = [verb, "--backend", "s3://[bucket/p", "--key", str(keys.cloud_dir / "recipient.key")]
+    if verb == "restore":
+        args += ["--to", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "s3://[bucket/p: not a URL" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

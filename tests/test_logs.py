@@ -62,3 +62,28 @@ def test_a_hostile_name_makes_one_line_on_stdout(fmt: str) -> None:
     assert text.count("\n") == 1 and "\x1b" not in text and "\u009b" not in text
     if fmt == "json":
         assert json.loads(text)["event"] == "ingest_failed"
+
+
+def test_the_status_page_survives_a_problem_naming_a_lone_surrogate() -> None:
+    """A put request may carry "\\ud800" (a valid JSON escape) as its name: its refusal is kept
+    among the recent problems, which the status page renders and encodes as UTF-8; the page
+    answered 500 for as long as the problem was among the last twenty."""
+    from agent.telemetry.events import EventTap
+    from agent.telemetry.snapshot import Snapshot
+    from agent.telemetry.status_page import render_page
+
+    tap = EventTap()
+    logger = logging.getLogger("skyferry.test-surrogate")
+    logger.addHandler(tap)
+    try:
+        logger.warning("put refused: %s: name is not valid UTF-8", "\ud800\udcff\x1b[31m")
+    finally:
+        logger.removeHandler(tap)
+    (problem,) = tap.recent_problems()
+    problem["msg"].encode("utf-8")
+    assert "\\ud800" in problem["msg"] and "\x1b" not in problem["msg"]
+    snap = Snapshot(site="s", time=0.0, classes=(), gate_open=True, paused=False,
+                    flushing=False, link_up=True, window=None, next_change=None, timeline=(),
+                    quota_used=0, quota_limit=None, throughput_bps=0.0, mqtt=None,
+                    problems=tuple(tap.recent_problems()))
+    render_page(snap).encode("utf-8")

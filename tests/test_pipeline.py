@@ -206,9 +206,12 @@ def test_file_changing_while_read_is_refused_and_leaves_nothing(
         return st
 
     monkeypatch.setattr(os, "stat", stat_then_change)
-    with pytest.raises(SourceError, match=r"changed (before|while) it (could be|was being) read"):
+    with pytest.raises(SourceError, match=r"changed (before|while) it (could be|was being) read"
+                       ) as refused:
         env.pipeline.ingest_file(IngestRequest(path, "files", "growing.bin", "normal"))
     monkeypatch.undo()
+    # Said to a `skyferry put` user too: nothing promises an ingest that will not happen.
+    assert "not stored" in str(refused.value) and "put" in str(refused.value), refused.value
     assert changed
     assert list(env.store.staging_dir.iterdir()) == []
     assert files_under(env.store.chunks_dir) == []

@@ -332,7 +332,10 @@ def test_put_during_daemon_start_succeeds(open_site: Callable[..., Site],
           "the others into the store directly")
 
 
-def test_store_lock_is_waited_for_then_refused_with_one_clear_line(tmp_path: Path) -> None:
+def test_store_lock_is_waited_for_then_refused_with_one_clear_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     from agent.errors import StoreLockedError
     from agent.settings import ClassSettings
     from agent.store import Store
@@ -341,13 +344,20 @@ def test_store_lock_is_waited_for_then_refused_with_one_clear_line(tmp_path: Pat
     held = Store(tmp_path / "state", classes)
     try:
         t0 = time.monotonic()
-        with pytest.raises(StoreLockedError) as e:
+        with caplog.at_level(logging.INFO, logger="skyferry.store"), \
+                pytest.raises(StoreLockedError) as e:
             Store(tmp_path / "state", classes, lock_wait_s=0.5)
         assert time.monotonic() - t0 >= 0.5
         assert "after waiting 0.5s" in str(e.value) and "\n" not in str(e.value)
+        # While it waits, the wait is said once (a start that seems to hang says why).
+        waiting = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+        assert len(waiting) == 1 and str(tmp_path / "state") in waiting[0], caplog.records
     finally:
         held.close()
-    Store(tmp_path / "state", classes, lock_wait_s=0.5).close()  # free again: taken at once
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="skyferry.store"):
+        Store(tmp_path / "state", classes, lock_wait_s=0.5).close()  # free: taken at once
+    assert not [r for r in caplog.records if "waiting up to" in r.getMessage()]
 
 
 # ---- CLI output to a closed pipe --------------------------------------------------------
@@ -372,3 +382,92 @@ def test_output_to_a_closed_pipe_exits_quietly(open_site: Callable[..., Site],
     assert r.stderr == ""
     rc = int(r.stdout.rsplit("rc=", 1)[1])
     assert rc in (0, 141)
+
+
+def test_descriptors_sent_in_many_pieces_are_refused_at_once() -> None:
+    """Each piece of a request may carry descriptors: counted over the whole request, not per
+    piece, or one client makes the daemon hold thousands (up to its descriptor limit)."""
+    import asyncio
+
+    from agent.sources.put import MAX_FDS, Refused, read_request
+
+    before = len(os.listdir("/proc/self/fd"))
+    server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.setblocking(False)
+    f = os.open("/etc/hostname", os.O_RDONLY)
+    try:
+        for _ in range(MAX_FDS * 20):  # one descriptor per piece: never truncated
+            socket.send_fds(client, [b" "], [f])
+        client.sendall(b"{}\n")
+
+        async def read() -> None:
+            await read_request(asyncio.get_running_loop(), server)
+
+        with pytest.raises(Refused, match="descriptors"):
+            asyncio.run(read())
+    finally:
+        os.close(f)
+        server.close()
+        client.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_deep_json_and_fields_of_the_wrong_type_are_refused_plainly(tmp_path: Path) -> None:
+    """A request nested past the JSON decoder's recursion limit, or a name that is not a
+    string, is a malformed request (one clear refusal), not an internal error nor a file
+    named "None"."""
+    import asyncio
+
+    from agent.sources.put import Peer, PutServer
+
+    taken: list[str] = []
+
+    async def ingest(req: Any) -> Any:
+        taken.append(req.name)
+        raise AssertionError("nothing here may be ingested")
+
+    server = PutServer(tmp_path / "s.sock", ingest, ["normal"])
+    peer = Peer(1, 2, 3)
+    f = os.open("/etc/hostname", os.O_RDONLY)
+    try:
+        async def answer(line: bytes) -> dict[str, Any]:
+            fds = [os.dup(f)]
+            try:
+                return await server._answer(line, fds, peer)
+            finally:
+                os.close(fds[0])
+
+        for line, why in ((b"[" * 100_000, "malformed request"),
+                          (b'{"op": "put", "name": null, "priority": "normal"}', "'name'"),
+                          (b'{"op": "put", "name": {"a": 1}, "priority": "normal"}', "'name'"),
+                          (b'{"op": "put", "name": 5, "priority": "normal"}', "'name'"),
+                          (b'{"op": "put", "name": "x", "priority": "normal", "path": [1]}',
+                           "'path'")):
+            reply = asyncio.run(answer(line))
+            assert not reply["ok"] and why in reply["error"], (line[:30], reply)
+            assert "internal error" not in reply["error"]
+    finally:
+        os.close(f)
+    assert taken == []
+
+
+def test_a_loop_of_bad_requests_does_not_flood_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from agent.sources.put import Peer, PutServer
+
+    async def ingest(req: Any) -> Any:
+        raise AssertionError("nothing here may be ingested")
+
+    server = PutServer(tmp_path / "s.sock", ingest, ["normal"])
+
+    async def loop() -> list[dict[str, Any]]:
+        return [await server._answer(b"not json", [], Peer(1, 2, 3)) for _ in range(1000)]
+
+    with caplog.at_level(logging.INFO, logger="skyferry.put"):
+        replies = asyncio.run(loop())
+    assert all(not r["ok"] and "malformed request" in r["error"] for r in replies)
+    lines = [r for r in caplog.records if r.name == "skyferry.put"]
+    assert 1 <= len(lines) <= 30, len(lines)

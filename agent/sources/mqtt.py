@@ -60,7 +60,7 @@ from agent.settings import MqttSettings
 from agent.sources.mqtt_conn import read_secret, tls_context
 from agent.sources.mqtt_paho import PahoAccess
 from agent.sources.mqtt_records import Received, batch_name_prefix, encode_jsonl
-from agent.telemetry.logs import log_event
+from agent.telemetry.logs import Throttled, log_event
 from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("skyferry.mqtt")
@@ -94,6 +94,9 @@ class MqttSource:
         self.environ = environ
         self.connected = False
         self.generation = 0
+        # Any client of the broker can send oversize messages: logged in a burst, then
+        # summarised (each is still counted and acknowledged).
+        self._too_large = Throttled(every_s=10.0, burst=20)
         self._paho: PahoAccess | None = None
         self._client_now: aiomqtt.Client | None = None
         self._batches: dict[str, _Batch] = {}
@@ -290,10 +293,11 @@ class MqttSource:
         at every reconnect. It is not stored."""
         size, r.payload, r.durable = len(r.payload), b"", True
         self.metrics.mqtt_refused.labels("too_large").inc()
-        log_event(log, logging.WARNING, "mqtt_message_refused",
-                  f"MQTT message on {r.topic!r} is {size} bytes, over max_message_size "
-                  f"({self.settings.max_message_bytes}); dropped and acknowledged",
-                  topic=r.topic, bytes=size, source=self.settings.source)
+        self._too_large.log(log, logging.WARNING, "mqtt_message_refused",
+                            f"MQTT message on {r.topic!r} is {size} bytes, over "
+                            f"max_message_size ({self.settings.max_message_bytes}); dropped "
+                            "and acknowledged", topic=r.topic, bytes=size,
+                            source=self.settings.source)
         if r.qos > 0:
             self._acks.append(r)
             self._ack_ready()

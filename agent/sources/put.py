@@ -81,6 +81,7 @@ class PutServer:
         self._busy = Throttled()
         self._timeouts = Throttled()
         self._accept_errors = Throttled()
+        self._refusals = Throttled(every_s=10.0, burst=20)  # a group member may loop
 
     def _listen(self) -> socket.socket:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ class PutServer:
         try:
             try:
                 req = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the decoder's limit
                 raise Refused("malformed request: expected one line of JSON") from None
             if not isinstance(req, dict):
                 raise Refused("malformed request: expected a JSON object on one line")
@@ -191,16 +192,18 @@ class PutServer:
         return {"ok": True, "status": await self.status()}
 
     def _refused(self, e: Exception, peer: Peer) -> dict[str, Any]:
-        log_event(log, logging.WARNING, "put_refused", f"put refused: {e}",
-                  peer_uid=peer.uid, peer_pid=peer.pid)
+        self._refusals.log(log, logging.WARNING, "put_refused", f"put refused: {e}",
+                           peer_uid=peer.uid, peer_pid=peer.pid)
         return {"ok": False, "error": str(e)}
 
     async def _put(self, req: dict[str, Any], fds: list[int], peer: Peer) -> dict[str, Any]:
-        try:
-            name, priority = str(req["name"]), str(req["priority"])
-            shown = Path(str(req.get("path") or name))
-        except KeyError as e:
-            raise Refused(f"malformed request: no {e.args[0]!r}") from None
+        for key in ("name", "priority", "path"):
+            if key not in req and key != "path":
+                raise Refused(f"malformed request: no {key!r}")
+            if not isinstance(req.get(key, ""), str):
+                raise Refused(f"malformed request: {key!r} must be a string")
+        name, priority = req["name"], req["priority"]
+        shown = Path(req.get("path") or name)
         if priority not in self.classes:
             raise Refused(f"unknown class {priority!r}; use one of: {', '.join(self.classes)}")
         fd, seen = received_file(fds, shown)
@@ -245,7 +248,9 @@ async def read_request(loop: asyncio.AbstractEventLoop,
                 raise Refused(f"request longer than {MAX_LINE} bytes")
             data, got, flags = await _recv_fds(loop, conn)
             fds += got
-            if flags & socket.MSG_CTRUNC:
+            # Counted over the whole request: each piece of it may carry some, and a client
+            # sending one per byte would make the daemon hold thousands.
+            if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
                 raise Refused("too many descriptors came with the request; send one")
             if not data:
                 break  # the client closed its side: what came is the request

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -21,7 +22,7 @@ from agent.errors import DiskFullError, QuotaExceededError, SkyferryError, Sourc
 from agent.pipeline import IngestRequest, IngestResult
 from agent.settings import ChunkingSettings, SpoolSettings
 from agent.sources import Ingest, IngestPack, spool_lease
-from agent.sources.spool_files import DoneDir, Hold, Kept, dispose, open_done
+from agent.sources.spool_files import DoneDir, Hold, Kept, dispose, open_done, take_back
 from agent.sources.spool_scan import (
     Candidate,
     Fence,
@@ -58,6 +59,16 @@ def raise_open_file_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pack_files_cap() -> int:
+    """The most files one pack may hold in this process: each holds a descriptor (its read
+    lease) until disposed of, the pipeline a second while it reads, and the store, sockets
+    and other packs need theirs; a pack beyond the limit failed on EMFILE every pass."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, soft // 4)
 
 
 def _on_pseudo_fs(fd: int) -> bool:
@@ -170,6 +181,8 @@ class SpoolSource:
             self._forget_gone(result)
             for s in result.skipped:
                 self._tell(s.name, s.reason, s.why)
+            if result.asides:
+                await asyncio.to_thread(self._take_back, p, result.asides)
             await self._ingest_ready(p, await self._retry_kept(p, result.files))
         finally:
             p.close()
@@ -247,9 +260,29 @@ class SpoolSource:
         names = frozenset({self._done_name()}) if p.move else frozenset()
         return Fence(skip_names=names, skip=skip, protected=frozenset(protected))
 
+    def _take_back(self, p: _Pass, asides: list[str]) -> None:
+        """Accepted files a kill left renamed aside: back under their names, so the next
+        pass deletes them (already stored: recognised, not stored again)."""
+        for rel in asides:
+            try:
+                take_back(p.root_fd, rel)
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                if isinstance(e, FileExistsError):
+                    why = "a new file has its name"
+                self._tell(rel, "aside_left", f"an accepted file left aside by an interrupted "
+                           f"delete, already stored; it stays ({why}): delete it once the "
+                           "file under its name is taken", logging.INFO)
+            else:
+                log_event(log, logging.INFO, "spool_aside_back",
+                          f"spool {self.settings.name}: {printable(rel)}: an accepted file "
+                          "left aside by an interrupted delete is looked at again",
+                          source=self.settings.name, file=printable(rel))
+
     def _forget_gone(self, result: ScanResult) -> None:
         """A path that went away is logged again should it come back with a problem."""
-        here = {c.name for c in result.files} | {s.name for s in result.skipped}
+        here = ({c.name for c in result.files} | {s.name for s in result.skipped}
+                | set(result.asides))
         here.add(".")
         here.add(self._done_name())
         for table in (self._told, self._failed, self._kept):
@@ -295,7 +328,10 @@ class SpoolSource:
         ready = [c for c in candidates
                  if now - seen[c.name][1] >= self.settings.settle_s
                  and self._failed.get(c.name) != version(c)]
-        batches = plan(ready, self.chunking)
+        chunking = self.chunking
+        if chunking is not None and chunking.pack_files > pack_files_cap():
+            chunking = dataclasses.replace(chunking, pack_files=pack_files_cap())
+        batches = plan(ready, chunking)
         self.ready_bytes = sum(c.size for c in ready)
         # Up to `workers` ingests at once (hashing, compression and encryption release the
         # GIL); a quota refusal stops the pass: the next one retries.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -21,11 +22,27 @@ from pathlib import Path
 from agent.pipeline import same_content, same_file
 from agent.sources import spool_lease
 from agent.sources.spool_lease import Lease
-from agent.sources.spool_scan import DIR_FLAGS, Candidate, open_folder
+from agent.sources.spool_scan import ASIDE_SUFFIX, DIR_FLAGS, Candidate, open_folder
 
-ASIDE_SUFFIX = ".skyferry-accepted"
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _COPY_BLOCK = 1 << 20
+_NAME_MAX = 255  # bytes in one name (Linux file systems)
+
+
+def side_name(name: str, suffix: str, hidden: bool = True) -> str:
+    """A name next to `name` for a moment of its life (aside, temporary, kept): `name` with
+    `suffix` (and a leading dot if `hidden`) while that fits in one name; for a name close to
+    the limit, as much of it as fits and a digest of the whole, so different names never
+    meet. A name over the limit made every rename fail: the file stayed, ingested again at
+    every restart."""
+    dot = "." if hidden else ""
+    whole = f"{dot}{name}{suffix}"
+    if len(os.fsencode(whole)) <= _NAME_MAX:
+        return whole
+    digest = "~" + hashlib.blake2b(os.fsencode(name), digest_size=8).hexdigest()
+    room = _NAME_MAX - len(os.fsencode(f"{dot}{digest}{suffix}"))
+    head = os.fsencode(name)[:room].decode("utf-8", "ignore")  # no split character
+    return f"{dot}{head}{digest}{suffix}"
 
 
 class Kept(Exception):
@@ -154,8 +171,8 @@ def _take(src: int, name: str, dst: int, dst_name: str, c: Candidate) -> None:
     try:
         os.link(dst_name, name, src_dir_fd=dst, dst_dir_fd=src, follow_symlinks=False)
     except FileExistsError:  # yet another version came: keep this one in sight too
-        os.rename(dst_name, f"{name}.{os.getpid()}-{time.monotonic_ns()}.kept",
-                  src_dir_fd=dst, dst_dir_fd=src)
+        os.rename(dst_name, side_name(name, f".{os.getpid()}-{time.monotonic_ns()}.kept",
+                                      hidden=False), src_dir_fd=dst, dst_dir_fd=src)
     except OSError:  # no hard link to another user's file (protected_hardlinks)
         os.rename(dst_name, name, src_dir_fd=dst, dst_dir_fd=src)
     else:
@@ -164,7 +181,7 @@ def _take(src: int, name: str, dst: int, dst_name: str, c: Candidate) -> None:
 
 
 def _delete(parent: int, name: str, c: Candidate) -> None:
-    aside = f".{name}{ASIDE_SUFFIX}"  # hidden: never taken by a scan
+    aside = side_name(name, ASIDE_SUFFIX)  # hidden: never taken by a scan
     _try(lambda: _take(parent, name, parent, aside, c), "undeletable", "cannot be deleted")
     _try(lambda: os.unlink(aside, dir_fd=parent), "undeletable", "cannot be deleted")
 
@@ -212,7 +229,7 @@ class DoneDir:
 
     def _copy(self, parent: int, dest: int, name: str, c: Candidate) -> None:
         """done/ on another file system: copy under a temporary name, rename, delete."""
-        tmp = f".{name}.skyferry-tmp"
+        tmp = side_name(name, ".skyferry-tmp")
         src = os.open(name, FILE_FLAGS, dir_fd=parent)
         try:
             assert c.st is not None
@@ -259,3 +276,23 @@ def open_done(root_fd: int, root: Path, done: Path) -> DoneDir:
     for part in rel.parts:
         fd = _enter(fd, part, create=True)
     return DoneDir(fd)
+
+
+def take_back(root_fd: int, rel: str) -> None:
+    """Put the aside file `rel` (`.NAME.skyferry-accepted`, left by a kill between the
+    rename and the delete) back under NAME, so it is looked at again: the version already
+    stored is recognised (same name, size and mtime) and deleted without a second object.
+    Never over a file that took the name meanwhile (FileExistsError); a name shortened with
+    a digest cannot be given back (ValueError)."""
+    parts = rel.split("/")
+    aside = parts[-1]
+    name = aside[1:-len(ASIDE_SUFFIX)]
+    if not name or side_name(name, ASIDE_SUFFIX) != aside or len(os.fsencode(aside)) >= 250:
+        raise ValueError("its name was shortened, the original cannot be told")
+    parent = open_folder(root_fd, parts[:-1])
+    try:
+        # link, not rename: rename would replace a file that has the name by now
+        os.link(aside, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+        os.unlink(aside, dir_fd=parent)
+    finally:
+        os.close(parent)

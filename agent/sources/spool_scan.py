@@ -21,6 +21,8 @@ from pathlib import Path
 from agent.settings import ChunkingSettings
 
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
+# An accepted file is renamed to `.NAME` + this just before it is deleted (spool_files.py).
+ASIDE_SUFFIX = ".skyferry-accepted"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
@@ -86,6 +88,9 @@ class Fence:
 class ScanResult:
     files: list[Candidate] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    # Accepted files renamed aside and not deleted (the daemon was killed in between):
+    # relative names of the aside files.
+    asides: list[str] = field(default_factory=list)
 
 
 def open_folder(root_fd: int, parts: list[str] | tuple[str, ...]) -> int:
@@ -117,8 +122,58 @@ def _special(rel: str, st: os.stat_result) -> Skipped:
     return Skipped(rel, "special", "is not a regular file; only regular files are ingested")
 
 
+# Sub-folders are opened from their parent's descriptor while it is open, and held until
+# listed, at most this many at once: the most recently found (listed next, depth first)
+# keep theirs, older ones give theirs up and are reopened from the root when their turn
+# comes. Opening every folder from the root, component by component, made each scan
+# quadratic in the depth of the tree.
+_HELD_FOLDERS = 64
+
+
+class _Pending:
+    """Folders found and not yet listed (a stack), some with their descriptor held."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[list[str], Ident, int | None]] = [([], (-1, -1), None)]
+        self.held = 0
+        self._oldest = 0  # below this index no entry holds a descriptor
+
+    def push(self, parent: int, parts: list[str], seen: Ident) -> None:
+        if self.held >= _HELD_FOLDERS:
+            self._release_oldest()
+        try:
+            fd: int | None = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
+        except OSError:  # gone, swapped for a link, refused: opened from the root, in turn
+            fd = None
+        self.held += fd is not None
+        self.stack.append((parts, seen, fd))
+
+    def _release_oldest(self) -> None:
+        self._oldest = min(self._oldest, len(self.stack))
+        while self._oldest < len(self.stack):
+            parts, seen, fd = self.stack[self._oldest]
+            self._oldest += 1
+            if fd is not None:
+                os.close(fd)
+                self.stack[self._oldest - 1] = (parts, seen, None)
+                self.held -= 1
+                return
+
+    def pop(self) -> tuple[list[str], Ident, int | None]:
+        parts, seen, fd = self.stack.pop()
+        self.held -= fd is not None
+        self._oldest = min(self._oldest, len(self.stack))  # pushes go above it again
+        return parts, seen, fd
+
+    def close(self) -> None:
+        for _, _, fd in self.stack:
+            if fd is not None:
+                os.close(fd)
+        self.stack.clear()
+
+
 def _list(root: Path, fd: int, prefix: str, fence: Fence, out: ScanResult,
-          folders: list[tuple[list[str], Ident]]) -> None:
+          folders: _Pending) -> None:
     try:
         with os.scandir(fd) as it:
             entries = list(it)
@@ -129,6 +184,8 @@ def _list(root: Path, fd: int, prefix: str, fence: Fence, out: ScanResult,
     for entry in entries:
         rel = prefix + entry.name
         if entry.name.startswith(".") or rel in fence.skip_names:
+            if entry.name.endswith(ASIDE_SUFFIX) and entry.is_file(follow_symlinks=False):
+                out.asides.append(rel)
             continue
         try:
             st = entry.stat(follow_symlinks=False)  # fstatat on the folder's descriptor
@@ -142,7 +199,7 @@ def _list(root: Path, fd: int, prefix: str, fence: Fence, out: ScanResult,
                                        "a spool must not hold the state_dir or the keys"))
         elif stat.S_ISDIR(st.st_mode):
             if ident(st) not in fence.skip:
-                folders.append(([*prefix.split("/")[:-1], entry.name], ident(st)))
+                folders.push(fd, [*prefix.split("/")[:-1], entry.name], ident(st))
         elif is_temporary(entry.name):
             continue
         elif not is_utf8(rel):
@@ -164,22 +221,28 @@ def scan_fd(root_fd: int, root: Path, fence: Fence = Fence()) -> ScanResult:
     between listing its parent and opening it) is passed over until the next scan.
     """
     out = ScanResult()
-    folders: list[tuple[list[str], Ident]] = [([], (-1, -1))]
-    while folders:
-        parts, expect = folders.pop()
-        try:
-            fd = open_folder(root_fd, parts)
-        except OSError as e:  # gone or swapped for a link: looked at again next scan
-            if e.errno in (errno.EACCES, errno.EPERM):
-                out.skipped.append(Skipped("/".join(parts), "unreadable",
-                                           f"folder cannot be opened: {e.strerror}"))
-            continue
-        try:
-            if parts and ident(os.fstat(fd)) != expect:
-                continue
-            _list(root, fd, "".join(f"{p}/" for p in parts), fence, out, folders)
-        finally:
-            os.close(fd)
+    folders = _Pending()
+    try:
+        while folders.stack:
+            parts, expect, fd = folders.pop()
+            if fd is None:
+                try:
+                    fd = open_folder(root_fd, parts)
+                except OSError as e:  # gone or swapped for a link: looked at again next scan
+                    if e.errno in (errno.EACCES, errno.EPERM):
+                        out.skipped.append(Skipped("/".join(parts), "unreadable",
+                                                   f"folder cannot be opened: {e.strerror}"))
+                    continue
+            try:
+                # Opened without following links, from a folder already checked: still the
+                # folder listed (not another swapped in between), or passed over.
+                if parts and ident(os.fstat(fd)) != expect:
+                    continue
+                _list(root, fd, "".join(f"{p}/" for p in parts), fence, out, folders)
+            finally:
+                os.close(fd)
+    finally:
+        folders.close()
     out.files.sort(key=lambda c: (c.mtime_ns, c.name))
     return out
 

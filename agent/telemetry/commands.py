@@ -17,7 +17,7 @@ from agent.errors import SkyferryError
 from agent.gate import Gate
 from agent.store import Store
 from agent.telemetry.command_auth import CommandRefused, CommandVerifier, name_of
-from agent.telemetry.logs import log_event
+from agent.telemetry.logs import Throttled, log_event
 from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("skyferry.commands")
@@ -37,6 +37,9 @@ class Commands:
         self.metrics = metrics
         self.enabled = enabled
         self.verifier: CommandVerifier | None = None  # None: every command is refused
+        # Any client of the broker can publish on the cmd topic: refusals and ignored
+        # commands are logged in a burst, then summarised (each is still counted, answered).
+        self._refusals = Throttled(every_s=10.0, burst=20)
 
     async def apply(self, raw: bytes) -> dict[str, Any]:
         """Check and apply one command; returns the answer published as a `command` event."""
@@ -100,7 +103,11 @@ class Commands:
         fields = fields or {}
         result = result or ("applied" if ok else "rejected")
         self.metrics.commands.labels(name if name in COMMANDS else "other", result).inc()
-        log_event(log, level, f"command_{result}", f"command {name}: {detail}", command=name,
-                  **fields)
+        if result in ("refused", "ignored"):
+            self._refusals.log(log, level, f"command_{result}", f"command {name}: {detail}",
+                               command=name, **fields)
+        else:
+            log_event(log, level, f"command_{result}", f"command {name}: {detail}",
+                      command=name, **fields)
         return {"event": "command", "cmd": name, "ok": ok, "result": result, "detail": detail,
                 **fields}

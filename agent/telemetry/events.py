@@ -14,6 +14,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.telemetry.logs import safe_text
+
 # Log event -> delivery state published on skyferry/<site>/events.
 DELIVERY_EVENTS = {
     "file_accepted": "queued",
@@ -44,7 +46,9 @@ class EventTap(logging.Handler):
                 with self._guard:
                     self.problems.append({
                         "ts": _iso(record.created), "level": record.levelname.lower(),
-                        "event": event or "", "msg": record.getMessage(),
+                        # Names in it are outsiders' (a put's, a spool file's): the status
+                        # page and MQTT need printable UTF-8.
+                        "event": event or "", "msg": safe_text(record.getMessage()),
                     })
             state = DELIVERY_EVENTS.get(event or "")
             if state is None or (event == "file_accepted" and getattr(record, "duplicate", False)):

@@ -125,11 +125,14 @@ def log_event(logger: logging.Logger, level: int, event: str, msg: str, **fields
 
 class Throttled:
     """One event that outsiders can repeat at will (a flood of idle connections): logged the
-    first time, then at most once per `every_s` with how many were not logged meanwhile."""
+    first `burst` times, then at most `burst` times per `every_s` with how many were not
+    logged meanwhile."""
 
-    def __init__(self, every_s: float = 10.0) -> None:
+    def __init__(self, every_s: float = 10.0, burst: int = 1) -> None:
         self.every_s = every_s
-        self._last = float("-inf")
+        self.burst = burst
+        self._since = float("-inf")  # start of the current period
+        self._logged = 0  # lines in it
         self._skipped = 0
         self._lock = threading.Lock()  # the HTTP server logs from its request threads
 
@@ -137,10 +140,13 @@ class Throttled:
             **fields: Any) -> None:
         with self._lock:
             now = time.monotonic()
-            if now - self._last < self.every_s:
+            if now - self._since >= self.every_s:
+                self._since, self._logged = now, 0
+            if self._logged >= self.burst:
                 self._skipped += 1
                 return
-            skipped, self._skipped, self._last = self._skipped, 0, now
+            self._logged += 1
+            skipped, self._skipped = self._skipped, 0
         if skipped:
             msg = f"{msg} ({skipped} more like it not logged in the last {self.every_s:g}s)"
         log_event(logger, level, event, msg, suppressed=skipped, **fields)

@@ -88,8 +88,11 @@ def _tle(t: _Table, base: Path) -> TleSettings | None:
     t.require("files", 'files = ["/etc/skyferry/relay.tle"]')
     t.require("latitude", "latitude = 52.52 (decimal degrees, north positive)")
     t.require("longitude", "longitude = 13.40 (decimal degrees, east positive)")
-    files = tuple(base / Path(f).expanduser() for f in _strings(t, "files")) if t.has(
-        "files") else ()
+    names = _strings(t, "files") if t.has("files") else ()
+    if any("\0" in f for f in names):
+        t.report("files", "a path holds a NUL character", "give the paths without \\u0000")
+        names = ()
+    files = tuple(base / Path(f).expanduser() for f in names)
     satellites = _strings(t, "satellites") if t.has("satellites") else ()
     lat = _degrees(t, "latitude", -90, 90, None)
     lon = _degrees(t, "longitude", -180, 180, None)

@@ -106,7 +106,7 @@ def load_timetable_file(path: Path) -> tuple[TimetableEntry, ...]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise WindowFileError(str(path), None, "file", "not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or a NUL in the name
         raise WindowFileError(str(path), None, "file", f"cannot read it: {e}") from None
     return parse_timetable(text, str(path))
 

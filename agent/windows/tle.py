@@ -305,7 +305,7 @@ def read_elements(path: Path) -> list[ElementSet]:
         raise WindowFileError(str(path), None, "file",
                               "not found; fetch the elements (e.g. from CelesTrak) into it"
                               ) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or a NUL in the name
         raise WindowFileError(str(path), None, "file", f"cannot read it: {e}") from None
     sets = parse_elements(text, str(path))
     if not sets:
