@@ -35,6 +35,14 @@ def durable(site: Site) -> int:
                if e.get("event") == "mqtt_batch_accepted")
 
 
+def batches_accepted(site: Site) -> int:
+    return sum(1 for e in site.log_events() if e.get("event") == "mqtt_batch_accepted")
+
+
+def uploaded_manifests(site: Site) -> int:
+    return sum(1 for p in (site.cloud / site.site_id / "manifests").rglob("*") if p.is_file())
+
+
 def connections(site: Site) -> int:
     return sum(1 for e in site.log_events() if e.get("event") == "mqtt_connected")
 
@@ -83,8 +91,14 @@ def broker(tmp_path: Path) -> Any:
 
 
 def test_idle_after_10000_messages_and_sigterm_without_traceback(
-        make_site: Callable[..., Site], broker: Broker) -> None:
-    site = mqtt_site(make_site, broker, batch={"max_age": "0.2s"})
+        make_site: Callable[..., Site], broker: Broker, tmp_path: Path) -> None:
+    # The daemon as an operator runs it: its spool scanned at the default pace (the other
+    # tests scan every 0.2 s to go faster) and info logging.
+    spool = tmp_path / "idle-spool"
+    spool.mkdir()
+    site = mqtt_site(make_site, broker, batch={"max_age": "0.2s"}, site_extra={
+        "spool": [{"name": "files", "path": str(spool), "priority": "normal"}],
+        "telemetry": {"metrics_listen": "off", "log_level": "info"}})
     start_and_connect(site)
     pub = Publisher(broker.port, TOPICS, 1000).start()
     try:
@@ -93,7 +107,11 @@ def test_idle_after_10000_messages_and_sigterm_without_traceback(
     finally:
         pub.close()
     assert site.proc is not None
-    time.sleep(1.0)  # the last acknowledgements and log lines
+    # Idle means nothing left to do: every batch uploaded (on a loaded machine the uploads
+    # can still be running when the last batch is durable), then the last tip and log lines.
+    wait_for(lambda: uploaded_manifests(site) >= batches_accepted(site), 60,
+             "every batch uploaded", site)
+    time.sleep(2.0)
     before, t0 = cpu_seconds(site.proc.pid), time.monotonic()
     time.sleep(10.0)
     used = cpu_seconds(site.proc.pid) - before
