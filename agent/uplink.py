@@ -355,6 +355,13 @@ class Uplink:
                           "re-ingest it from its source", object=work.object_id)
                 return True
             objects = await self.run_blocking(self.store.mark_chunk_corrupt, work.chunk_id)
+            if not objects:
+                # No queued object needs it any more: its file was released while this worker
+                # had it in flight (another chunk of its object was found damaged). Nothing is
+                # lost here, so it is no second error.
+                log_event(log, logging.DEBUG, "chunk_released",
+                          f"{e}; no queued object needs it", chunk=work.chunk_id)
+                return True
             self.metrics.errors.labels("corrupt_chunk").inc()
             log_event(log, logging.ERROR, "chunk_corrupt",
                       f"{e}; objects {', '.join(objects) or '(none)'} marked damaged; "
