@@ -211,7 +211,7 @@ def _toml(value: str | Path) -> str:
 def write_config(work: Path) -> Path:
     spools = "".join(
         f"\n[[spool]]\nname = {_toml(name)}\npath = {_toml(Path('spool') / name)}\n"
-        f'priority = {_toml(cls)}\nsettle = "0.3s"\nscan_interval = "0.2s"\n'
+        f'priority = {_toml(cls)}\nsettle = "0.3s"\nscan_interval = "0.2s"\ncreate = true\n'
         for name, cls in SPOOLS.items()
     )
     text = f"""\
