@@ -3,6 +3,7 @@ checks `run` applies (a new check once broke the demo at its first step, unnotic
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +20,18 @@ def test_demo_config_passes_check_config(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_demo_compare_ignores_the_restore_journal_but_not_strays(tmp_path: Path) -> None:
+    originals, restored = tmp_path / "originals", tmp_path / "restored"
+    f = demo.DemoFile("telemetry", "a/b.csv", 3, 1_700_000_000_000_000_000, 1)
+    for root in (originals / f.spool, restored / demo.SITE / f.spool):
+        (root / "a").mkdir(parents=True)
+        (root / f.name).write_bytes(b"abc")
+        os.utime(root / f.name, ns=(f.mtime_ns, f.mtime_ns))
+    (restored / ".skyferry").mkdir()
+    (restored / ".skyferry" / "restored.sqlite").write_bytes(b"journal")
+    assert demo.compare([f], originals, restored) == []
+    (restored / demo.SITE / "stray.txt").write_bytes(b"x")
+    assert demo.compare([f], originals, restored) == [
+        f"{demo.SITE}/stray.txt: restored but never sent"]
