@@ -81,14 +81,6 @@ def settle(site: Site, total: int, timeout: float) -> None:
             last, since = now, time.monotonic()
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Any:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
-
-
 # ---- the acknowledgement contract (aiomqtt pinned, paho underneath) -----------------------------
 
 

@@ -79,14 +79,6 @@ def non_json_lines(site: Site) -> list[str]:
     return out
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Any:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
-
-
 # ---- no busy loop, no teardown traceback --------------------------------------------------------
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -24,14 +22,6 @@ from agent.sources.mqtt_paho import PahoAccess, decode_publish, fix_write_watch
 from tests.mqttkit import Broker
 
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
 
 
 # ---- decode_publish: paho's result, one payload copy ---------------------------------------------

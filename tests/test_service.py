@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -234,14 +234,6 @@ SERIES = [
     "skyferry_errors_total", "skyferry_evictions_total", "skyferry_quota_refusals_total",
     "skyferry_quota_used_bytes", "skyferry_forecast_hit_ratio", "skyferry_gate_open",
 ]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
 
 
 class Watcher:
