@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.history import JOURNAL_DIR
+from agent.cloud.history import JOURNAL_DIR
 
 SITE = "demo-site"
 SPOOLS = {"telemetry": "normal", "alarms": "critical"}
@@ -320,7 +320,7 @@ class Site:
     """The daemon subprocess and the folders around it."""
 
     def __init__(self, work: Path, config: Path) -> None:
-        from agent.config import load_settings
+        from agent.config.reader import load_settings
 
         self.work = work
         self.config = config
@@ -341,7 +341,7 @@ class Site:
         self.started = time.monotonic()
 
     def snapshot(self) -> Snapshot:
-        from agent.cli import status_data
+        from agent.cli.main import status_data
         from agent.errors import SkyferryError
 
         self.log.poll()

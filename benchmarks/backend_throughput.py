@@ -1,7 +1,7 @@
 """Upload throughput to an object-store emulator through a 40 ms RTT, 20 Mbit/s link.
 
 The daemon uploads a pre-queued payload of random (incompressible) bytes to moto (S3) or Azurite
-(Azure Blob) through `tests.faultproxy.FaultProxy`, which adds 20 ms each way and caps the
+(Azure Blob) through `tests.kits.faultproxy.FaultProxy`, which adds 20 ms each way and caps the
 upstream rate. Goodput is the sealed bytes stored in the bucket divided by the time between the
 first and the last upstream byte leaving the capped link; the target is at least 90 % of the cap.
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.units import format_size, parse_duration, parse_rate, parse_size
-from tests.emulators import Emulator, new_cloud, start_azurite, start_moto
-from tests.sitekit import Site
+from agent.config.units import format_size, parse_duration, parse_rate, parse_size
+from tests.kits.emulators import Emulator, new_cloud, start_azurite, start_moto
+from tests.kits.site import Site
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTION = "backend_throughput"
@@ -99,7 +99,7 @@ def write_results(m: Measurement, path: Path = RESULTS) -> None:
         "",
         f"{m.summary()}; target >= {TARGET:.0%} of the cap.",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {platform.machine()}, Python "
-        f"{platform.python_version()}, through tests/faultproxy.py (delay and token-bucket "
+        f"{platform.python_version()}, through tests/kits/faultproxy.py (delay and token-bucket "
         "rate cap in user space).",
         end,
     ])

@@ -1,7 +1,8 @@
 """Compression level by budget: what each zstd level costs and saves, and what `level = "auto"`
 picks when ingest is the bottleneck and when the link is.
 
-Every row seals files into a fresh store through agent.pipeline (in a child process, `--workers`
+Every row seals files into a fresh store through agent.ingest.pipeline (in a child process,
+`--workers`
 ingest threads, files grouped as a spool groups them), measured like benchmarks/ingest.py:
 wall time, CPU and peak RSS from GNU time, wire bytes = the sealed chunk and manifest files.
 `restic backup` (default compression) into a fresh repository gives the yardstick for the same
@@ -43,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.units import format_size, parse_size
+from agent.config.units import format_size, parse_size
 from benchmarks import corpus
 from benchmarks.ingest import SITE, Bench, Run, fresh, measure, restic_cache, store_bytes
 
@@ -60,8 +61,8 @@ AUTO_LINK_VS_RESTIC = 0.9
 
 def scenario(name: str, corpus_bytes: int) -> tuple[Any, float | None, str]:
     """(WindowSettings, uplink cap bytes/s, description) of a budget scenario."""
-    from agent.budget import SAFETY
-    from agent.settings import DailyWindow, WindowSettings
+    from agent.config.settings import DailyWindow, WindowSettings
+    from agent.uplink.budget import SAFETY
 
     if name == "ingest-bound":
         return (WindowSettings(mode="always"), LEO_BPS,
@@ -78,8 +79,8 @@ def scenario(name: str, corpus_bytes: int) -> tuple[Any, float | None, str]:
 
 def link_budget(name: str, corpus_bytes: int, now: float) -> int | None:
     """The scenario's budget for the next 24 h, computed as the daemon computes it."""
-    from agent.budget import horizon_budget
-    from agent.compression_policy import HORIZON_S
+    from agent.ingest.compression_policy import HORIZON_S
+    from agent.uplink.budget import horizon_budget
     from agent.windows.forecast import build_forecast
 
     windows, uplink, _ = scenario(name, corpus_bytes)
@@ -93,13 +94,13 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
               ) -> dict[str, Any]:
     """Seal every file below root into a fresh store; mode is "default", "level:N[+ldm]" or
     "auto:SCENARIO". Returns counts and, for auto, every level the policy chose."""
-    from agent import crypto
-    from agent.compression_policy import RETUNE_EVERY_S, AutoLevel
-    from agent.config import DEFAULT_CLASSES
-    from agent.pipeline import Pipeline
-    from agent.settings import ChunkingSettings, CompressionSettings
+    from agent.config.reader import DEFAULT_CLASSES
+    from agent.config.settings import ChunkingSettings, CompressionSettings
+    from agent.format import crypto
+    from agent.ingest.compression_policy import RETUNE_EVERY_S, AutoLevel
+    from agent.ingest.pipeline import Pipeline
     from agent.sources.spool_scan import plan, scan
-    from agent.store import Store
+    from agent.store.store import Store
     from benchmarks.ingest_child import seal_batch
 
     keys = crypto.load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",

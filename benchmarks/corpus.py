@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.units import format_size, parse_size
+from agent.config.units import format_size, parse_size
 
 GiB = 1 << 30
 MiB = 1 << 20

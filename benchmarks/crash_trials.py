@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import crypto
-from agent.backends import open_backend
-from agent.crypto import load_dedup_key, load_recipient_private
-from agent.restore import Restorer, RestoreReport, site_key_loader
+from agent.backends.core import open_backend
+from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.format import crypto
+from agent.format.crypto import load_dedup_key, load_recipient_private
 from agent.sources.spool_scan import scan
-from tests.sitekit import Site, drop_file, tree_digest
+from tests.kits.site import Site, drop_file, tree_digest
 
 SPOOL = "files"
 SMALL_CHUNKING = {"min_size": "64KiB", "avg_size": "256KiB", "max_size": "1MiB"}

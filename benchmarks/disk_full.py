@@ -59,17 +59,17 @@ from typing import Any
 
 import blake3
 
-from agent import store as store_mod
-from agent.crypto import generate_keys, load_edge_keys
+from agent.config.settings import ChunkingSettings, ClassSettings, CompressionSettings
+from agent.config.units import parse_size
 from agent.errors import DiskFullError
-from agent.fsio import free_bytes
-from agent.pipeline import IngestRequest, Pipeline
-from agent.settings import ChunkingSettings, ClassSettings, CompressionSettings
+from agent.format.crypto import generate_keys, load_edge_keys
+from agent.ingest.pipeline import IngestRequest, Pipeline
 from agent.sources.spool import REFUSED_BACKOFF_MAX_S
 from agent.sources.spool_scan import scan
-from agent.store import DISK_HEADROOM_BYTES, SPARE_BYTES, Store
-from agent.units import parse_size
-from tests.sitekit import Site, drop_file, tree_digest
+from agent.store import store as store_mod
+from agent.store.fsio import free_bytes
+from agent.store.store import DISK_HEADROOM_BYTES, SPARE_BYTES, Store
+from tests.kits.site import Site, drop_file, tree_digest
 
 MiB = 1 << 20
 SPOOL = "files"

@@ -1,7 +1,7 @@
 """Ingest and wire bytes: skyferry vs `restic backup` vs `zstd -3 -T2`, on the same corpus.
 
 Ingest: every file of the corpus (benchmarks/corpus.py) becomes sealed chunks and a manifest in
-a fresh skyferry store (agent.pipeline at default settings, files ingested by `--workers`
+a fresh skyferry store (agent.ingest.pipeline at default settings, files ingested by `--workers`
 threads, in a child process so its CPU and peak RSS are measurable: benchmarks/ingest_child.py);
 `restic backup` into a fresh local repository (default compression); `zstd -3 -T2` on a tar of
 the corpus. Each tool runs `--runs` times, interleaved; the median of wall time, CPU time and
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.units import format_size, parse_size
+from agent.config.units import format_size, parse_size
 from benchmarks import corpus
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -150,7 +150,7 @@ class Bench:
         self.keys = workdir / "keys"
         if not (self.keys / "edge" / "dedup.key").exists():
             fresh(self.keys)
-            from agent import crypto
+            from agent.format import crypto
             crypto.generate_keys(self.keys, SITE)
         self.restic = shutil.which("restic")
         self.zstd = shutil.which("zstd")
@@ -227,7 +227,7 @@ def run(workdir: Path, size: int, seed: int = 6, runs: int = 3, workers: int = 2
     b = Bench(workdir, size, seed, workers)
     tools = {
         "skyferry": Tool("skyferry", f"python -m benchmarks.ingest_child CORPUS STATE KEYS "
-                                     f"{SITE} corpus {workers}", f"agent.pipeline, default "
+                                     f"{SITE} corpus {workers}", f"agent.ingest.pipeline, default "
                                      f"settings, {workers} ingest threads, fresh store"),
         "restic": Tool("restic", "restic backup --quiet CORPUS",
                        "fresh repository, default compression"),

@@ -14,11 +14,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from agent import crypto
-from agent.pipeline import IngestRequest, Pipeline
-from agent.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
+from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
+from agent.format import crypto
+from agent.ingest.pipeline import IngestRequest, Pipeline
 from agent.sources.spool_scan import Candidate, plan, scan
-from agent.store import Store
+from agent.store.store import Store
 
 
 def seal_batch(pipeline: Pipeline, batch: list[Candidate], source: str

@@ -1,7 +1,7 @@
 """Link benchmark: skyferry vs `rclone copy` to Azurite over a rate-limited link that is cut.
 
 The link: a network namespace joined to the host by a veth pair, a `tbf` rate limit on the
-namespace's (uplink) side, a one-way delay added by the fault proxy (tests/faultproxy.py, since
+namespace's (uplink) side, a one-way delay added by the fault proxy (tests/kits/faultproxy.py, since
 `netem` is not in this kernel) that sits on the host end of the veth pair in front of Azurite,
 and cuts on a seeded schedule (up 30-90 s, down 5-20 s by default). A cut is either
 - `down`: the far (host) end of the veth pair is set down, or
@@ -72,13 +72,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from agent.backends import AZURITE_ACCOUNT, AZURITE_KEY
-from agent.units import format_size, parse_duration, parse_rate, parse_size
+from agent.backends.core import AZURITE_ACCOUNT, AZURITE_KEY
+from agent.config.units import format_size, parse_duration, parse_rate, parse_size
 from benchmarks import corpus
 from benchmarks.run import write_section
-from tests.emulators import Emulator, start_azurite
-from tests.faultproxy import FaultProxy
-from tests.sitekit import Site, render_toml, tree_digest
+from tests.kits.emulators import Emulator, start_azurite
+from tests.kits.faultproxy import FaultProxy
+from tests.kits.site import Site, render_toml, tree_digest
 
 SECTION = "link"
 MiB = 1 << 20

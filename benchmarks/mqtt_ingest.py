@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.mqttkit import Broker, Publisher
-from tests.sitekit import Site
+from tests.kits.mqtt import Broker, Publisher
+from tests.kits.site import Site
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TOPICS = [f"bench/t{i:02d}" for i in range(20)]

@@ -1,4 +1,4 @@
-"""The restore/verify properties (tests/test_restore_props.py) with many more examples.
+"""The restore/verify properties (tests/unit/test_restore_props.py) with many more examples.
 
 Usage: python -m benchmarks.restore_props [--examples N]
 """
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
            "SKYFERRY_PROPS_EXAMPLES": str(args.examples)}
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/test_restore_props.py"], cwd=ROOT, env=env)
+                        "tests/unit/test_restore_props.py"], cwd=ROOT, env=env)
     verdict = "all properties held" if r.returncode == 0 else "a property FAILED (see output)"
     write_section("restore_props", (
         f"## Restore properties (`python -m benchmarks.restore_props --examples "

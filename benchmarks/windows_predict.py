@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.settings import TleSettings
+from agent.config.settings import TleSettings
 from agent.windows.tle import TleSource, tle_checksum
 
 BASE = """ISS (ZARYA)

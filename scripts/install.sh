@@ -53,7 +53,7 @@ if [ -d /run/systemd/system ]; then
 fi
 # Private keys are 0600 and owned by the service user, never group-readable: the group
 # skyferry also holds the producers allowed to use the put socket. skyferry refuses any other
-# mode (agent/crypto.py), and `check-config` says so by key path.
+# mode (agent/format/crypto.py), and `check-config` says so by key path.
 cat <<MSG
 skyferry: installed. Next:
   skyferry keygen --out /root/skyferry-keys --site SITE   # on a trusted machine

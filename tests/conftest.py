@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.mqttkit import Broker
-from tests.sitekit import Site
+from tests.kits.mqtt import Broker
+from tests.kits.site import Site
 
 
 @pytest.fixture
@@ -27,12 +27,12 @@ def make_site(tmp_path: Path) -> Iterator[Callable[..., Site]]:
 
 
 # Object-store emulators (Azurite, moto), started once per session, and per-test clouds.
-from tests.emulators import azurite, make_cloud, moto  # noqa: E402, F401
+from tests.kits.emulators import azurite, make_cloud, moto  # noqa: E402, F401
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    """A private Mosquitto on a free port, killed after the test (tests/mqttkit.py)."""
+    """A private Mosquitto on a free port, killed after the test (tests/kits/mqtt.py)."""
     b = Broker(tmp_path / "broker")
     b.start()
     yield b

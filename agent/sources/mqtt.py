@@ -4,7 +4,7 @@ How "acknowledge only after durable" is kept
 --------------------------------------------
 aiomqtt (2.5) drives paho-mqtt from the event loop but always lets paho acknowledge a QoS 1
 message as soon as it is read. paho-mqtt 2.2 itself can wait: with `manual_ack` on, a QoS 1
-PUBACK is sent only when `ack(mid, 1)` is called. `agent.sources.mqtt_paho` (the one module that
+PUBACK is sent only when `ack(mid, 1)` is called. `agent.broker.paho_adapter` (the one module that
 reaches into aiomqtt and paho, with its own tests) turns manual acknowledgement on, records the
 CONNACK's session-present flag and keeps the socket's write registration right.
 
@@ -30,7 +30,7 @@ durable one after another, each in arrival order, and named by their first messa
 time. A broker re-send after a reconnect can repeat a message later on (at least once); it
 never moves the first copy. What the publisher's client itself puts on the wire out of order
 (paho-mqtt 2.2 writes a PUBLISH made while its reconnect awaits the CONNACK ahead of the ones it
-queued offline; see tests/mqttkit.py `Publisher`) reaches the broker, and so skyferry, in that
+queued offline; see tests/kits/mqtt.py `Publisher`) reaches the broker, and so skyferry, in that
 order: nothing here can restore an order the broker never saw.
 """
 
@@ -52,16 +52,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.broker.connection import read_secret, tls_context
+from agent.broker.paho_adapter import PahoAccess
+from agent.broker.reconnect import keep_connected
+from agent.config.settings import MqttSettings
 from agent.errors import QuotaExceededError, SkyferryError
-from agent.memory import fix_malloc_thresholds
-from agent.pipeline import BatchRequest, IngestResult
-from agent.reconnect import keep_connected
-from agent.settings import MqttSettings
-from agent.sources.mqtt_conn import read_secret, tls_context
-from agent.sources.mqtt_paho import PahoAccess
+from agent.host.memory import fix_malloc_thresholds
+from agent.ingest.pipeline import BatchRequest, IngestResult
+from agent.obs.logs import Throttled, log_event
+from agent.obs.metrics import Metrics
 from agent.sources.mqtt_records import Received, batch_name_prefix, encode_jsonl
-from agent.telemetry.logs import Throttled, log_event
-from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("skyferry.mqtt")
 IngestBatch = Callable[[BatchRequest], Awaitable[IngestResult]]
@@ -137,7 +137,7 @@ class MqttSource:
 
     async def run(self) -> None:
         """Connect, consume, reconnect with backoff; returns once `drain` has finished."""
-        fix_malloc_thresholds()  # peak memory per message: see agent/memory.py
+        fix_malloc_thresholds()  # peak memory per message: see agent/host/memory.py
         tick = asyncio.create_task(self._age_ticker(), name="mqtt-batch-ages")
         try:
             # A broker problem never takes the daemon down: it is logged and retried.

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SkyferryError
-from agent.pipeline import IngestRequest
+from agent.ingest.pipeline import IngestRequest
+from agent.obs.logs import Throttled, log_event
 from agent.sources import Ingest
 from agent.sources.put_client import reader_of
-from agent.telemetry.logs import Throttled, log_event
 
 log = logging.getLogger("skyferry.put")
 PUT_SOURCE = "put"

@@ -18,9 +18,11 @@ import resource
 import time
 from pathlib import Path
 
+from agent.config.settings import ChunkingSettings, SpoolSettings
 from agent.errors import DiskFullError, QuotaExceededError, SkyferryError, SourceError
-from agent.pipeline import IngestRequest, IngestResult
-from agent.settings import ChunkingSettings, SpoolSettings
+from agent.ingest.pipeline import IngestRequest, IngestResult
+from agent.obs.logs import log_event
+from agent.obs.metrics import Metrics
 from agent.sources import Ingest, IngestPack, spool_lease
 from agent.sources.spool_files import DoneDir, Hold, Kept, dispose, open_done, take_back
 from agent.sources.spool_scan import (
@@ -33,8 +35,6 @@ from agent.sources.spool_scan import (
     printable,
     scan_fd,
 )
-from agent.telemetry.logs import log_event
-from agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("skyferry.spool")
 # While the store refuses (quota or disk full) scans back off, doubling up to this.

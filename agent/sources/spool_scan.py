@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.settings import ChunkingSettings
+from agent.config.settings import ChunkingSettings
 
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
 # An accepted file is renamed to `.NAME` + this just before it is deleted (spool_files.py).

@@ -40,10 +40,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.crypto import _load_pem, _write_private, _write_public
+from agent.config.settings import Settings
 from agent.errors import KeyFileError, SkyferryError
-from agent.settings import Settings
-from agent.telemetry.logs import log_event
+from agent.format.crypto import _load_pem, _write_private, _write_public
+from agent.obs.logs import log_event
 
 log = logging.getLogger("skyferry.commands")
 CONTEXT = b"skyferry/v1/command\x00"

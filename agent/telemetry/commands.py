@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.errors import SkyferryError
-from agent.gate import Gate
-from agent.store import Store
+from agent.obs.logs import Throttled, log_event
+from agent.obs.metrics import Metrics
+from agent.store.store import Store
 from agent.telemetry.command_auth import CommandRefused, CommandVerifier, name_of
-from agent.telemetry.logs import Throttled, log_event
-from agent.telemetry.metrics import Metrics
+from agent.uplink.gate import Gate
 
 log = logging.getLogger("skyferry.commands")
 COMMANDS = ("pause", "resume", "flush", "priority")

@@ -22,13 +22,13 @@ from typing import Any
 
 import aiomqtt
 
-from agent.reconnect import keep_connected
-from agent.settings import MqttSettings
-from agent.sources.mqtt_conn import read_secret, tls_context
-from agent.sources.mqtt_paho import fix_write_watch
+from agent.broker.connection import read_secret, tls_context
+from agent.broker.paho_adapter import fix_write_watch
+from agent.broker.reconnect import keep_connected
+from agent.config.settings import MqttSettings
+from agent.obs.events import EventTap
+from agent.obs.logs import log_event
 from agent.telemetry.commands import Commands
-from agent.telemetry.events import EventTap
-from agent.telemetry.logs import log_event
 from agent.telemetry.snapshot import Snapshot, iso
 
 log = logging.getLogger("skyferry.mqtt.status")

@@ -13,16 +13,14 @@ import os
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-from agent.backend_health import BackendHealth
-from agent.gate import Clock, Gate
-from agent.settings import Settings
+from agent.config.settings import Settings
+from agent.obs.events import EventTap
+from agent.obs.logs import attach_tap, detach_tap, log_event
+from agent.obs.metrics import Metrics
 from agent.sources.mqtt import MqttSource
-from agent.store import Store
+from agent.store.store import Store
 from agent.telemetry.command_auth import verifier_for
 from agent.telemetry.commands import Commands
-from agent.telemetry.events import EventTap
-from agent.telemetry.logs import attach_tap, detach_tap, log_event
-from agent.telemetry.metrics import Metrics
 from agent.telemetry.mqtt_status import MqttStatus
 from agent.telemetry.notify import Notifier
 from agent.telemetry.snapshot import (
@@ -34,6 +32,8 @@ from agent.telemetry.snapshot import (
     window_view,
 )
 from agent.telemetry.status_page import StatusServer
+from agent.uplink.backend_check import BackendHealth
+from agent.uplink.gate import Clock, Gate
 
 log = logging.getLogger("skyferry.telemetry")
 RunBlocking = Callable[..., Awaitable[Any]]

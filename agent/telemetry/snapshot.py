@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.gate import Gate
-from agent.store import Store
-from agent.telemetry.metrics import Metrics
-from agent.units import format_duration, format_size
+from agent.config.units import format_duration, format_size
+from agent.obs.metrics import Metrics
+from agent.store.store import Store
+from agent.uplink.gate import Gate
 
 TIMELINE_S = 24 * 3600.0
 MAX_TIMELINE = 200  # windows listed; a short test cycle would otherwise list thousands
@@ -54,7 +54,7 @@ class Snapshot:
     throughput_bps: float
     mqtt: dict[str, Any] | None
     problems: tuple[dict[str, Any], ...] = ()
-    # The last backend check (agent/backend_health.py): state ok, refused, unreachable or
+    # The last backend check (agent/uplink/backend_check.py): state ok, refused, unreachable or
     # unknown, the service's answer, and when; None when the daemon has no check.
     backend: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -24,9 +24,9 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from agent.telemetry.logs import Throttled
+from agent.config.units import format_duration, format_size
+from agent.obs.logs import Throttled
 from agent.telemetry.snapshot import Snapshot, WindowView, iso
-from agent.units import format_duration, format_size
 
 REFRESH_S = 5
 HTTP_MAX_CONNECTIONS = 16

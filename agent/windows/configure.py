@@ -1,7 +1,8 @@
-"""The [windows] keys of issue 4, read for agent/config.py: timetable, tle, link, pass margins.
+"""The [windows] keys of issue 4, read for agent/config/reader.py: timetable, tle, link, pass
+margins.
 
-Kept apart from agent/config.py so the window sources own their configuration; `t` is
-agent.config's `_Table` (the problem list and key paths come with it), so every problem reads
+Kept apart from agent/config/reader.py so the window sources own their configuration; `t` is
+agent.config.reader's `_Table` (the problem list and key paths come with it), so every problem reads
 like the rest: `<key.path>: <what is wrong> (got <value>); <how to fix>`. Element and timetable
 files are parsed here too, so `skyferry check-config` names a bad file, line and field.
 """
@@ -12,13 +13,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.settings import LinkSettings, TleSettings
+from agent.config.settings import LinkSettings, TleSettings
 from agent.windows import WindowFileError
 from agent.windows.linkmonitor import parse_probe
 from agent.windows.timetable import load_timetable_file, parse_timetable
 
 if TYPE_CHECKING:
-    from agent.config import _Table
+    from agent.config.reader import _Table
 
 EXTRA_KEYS = ("timetable", "timetable_file", "tle", "link", "pre_pass", "post_pass",
               "min_viable_contact")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.settings import WindowSettings
-from agent.telemetry.logs import log_event
+from agent.config.settings import WindowSettings
+from agent.obs.logs import log_event
 from agent.windows import Contact, ContactSource, WindowFileError
 from agent.windows.learned import LearnedModel
 from agent.windows.schedule import Schedule

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from agent.settings import BackendSettings, LinkSettings
-from agent.telemetry.logs import log_event
+from agent.config.settings import BackendSettings, LinkSettings
+from agent.obs.logs import log_event
 from agent.windows.learned import LearnedModel
 
 Clock = Callable[[], float]

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from agent.settings import WindowSettings
+from agent.config.settings import WindowSettings
 from agent.windows import Contact, ContactSource
 
 _DAY = 86400.0

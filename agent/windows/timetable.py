@@ -20,8 +20,8 @@ import re
 import threading
 from pathlib import Path
 
-from agent import units
-from agent.settings import TimetableEntry
+from agent.config import units
+from agent.config.settings import TimetableEntry
 from agent.windows import Contact, WindowFileError
 
 DAY_S = 86400

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.settings import TleSettings
+from agent.config.settings import TleSettings
 from agent.windows import Contact, WindowFileError
 from agent.windows.schedule import merge
 

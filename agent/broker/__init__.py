@@ -1,0 +1,1 @@
+"""broker: see docs/DESIGN.md for what this room does and may import."""

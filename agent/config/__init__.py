@@ -1,0 +1,1 @@
+"""config: see docs/DESIGN.md for what this room does and may import."""

@@ -1,0 +1,1049 @@
+"""Load and validate the TOML config into frozen `Settings`, reporting every problem at once.
+
+Each problem reads `<key.path>: <what is wrong> (got <value>); <how to fix>` so an operator can
+fix the whole file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+from urllib.parse import SplitResult, urlsplit
+
+from agent.config import units
+from agent.config.settings import (
+    DEFAULT_CLASSES,
+    AfterIngest,
+    BackendSettings,
+    ChunkingSettings,
+    ClassSettings,
+    CompressionSettings,
+    CycleWindow,
+    DailyWindow,
+    Interval,
+    KeySettings,
+    PutSettings,
+    QuotaPolicy,
+    SecretRef,
+    Settings,
+    SiteSettings,
+    SpoolSettings,
+    StoreSettings,
+    TelemetrySettings,
+    UplinkSettings,
+    WindowMode,
+    WindowSettings,
+)
+from agent.errors import ConfigError
+from agent.windows import configure as window_config
+
+T = TypeVar("T")
+U = TypeVar("U")
+LogFormat = Literal["auto", "json", "text"]
+
+EXAMPLE = "config/skyferry.toml"
+SITE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+RESERVED_SOURCE = "put"  # the source name `skyferry put` uses
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+# pyfastcdc's bounds. The pipeline gives it avg_size - min_size as its average (its output
+# averages min + avg), so that difference is what its avg limits apply to.
+CDC_MIN_FLOOR = 64 << 10
+CDC_MIN_CEILING = 1 << 20
+CDC_AVG_SPAN_CEILING = 4 << 20
+CDC_MAX_CEILING = 16 << 20
+
+MAX_INTEGER = 1 << 53  # beyond this no integer key means anything (and floats lose it)
+
+TOP_LEVEL_KEYS = (
+    "site", "keys", "store", "classes", "chunking", "compression", "spool",
+    "put", "backend", "uplink", "windows", "telemetry", "mqtt",
+)  # fmt: skip
+
+_MISSING = object()
+
+
+def _short(value: object) -> str:
+    """repr() cut to a length that keeps a problem on one readable line."""
+    if value is _MISSING:
+        return "nothing"
+    # TOML date-times read better the way they were written than as datetime.datetime(...).
+    text = value.isoformat() if isinstance(value, date | time) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Table:
+    """One TOML table being read: its key path, its values and the shared problem list."""
+
+    def __init__(self, data: Mapping[str, object], where: str, problems: list[str]) -> None:
+        self.data = data
+        self.where = where
+        self.problems = problems
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str) -> object:
+        return self.data.get(name, _MISSING)
+
+    def report(self, name: str, what: str, fix: str) -> None:
+        """Record a problem with the value at `name`."""
+        self.problems.append(f"{self.key(name)}: {what} (got {_short(self.raw(name))}); {fix}")
+
+    def ensure(self, name: str, ok: bool, what: str, fix: str) -> None:
+        if not ok:
+            self.report(name, what, fix)
+
+    def require(self, name: str, example: str) -> bool:
+        """Record a problem if `name` is absent; `example` is a line the operator could add."""
+        if name in self.data:
+            return True
+        section = f" under [{self.where}]" if self.where else ""
+        self.problems.append(f"{self.key(name)}: required key is missing; add {example}{section}")
+        return False
+
+    def reject_unknown(self, allowed: Iterable[str]) -> None:
+        allowed = tuple(allowed)
+        for name in self.data:
+            if name in allowed:
+                continue
+            close = difflib.get_close_matches(name, allowed, n=1)
+            fix = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else f"remove it; valid keys here are {', '.join(allowed)}"
+            )
+            self.report(name, "unknown key", fix)
+
+    def table(self, name: str, allowed: Iterable[str] | None = None) -> _Table:
+        """The sub-table `name` (empty when absent), with unknown keys reported."""
+        value = self.raw(name)
+        if value is _MISSING:
+            value = {}
+        elif not isinstance(value, dict):
+            self.report(name, "must be a table", f"write it as a [{self.key(name)}] section")
+            value = {}
+        child = _Table(value, self.key(name), self.problems)
+        if allowed is not None:
+            child.reject_unknown(allowed)
+        return child
+
+    def tables(self, name: str, allowed: Iterable[str], how: str) -> list[_Table]:
+        """An array of tables such as [[spool]]; `how` tells how to write one entry."""
+        value = self.raw(name)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.report(name, "must be an array of tables", how)
+            return []
+        items = [_Table(v, f"{self.key(name)}[{i}]", self.problems) for i, v in enumerate(value)]
+        for item in items:
+            item.reject_unknown(allowed)
+        return items
+
+    def string(self, name: str, default: T) -> str | T:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self.report(name, "must be a string", f'put the value in quotes, e.g. {name} = "..."')
+            return default
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.string(name, None)
+        if value is None:
+            return default
+        if value not in options:
+            quoted = ", ".join(f'"{o}"' for o in options)
+            self.report(name, "is not one of the accepted values", f"use one of {quoted}")
+            return default
+        return value
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.report(
+                name,
+                "must be an integer",
+                f"write a whole number without quotes, e.g. {name} = {default}",
+            )
+            return default
+        if abs(value) > MAX_INTEGER:
+            self.report(name, "is far too large", "give a number of sensible size")
+            return default
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.report(
+                name, "must be a number", f"write a number without quotes, e.g. {name} = {default}"
+            )
+            return default
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            self.report(name, "must be a finite number", f"e.g. {name} = {default}")
+            return default
+        return number
+
+    def path(self, name: str, base: Path, default: T) -> Path | T:
+        """A path; relative ones are taken from the config file's directory."""
+        text = self.string(name, None)
+        if text is None:
+            return default
+        if not text:
+            self.report(name, "must not be empty", "give a path, absolute or relative to this file")
+            return default
+        if "\0" in text:  # no file system takes one; os calls raise ValueError on it
+            self.report(name, "holds a NUL character", "give the path without \\u0000")
+            return default
+        return base / Path(text).expanduser()
+
+    def _unit(self, name: str, parse: Callable[[str | float], T], forms: str, default: U) -> T | U:
+        value = self.raw(name)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.report(name, "has the wrong type", forms)
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problems.append(f"{self.key(name)}: {exc}")
+            return default
+
+    def size(self, name: str, default: U) -> int | U:
+        return self._unit(name, units.parse_size, units.SIZE_FORMS, default)
+
+    def duration(self, name: str, default: U) -> float | U:
+        return self._unit(name, units.parse_duration, units.DURATION_FORMS, default)
+
+    def rate(self, name: str, default: U) -> float | U:
+        return self._unit(name, units.parse_rate, units.RATE_FORMS, default)
+
+    def positive(self, name: str, value: float | None, fix: str) -> None:
+        """Report a parsed duration, size or rate that is zero."""
+        self.ensure(name, value is None or value > 0, "must be greater than zero", fix)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the config file; raise one ConfigError listing every problem."""
+    return validate(_read_toml(path), path)
+
+
+def validate(data: Mapping[str, object], path: Path) -> Settings:
+    """Turn parsed TOML into Settings; relative paths are taken from `path`'s directory."""
+    problems: list[str] = []
+    root = _Table(data, "", problems)
+    root.reject_unknown(TOP_LEVEL_KEYS)
+    base = path.absolute().parent
+    # Sections are read in the order the example file uses, so problems come out in that order.
+    site = _site(root.table("site", ("id", "state_dir")), base)
+    keys = _keys(root.table("keys", ("recipient_public", "signing_key", "dedup_key")), base)
+    store = _store(root.table("store", ("quota",)))
+    classes = _classes(root)
+    class_names = _class_names(root)
+    chunking = _chunking(root.table("chunking", (
+        "min_size", "avg_size", "max_size", "pack_below", "pack_size", "pack_files",
+        "pack_avg_size")))
+    compression = _compression(root.table("compression", ("level", "min_ratio")))
+    spools = _spools(root, base, class_names)
+    put = _put(root.table("put", ("socket", "priority")), base, site.state_dir, class_names)
+    backend = _backend(root.table("backend"), base)
+    uplink = _uplink(
+        root.table("uplink", ("streams", "aging", "retry_initial", "retry_max", "rate"))
+    )
+    windows = _windows(
+        root.table("windows", ("mode", "intervals", "daily", "cycle", *window_config.EXTRA_KEYS)),
+        base,
+    )
+    telemetry = _telemetry(root.table("telemetry", ("log_level", "log_format", "metrics_listen")))
+    from agent.config.mqtt import read_mqtt  # here: it builds on this module's helpers
+
+    mqtt = read_mqtt(root, base, site.id, class_names, tuple(s.name for s in spools))
+    if problems:
+        raise ConfigError(problems, str(path))
+    return Settings(
+        site=site,
+        keys=keys,
+        backend=backend,
+        put=put,
+        store=store,
+        classes=classes,
+        chunking=chunking,
+        compression=compression,
+        spools=spools,
+        uplink=uplink,
+        windows=windows,
+        telemetry=telemetry,
+        mqtt=mqtt,
+    )
+
+
+def check_config_main(path: Path) -> int:
+    """`skyferry check-config FILE`: print OK and a summary (0), or every problem (2).
+
+    The same checks as `run` at start (agent/daemon/preflight.py): the file, and what it points at.
+    """
+    from agent.daemon.preflight import load_checked, print_problems
+
+    try:
+        settings = load_checked(path)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 2
+    print(f"OK: {path}")
+    print(summarize(settings))
+    return 0
+
+
+def summarize(settings: Settings) -> str:
+    """One line naming what the config sets up, for `check-config` and the start-up log."""
+    spools = ", ".join(s.name for s in settings.spools)
+    classes = ", ".join(c.name for c in settings.classes)
+    return (
+        f"site {settings.site.id}; {len(settings.spools)} spool(s)"
+        + (f" ({spools})" if spools else "")
+        + f"; {len(settings.classes)} class(es) ({classes}); backend {settings.backend.url}"
+        + f"; windows {settings.windows.mode}"
+        + (f"; mqtt {settings.mqtt.host}:{settings.mqtt.port} "
+           f"({len(settings.mqtt.subscriptions)} subscription(s))" if settings.mqtt else "")
+    )
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        problem = (
+            f"config file not found: {path}; copy the documented example {EXAMPLE}, edit it, "
+            f"then run `skyferry check-config {path}`"
+        )
+        raise ConfigError([problem], where) from None
+    except OSError as exc:
+        problem = (
+            f"cannot read the config file: {exc.strerror} (got {where!r}); "
+            "give the path of a readable TOML file"
+        )
+        raise ConfigError([problem], where) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = (
+            f"the file is not UTF-8 text (got byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        )
+        raise ConfigError([problem], where) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_problem(exc, text)], where) from None
+
+
+def _syntax_problem(exc: tomllib.TOMLDecodeError, text: str) -> str:
+    """Put the line and column tomllib buried in its message first, and show that line."""
+    message = str(exc)
+    match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if match:
+        line, column = int(match[1]), int(match[2])
+        message = message[: match.start()]
+    else:
+        # tomllib says "(at end of document)": the problem is on the last line.
+        message = re.sub(r"\s*\(at end of document\)$", "", message)
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    lines = text.splitlines()
+    source = lines[line - 1] if 0 < line <= len(lines) else ""
+    return (
+        f"line {line}, column {column}: invalid TOML: {message} (got {_short(source.strip())}); "
+        'fix the syntax there: strings need quotes (id = "x"), tables are [name], '
+        "repeated tables are [[name]]"
+    )
+
+
+def _site(t: _Table, base: Path) -> SiteSettings:
+    t.require("id", 'id = "camp-alpha"')
+    site_id = t.string("id", None)
+    t.ensure(
+        "id",
+        site_id is None or SITE_ID_RE.fullmatch(site_id) is not None,
+        "is not a valid site id",
+        "use 1-63 lower-case letters, digits or '-', starting with a letter or digit "
+        "(it becomes part of cloud object keys)",
+    )
+    t.require("state_dir", 'state_dir = "/var/lib/skyferry"')
+    return SiteSettings(id=site_id or "", state_dir=t.path("state_dir", base, Path()))
+
+
+def _keys(t: _Table, base: Path) -> KeySettings:
+    paths: dict[str, Path] = {}
+    for name, example in (
+        ("recipient_public", "keys/recipient.pub"),
+        ("signing_key", "keys/site.key"),
+        ("dedup_key", "keys/dedup.key"),
+    ):
+        t.require(name, f'{name} = "{example}"')
+        paths[name] = t.path(name, base, Path())
+    return KeySettings(**paths)
+
+
+def _store(t: _Table) -> StoreSettings:
+    quota = t.size("quota", None)
+    t.positive("quota", quota, 'give a size such as "50GiB", or remove quota for no limit')
+    return StoreSettings(quota_bytes=quota)
+
+
+def _classes(root: _Table) -> tuple[ClassSettings, ...]:
+    if not root.has("classes"):
+        return DEFAULT_CLASSES
+    table = root.table("classes")
+    if not table.data and isinstance(root.raw("classes"), dict):
+        root.report(
+            "classes",
+            "defines no class",
+            "add [classes.<name>] tables, or remove [classes] to use the defaults "
+            "critical, high, normal, bulk",
+        )
+    classes = [c for name in table.data if (c := _class(table, name)) is not None]
+    _reject_duplicate_ranks(table, classes)
+    return tuple(sorted(classes, key=lambda c: c.rank))
+
+
+def _class(table: _Table, name: str) -> ClassSettings | None:
+    if not isinstance(table.raw(name), dict):
+        table.report(name, "must be a table", f"write it as [classes.{name}] with rank = ...")
+        return None
+    t = table.table(name, ("rank", "policy", "ttl"))
+    if NAME_RE.fullmatch(name) is None:
+        table.problems.append(
+            f"{table.key(name)}: is not a valid class name (got {name!r}); "
+            "use lower-case letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    t.require("rank", "rank = 0 (lower is served first)")
+    rank = t.integer("rank", -1)  # -1 when missing or invalid: already reported
+    if type(t.raw("rank")) is int and rank == t.raw("rank"):  # else already reported
+        t.ensure("rank", rank >= 0, "must not be negative", "use 0 for the most urgent class")
+    policy = t.choice("policy", ("refuse", "evict-oldest"), "evict-oldest")
+    ttl = t.duration("ttl", None)
+    t.positive("ttl", ttl, 'give a duration such as "7d", or remove ttl to keep data forever')
+    return ClassSettings(name=name, rank=rank, policy=cast(QuotaPolicy, policy), ttl_s=ttl)
+
+
+def _class_names(root: _Table) -> tuple[str, ...]:
+    """Class names as written, valid or not, so a broken class is reported once, not at each use."""
+    if not root.has("classes"):
+        return tuple(c.name for c in DEFAULT_CLASSES)
+    written = root.raw("classes")
+    return tuple(written) if isinstance(written, dict) else ()
+
+
+def _reject_duplicate_ranks(table: _Table, classes: list[ClassSettings]) -> None:
+    seen: dict[int, str] = {}
+    for c in classes:
+        if c.rank < 0:
+            continue  # missing or invalid: already reported
+        if c.rank in seen:
+            table.problems.append(
+                f"classes.{c.name}.rank: is already used by class {seen[c.rank]!r} "
+                f"(got {c.rank}); give every class a different rank"
+            )
+        else:
+            seen[c.rank] = c.name
+
+
+def _check_priority(t: _Table, default: str, class_names: tuple[str, ...]) -> str:
+    """Read `priority` and make sure it names a configured class."""
+    priority = t.string("priority", None)
+    if priority is None and t.has("priority"):
+        return default  # not a string: already reported
+    if not class_names:
+        return priority or default  # a [classes] without classes is reported on its own
+    if priority in class_names or (priority is None and default in class_names):
+        return priority or default
+    fix = f"use one of {', '.join(class_names)}"
+    if t.has("priority"):
+        t.report("priority", "names no configured class", fix)
+    else:
+        t.problems.append(
+            f"{t.key('priority')}: the default class {default!r} is not configured "
+            f"(got nothing); set priority, or add [classes.{default}]; {fix}"
+        )
+    return priority or default
+
+
+def _chunking(t: _Table) -> ChunkingSettings:
+    defaults = ChunkingSettings()
+    before = len(t.problems)
+    low = t.size("min_size", defaults.min_size)
+    avg = t.size("avg_size", defaults.avg_size)
+    high = t.size("max_size", defaults.max_size)
+    if len(t.problems) == before:
+        _check_chunk_bounds(t, low, avg, high)
+    below = t.size("pack_below", defaults.pack_below)
+    t.ensure("pack_below", below <= CDC_MAX_CEILING, "must be at most 16MiB",
+             'files this small are packed together; "0B" turns packing off')
+    pack_size = t.size("pack_size", defaults.pack_size)
+    t.ensure("pack_size", pack_size >= below, f"must be at least pack_below ({below} bytes)",
+             "raise pack_size or lower pack_below")
+    pack_files = t.integer("pack_files", defaults.pack_files)
+    t.ensure("pack_files", 1 <= pack_files <= 100_000, "must be between 1 and 100000",
+             "give how many files one pack may hold, e.g. 4096")
+    pack_avg = t.size("pack_avg_size", defaults.pack_avg_size)
+    t.ensure("pack_avg_size", 128 << 10 <= pack_avg <= 4 << 20,
+             "must be between 128KiB and 4MiB",
+             "smaller chunks re-send less after an edit, larger ones compress better")
+    return ChunkingSettings(min_size=low, avg_size=avg, max_size=high, pack_below=below,
+                            pack_size=pack_size, pack_files=pack_files, pack_avg_size=pack_avg)
+
+
+def _check_chunk_bounds(t: _Table, low: int, avg: int, high: int) -> None:
+    """Enforce pyfastcdc's limits, naming sizes the way the operator wrote them."""
+    fmt = units.format_size
+    why = "(a limit of the pyfastcdc chunker)"
+    t.ensure("min_size", low >= CDC_MIN_FLOOR, "must be at least 64KiB", f"raise it {why}")
+    t.ensure("min_size", low <= CDC_MIN_CEILING, "must be at most 1MiB", f"lower it {why}")
+    t.ensure(
+        "avg_size",
+        avg >= 2 * low,
+        f"must be at least twice min_size ({fmt(low)})",
+        f"raise avg_size or lower min_size {why}",
+    )
+    t.ensure(
+        "avg_size",
+        avg - low <= CDC_AVG_SPAN_CEILING,
+        f"must be at most 4MiB above min_size ({fmt(low)})",
+        f"lower avg_size {why}",
+    )
+    t.ensure(
+        "max_size",
+        high > avg,
+        f"must be greater than avg_size ({fmt(avg)})",
+        "raise max_size or lower avg_size",
+    )
+    t.ensure("max_size", high <= CDC_MAX_CEILING, "must be at most 16MiB", f"lower it {why}")
+
+
+def _compression(t: _Table) -> CompressionSettings:
+    defaults = CompressionSettings()
+    level = _compression_level(t, defaults.level)
+    ratio = t.number("min_ratio", defaults.min_ratio)
+    t.ensure(
+        "min_ratio",
+        0 < ratio <= 1,
+        "must be greater than 0 and at most 1",
+        "give the fraction a sample must shrink below to be compressed, e.g. 0.95",
+    )
+    return CompressionSettings(level=level, min_ratio=ratio)
+
+
+def _compression_level(t: _Table, default: int | Literal["auto"]) -> int | Literal["auto"]:
+    value = t.raw("level")
+    if value is _MISSING or value == "auto":
+        return "auto" if value == "auto" else default
+    fix = ('write a zstd level from 1 (fastest) to 22 (smallest) without quotes, or "auto" to '
+           "let the backlog and the link budget choose")
+    if isinstance(value, bool) or not isinstance(value, int):
+        t.report("level", 'must be an integer from 1 to 22 or "auto"', fix)
+        return default
+    if not 1 <= value <= 22:
+        t.report("level", "must be between 1 and 22", fix)
+        return default
+    return value
+
+
+SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_interval",
+              "create")
+
+
+def _spools(root: _Table, base: Path, class_names: tuple[str, ...]) -> tuple[SpoolSettings, ...]:
+    how = 'write each spool as a [[spool]] section with name = "..." and path = "..."'
+    spools = tuple(_spool(t, base, class_names) for t in root.tables("spool", SPOOL_KEYS, how))
+    _reject_duplicates(root, "spool", "name", [s.name for s in spools])
+    _reject_duplicates(root, "spool", "path", [str(s.path) for s in spools])
+    return spools
+
+
+def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings:
+    defaults = SpoolSettings(name="", path=Path())
+    t.require("name", 'name = "sensors"')
+    name = t.string("name", None)
+    t.ensure(
+        "name",
+        name is None or NAME_RE.fullmatch(name) is not None,
+        "is not a valid spool name",
+        "use lower-case letters, digits, '_' or '-', starting with a letter or digit",
+    )
+    t.ensure(
+        "name",
+        name != RESERVED_SOURCE,
+        f"{RESERVED_SOURCE!r} is reserved for `skyferry put`",
+        "choose another name",
+    )
+    t.ensure(
+        "name",
+        name != "mqtt",
+        "'mqtt' is reserved: restore writes MQTT batches under <site>/mqtt/",
+        "choose another name",
+    )
+    t.require("path", 'path = "/srv/spool/sensors"')
+    path = t.path("path", base, Path())
+    priority = _check_priority(t, defaults.priority, class_names)
+    settle = t.duration("settle", defaults.settle_s)
+    after = t.choice("after", ("delete", "move"), defaults.after)
+    done_dir = t.path("done_dir", base, None)
+    t.ensure(
+        "done_dir",
+        # An invalid `after` is reported on its own; do not pile a second problem on it.
+        done_dir is None or after == "move" or t.raw("after") not in (_MISSING, "delete"),
+        'is only used with after = "move", and after is "delete"',
+        'set after = "move", or remove done_dir',
+    )
+    scan = t.duration("scan_interval", defaults.scan_interval_s)
+    t.positive("scan_interval", scan, 'give a duration such as "1s"')
+    create = _boolean(t, "create", defaults.create)
+    return SpoolSettings(
+        name=name or "",
+        path=path,
+        priority=priority,
+        settle_s=settle,
+        after=cast(AfterIngest, after),
+        done_dir=done_dir,
+        scan_interval_s=scan,
+        create=create,
+    )
+
+
+def _reject_duplicates(root: _Table, array: str, key: str, values: list[str]) -> None:
+    first: dict[str, int] = {}
+    for index, value in enumerate(values):
+        if not value or value == ".":
+            continue  # missing: already reported
+        if value in first:
+            root.problems.append(
+                f"{array}[{index}].{key}: is the same as {array}[{first[value]}].{key} "
+                f"(got {value!r}); give every {array} a different {key}"
+            )
+        else:
+            first[value] = index
+
+
+def _put(t: _Table, base: Path, state_dir: Path, class_names: tuple[str, ...]) -> PutSettings:
+    socket = t.path("socket", base, state_dir / "skyferry.sock")
+    t.ensure(
+        "socket",
+        len(str(socket).encode()) <= MAX_SOCKET_PATH,
+        f"the socket path {str(socket)!r} is longer than {MAX_SOCKET_PATH} bytes",
+        "choose a shorter path (a Unix socket path cannot be longer)",
+    )
+    return PutSettings(socket=socket, priority=_check_priority(t, "normal", class_names))
+
+
+BACKEND_COMMON_KEYS = ("url", "endpoint", "allow_http", "connect_timeout", "timeout", "min_rate")
+# key -> the schemes it applies to
+BACKEND_SCHEME_KEYS: dict[str, tuple[str, ...]] = {
+    "account": ("azure",),
+    "account_key_file": ("azure",), "account_key_env": ("azure",),
+    "sas_token_file": ("azure",), "sas_token_env": ("azure",),
+    "connection_string_file": ("azure",), "connection_string_env": ("azure",),
+    "region": ("s3",),
+    "access_key_id": ("s3",), "access_key_id_env": ("s3",),
+    "secret_access_key_file": ("s3",), "secret_access_key_env": ("s3",),
+    "session_token_file": ("s3",), "session_token_env": ("s3",),
+    "profile": ("s3",),
+    "service_account_key_file": ("gs",), "service_account_key_env": ("gs",),
+}  # fmt: skip
+# Written inline, these would sit in a world-readable file, in backups and in support
+# bundles: the config names where a secret is, never the secret.
+INLINE_SECRETS = ("account_key", "sas_token", "connection_string", "secret_access_key",
+                  "session_token", "service_account_key")
+BACKEND_KEYS = BACKEND_COMMON_KEYS + tuple(BACKEND_SCHEME_KEYS)
+BACKEND_SCHEMES = {"file": "file", "azure": "azure", "s3": "s3", "gs": "gs"}
+SCHEME_ALIASES = {"az": "azure", "abfs": "azure", "abfss": "azure", "wasb": "azure",
+                  "wasbs": "azure", "s3a": "s3", "gcs": "gs"}
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+CONTAINER_RE = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _backend(t: _Table, base: Path) -> BackendSettings:
+    for name in INLINE_SECRETS:
+        if t.has(name):
+            # Not t.report: that would echo the secret into logs and terminals.
+            t.problems.append(
+                f"{t.key(name)}: secrets are not accepted inline in the config file (got a "
+                f"value, not shown); put it in a file only skyferry can read and set "
+                f'{name}_file = "/etc/skyferry/{name}", or name an environment variable with '
+                f'{name}_env = "VARIABLE"'
+            )
+    t.reject_unknown(BACKEND_KEYS + INLINE_SECRETS)
+    t.require("url", 'url = "file:///var/lib/skyferry-cloud"')
+    url = t.string("url", None)
+    scheme = _check_backend_url(t, url) if url is not None else None
+    for name, schemes in BACKEND_SCHEME_KEYS.items():
+        if t.has(name) and scheme is not None and scheme not in schemes:
+            t.report(name, f"applies to {', '.join(s + '://' for s in schemes)} backends only",
+                     f"remove it, or change url (it is {scheme}://)")
+    defaults = BackendSettings(url="")
+    endpoint = _endpoint(t)
+    allow_http = _boolean(t, "allow_http", False)
+    if endpoint and endpoint.startswith("http://") and not allow_http:
+        t.report("endpoint", "is plain http:// but allow_http is false",
+                 "use https://, or set allow_http = true (test setups and emulators only)")
+    connect_timeout = t.duration("connect_timeout", defaults.connect_timeout_s)
+    t.positive("connect_timeout", connect_timeout, 'give a duration such as "10s"')
+    timeout = t.duration("timeout", defaults.timeout_s)
+    t.positive("timeout", timeout, 'give a duration such as "30s"')
+    min_rate = t.rate("min_rate", defaults.min_rate_bps)
+    t.positive("min_rate", min_rate, 'give a rate such as "64kbit/s"')
+    secrets = {name: _secret(t, name, base) for name in INLINE_SECRETS}
+    key_id_env = _env_name(t, "access_key_id_env")
+    key_id = t.string("access_key_id", None)
+    _one_of(t, "access_key_id", "access_key_id_env")
+    if scheme == "azure":
+        _check_azure_credentials(t, secrets)
+    if scheme == "s3":
+        _check_s3_credentials(t, secrets, key_id is not None or key_id_env is not None)
+    return BackendSettings(
+        url=url or "", endpoint=endpoint, region=t.string("region", None),
+        allow_http=allow_http, connect_timeout_s=connect_timeout, timeout_s=timeout,
+        min_rate_bps=min_rate, account=t.string("account", None),
+        account_key=secrets["account_key"], sas_token=secrets["sas_token"],
+        connection_string=secrets["connection_string"], access_key_id=key_id,
+        access_key_id_env=key_id_env, secret_access_key=secrets["secret_access_key"],
+        session_token=secrets["session_token"], profile=t.string("profile", None),
+        service_account_key=secrets["service_account_key"],
+    )
+
+
+def _boolean(t: _Table, name: str, default: bool) -> bool:
+    value = t.raw(name)
+    if value is _MISSING:
+        return default
+    if not isinstance(value, bool):
+        t.report(name, "must be true or false", f"write {name} = true or {name} = false, "
+                 "without quotes")
+        return default
+    return value
+
+
+def _split_url(url: str) -> SplitResult | None:
+    """urlsplit, or None for what it refuses (ValueError: an unbalanced IPv6 bracket)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def _endpoint(t: _Table) -> str | None:
+    endpoint = t.string("endpoint", None)
+    if endpoint is None:
+        return None
+    parts = _split_url(endpoint)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        t.report("endpoint", "is not an http(s) URL",
+                 'write the service URL, e.g. "https://s3.eu-central-1.example.net"')
+        return None
+    return endpoint.rstrip("/")
+
+
+def _env_name(t: _Table, name: str) -> str | None:
+    value = t.string(name, None)
+    if value is not None and ENV_NAME_RE.fullmatch(value) is None:
+        t.report(name, "is not an environment variable name",
+                 'give the name of the variable, not its value, e.g. "AZURE_STORAGE_KEY"')
+        return None
+    return value
+
+
+def _one_of(t: _Table, *names: str) -> None:
+    given = [n for n in names if t.has(n)]
+    if len(given) > 1:
+        t.report(given[-1], f"conflicts with {given[0]}", f"keep only one of {', '.join(names)}")
+
+
+def _secret(t: _Table, name: str, base: Path) -> SecretRef | None:
+    """`<name>_file` (a path) or `<name>_env` (a variable name); the value is read at open."""
+    file_key, env_key = f"{name}_file", f"{name}_env"
+    _one_of(t, file_key, env_key)
+    path = t.path(file_key, base, None)
+    if path is not None:
+        return SecretRef("file", str(path))
+    env = _env_name(t, env_key)
+    return SecretRef("env", env) if env is not None else None
+
+
+def _check_azure_credentials(t: _Table, secrets: dict[str, SecretRef | None]) -> None:
+    kinds = [n for n in ("account_key", "sas_token", "connection_string") if secrets[n]]
+    if len(kinds) > 1:
+        t.report(f"{kinds[1]}_{secrets[kinds[1]].source}",  # type: ignore[union-attr]
+                 f"conflicts with {kinds[0]}",
+                 "give one credential: an account key, a SAS token or a connection string")
+    if not t.has("account") and not secrets["connection_string"]:
+        t.require("account", 'account = "mystorageaccount" (the storage account name)')
+
+
+def _check_s3_credentials(t: _Table, secrets: dict[str, SecretRef | None], has_id: bool) -> None:
+    has_secret = secrets["secret_access_key"] is not None
+    if has_id and not has_secret:
+        t.problems.append(
+            f"{t.key('secret_access_key_file')}: access_key_id is set but its secret is not "
+            "(got nothing); add secret_access_key_file or secret_access_key_env, or remove "
+            "access_key_id to use the default credential chain")
+    if has_secret and not has_id:
+        t.problems.append(
+            f"{t.key('access_key_id')}: a secret access key is set but not its key id "
+            '(got nothing); add access_key_id = "AKIA..." or access_key_id_env')
+    if secrets["session_token"] and not has_secret:
+        t.report("session_token_" + secrets["session_token"].source,
+                 "needs an access key pair", "add access_key_id and secret_access_key_file")
+    if t.has("profile") and (has_id or has_secret):
+        t.report("profile", "conflicts with the access key pair",
+                 "use either a profile or access_key_id + secret_access_key_file")
+
+
+def _check_backend_url(t: _Table, url: str) -> str | None:
+    """Check the URL's form; return its scheme when usable."""
+    parts = _split_url(url)
+    if parts is None:
+        t.report("url", "is not a URL (an unbalanced [ or ])",
+                 "use file:///path, azure://container/prefix, s3://bucket/prefix or "
+                 "gs://bucket/prefix")
+        return None
+    scheme = parts.scheme.lower()
+    if scheme in SCHEME_ALIASES:
+        good = SCHEME_ALIASES[scheme]
+        t.report("url", f"{scheme}:// is not a scheme skyferry reads",
+                 f"write {good}://{'container' if good == 'azure' else 'bucket'}/prefix")
+        return None
+    if scheme not in BACKEND_SCHEMES:
+        t.report("url", "is not a backend URL",
+                 "use file:///path, azure://container/prefix, s3://bucket/prefix or "
+                 "gs://bucket/prefix")
+        return None
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            t.report("url", "a relative file: path is not allowed",
+                     "write an absolute path after three slashes, e.g. file:///srv/cloud")
+            return None
+        return scheme
+    if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
+        t.report("url", "must be scheme://name/prefix without query, user or port",
+                 "put the endpoint in endpoint = ... and credentials in their own keys")
+        return None
+    if scheme == "azure":
+        if CONTAINER_RE.fullmatch(parts.netloc) is None:
+            t.report("url", "does not name a valid Azure container",
+                     "write azure://container/prefix; container names are 3-63 of a-z, 0-9 "
+                     "and single '-'")
+            return None
+    elif BUCKET_RE.fullmatch(parts.netloc) is None:
+        t.report("url", "does not name a valid bucket",
+                 f"write {scheme}://bucket/prefix; bucket names are 3-63 of a-z, 0-9, '.', '-'")
+        return None
+    if "//" in parts.path or any(p in (".", "..") for p in parts.path.split("/")):
+        t.report("url", "has an empty, '.' or '..' segment in its prefix",
+                 f"write {scheme}://{parts.netloc}/some/prefix")
+        return None
+    return scheme
+
+
+def load_backend_settings(path: Path, url: str | None = None) -> BackendSettings:
+    """Only the [backend] table of a config file (for restore and verify); `url` overrides."""
+    data = _read_toml(path)
+    table = data.get("backend", {})
+    problems: list[str] = []
+    if not isinstance(table, dict):
+        problems.append("backend: must be a table (got a value); write it as a [backend] section")
+        table = {}
+    if url is not None:
+        table = {**table, "url": url}
+    settings = _backend(_Table(table, "backend", problems), path.absolute().parent)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return settings
+
+
+def _uplink(t: _Table) -> UplinkSettings:
+    defaults = UplinkSettings()
+    streams = t.integer("streams", defaults.streams)
+    t.ensure("streams", 1 <= streams <= 64, "must be between 1 and 64", "4 suits most links")
+    aging = t.duration("aging", defaults.aging_s)
+    t.positive("aging", aging, 'give a duration such as "6h"')
+    initial = t.duration("retry_initial", defaults.retry_initial_s)
+    t.positive("retry_initial", initial, 'give a duration such as "1s"')
+    most = t.duration("retry_max", defaults.retry_max_s)
+    t.ensure(
+        "retry_max",
+        most >= initial,
+        f"must not be shorter than retry_initial ({units.format_duration(initial)})",
+        "raise retry_max or lower retry_initial",
+    )
+    rate = t.rate("rate", None)
+    t.positive("rate", rate, 'give a rate such as "15Mbit/s", or leave it out for no cap')
+    return UplinkSettings(
+        streams=streams, aging_s=aging, retry_initial_s=initial, retry_max_s=most, rate_bps=rate
+    )
+
+
+def _windows(t: _Table, base: Path) -> WindowSettings:
+    mode = t.choice("mode", ("always", "schedule"), "always")
+    interval_how = "write intervals = [ { start = 2026-11-25T10:00:00Z, end = ..., rate = ... } ]"
+    intervals = [
+        i
+        for item in t.tables("intervals", ("start", "end", "rate"), interval_how)
+        if (i := _interval(item)) is not None
+    ]
+    daily_how = 'write daily = [ { start = "22:00", end = "04:00", rate = "5Mbit/s" } ]'
+    daily = [
+        d
+        for item in t.tables("daily", ("start", "end", "rate"), daily_how)
+        if (d := _daily(item)) is not None
+    ]
+    cycle = _cycle(t.table("cycle", ("open", "closed"))) if t.has("cycle") else None
+    extras = window_config.read_extras(t, base)  # timetable, tle, link, pass margins
+    has_windows = any(t.raw(k) not in (_MISSING, [])
+                      for k in ("intervals", "daily", "cycle", *window_config.SOURCE_KEYS))
+    if mode == "schedule" and not has_windows:
+        t.report(
+            "mode",
+            'is "schedule" but no window is configured',
+            "add intervals, daily, cycle, timetable, timetable_file or [windows.tle]",
+        )
+    if mode == "always" and has_windows:
+        t.report(
+            "mode",
+            'is "always" (the default), so intervals, daily, cycle, timetable and tle would '
+            "be ignored",
+            'set mode = "schedule" to use them, or remove them',
+        )
+    return WindowSettings(
+        mode=cast(WindowMode, mode),
+        intervals=tuple(sorted(intervals, key=lambda i: i.start)),
+        daily=tuple(daily),
+        cycle=cycle,
+        **extras,
+    )
+
+
+def _interval(t: _Table) -> Interval | None:
+    start = _instant(t, "start")
+    end = _instant(t, "end")
+    rate = t.rate("rate", None)
+    t.positive("rate", rate, 'give a rate such as "10Mbit/s", or remove rate')
+    if start is None or end is None:
+        return None
+    if end <= start:
+        t.report("end", f"is not after start ({start.isoformat()})", "make end later than start")
+        return None
+    return Interval(start=start, end=end, rate_bps=rate)
+
+
+def _instant(t: _Table, name: str) -> datetime | None:
+    """A TOML offset date-time or an RFC 3339 string, converted to aware UTC."""
+    example = "e.g. 2026-11-25T10:00:00Z"
+    if not t.require(name, f"{name} = 2026-11-25T10:00:00Z"):
+        return None
+    value = t.raw(name)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            t.report(name, "is not an RFC 3339 date-time", example)
+            return None
+    if not isinstance(value, datetime):
+        t.report(name, "must be a date and time", f"with a UTC offset, {example}")
+        return None
+    if value.utcoffset() is None:
+        t.report(name, "has no UTC offset", f"add Z (UTC) or +HH:MM, {example}")
+        return None
+    return value.astimezone(UTC)
+
+
+def _daily(t: _Table) -> DailyWindow | None:
+    start = _time_of_day(t, "start")
+    end = _time_of_day(t, "end")
+    rate = t.rate("rate", None)
+    t.positive("rate", rate, 'give a rate such as "5Mbit/s", or remove rate')
+    if start is None or end is None:
+        return None
+    if start == end:
+        t.report(
+            "end",
+            "equals start, so the window is empty",
+            'use a different end (an end before start crosses midnight), or mode = "always"',
+        )
+        return None
+    return DailyWindow(start_s=start, end_s=end, rate_bps=rate)
+
+
+_TIME_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
+
+
+def _time_of_day(t: _Table, name: str) -> int | None:
+    """Seconds after 00:00 UTC from "HH:MM", "HH:MM:SS" or a TOML local time."""
+    if not t.require(name, f'{name} = "22:00"'):
+        return None
+    value = t.raw(name)
+    if isinstance(value, time):
+        return value.hour * 3600 + value.minute * 60 + value.second
+    match = _TIME_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        t.report(name, "is not a time of day", 'write "HH:MM" or "HH:MM:SS" in UTC, e.g. "22:00"')
+        return None
+    return int(match[1]) * 3600 + int(match[2]) * 60 + int(match[3] or 0)
+
+
+def _cycle(t: _Table) -> CycleWindow | None:
+    t.require("open", 'open = "15s"')
+    t.require("closed", 'closed = "10s"')
+    open_s = t.duration("open", None)
+    closed_s = t.duration("closed", None)
+    t.positive("open", open_s, 'give a duration such as "15s"')
+    t.positive("closed", closed_s, 'give a duration such as "10s"')
+    if open_s is None or closed_s is None:
+        return None
+    return CycleWindow(open_s=open_s, closed_s=closed_s)
+
+
+def _telemetry(t: _Table) -> TelemetrySettings:
+    level = t.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    fmt = t.choice("log_format", ("auto", "json", "text"), "auto")
+    listen = _listen_address(t, "metrics_listen")
+    return TelemetrySettings(
+        log_level=level, log_format=cast(LogFormat, fmt), metrics_listen=listen
+    )
+
+
+DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9464)  # localhost only: the page shows queue contents
+
+
+def _listen_address(t: _Table, name: str) -> tuple[str, int] | None:
+    text = t.string(name, None)
+    if text is None:
+        return DEFAULT_METRICS_LISTEN if not t.has(name) else None
+    if text == "off":
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        t.report(name, "must be HOST:PORT or \"off\"", 'write e.g. "127.0.0.1:9464"')
+        return None
+    return host.strip("[]"), int(port)

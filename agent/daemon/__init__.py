@@ -1,0 +1,1 @@
+"""daemon: see docs/DESIGN.md for what this room does and may import."""

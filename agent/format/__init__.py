@@ -1,0 +1,1 @@
+"""format: see docs/DESIGN.md for what this room does and may import."""

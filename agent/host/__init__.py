@@ -1,0 +1,1 @@
+"""host: see docs/DESIGN.md for what this room does and may import."""

@@ -1,0 +1,1 @@
+"""store: see docs/DESIGN.md for what this room does and may import."""

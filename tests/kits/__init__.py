@@ -1,0 +1,1 @@
+"""Shared test harnesses (one site harness for tests, demo and benchmarks)."""

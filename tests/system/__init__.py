@@ -1,0 +1,1 @@
+"""System tests: daemons, CLIs as subprocesses, the broker, emulators, network namespaces."""
