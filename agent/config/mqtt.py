@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
-from agent.config.reader import NAME_RE, RESERVED_SOURCE, _secret, _Table
+from agent.config.reader import NAME_RE, RESERVED_SOURCE
 from agent.config.settings import (
     MqttBatching,
     MqttProtocol,
@@ -19,6 +19,7 @@ from agent.config.settings import (
     MqttSubscription,
     MqttTls,
 )
+from agent.config.table import Table, secret
 from agent.errors import SkyferryError
 
 MQTT_KEYS = (
@@ -35,7 +36,7 @@ BATCH_KEYS = ("max_bytes", "max_messages", "max_age")
 RESERVED_MQTT_NAME = "mqtt"  # restore writes MQTT batches under <site>/mqtt/
 
 
-def read_mqtt(root: _Table, base: Path, site_id: str, class_names: tuple[str, ...],
+def read_mqtt(root: Table, base: Path, site_id: str, class_names: tuple[str, ...],
               spool_names: tuple[str, ...]) -> MqttSettings | None:
     """Settings of the [mqtt] table, or None when the file has no [mqtt] section."""
     if not root.has("mqtt"):
@@ -59,7 +60,7 @@ def read_mqtt(root: _Table, base: Path, site_id: str, class_names: tuple[str, ..
     t.ensure("source", source != RESERVED_SOURCE and source not in spool_names,
              "is already the name of another source (a spool, or `put`)", "choose another name")
     username = t.string("username", None)
-    password = _secret(t, "password", base)
+    password = secret(t, "password", base)
     if password is not None and username is None:
         t.problems.append(f"{t.key('username')}: a password is set but no username (got "
                           'nothing); add username = "..." (MQTT sends no password alone)')
@@ -92,14 +93,14 @@ def read_mqtt(root: _Table, base: Path, site_id: str, class_names: tuple[str, ..
     )
 
 
-def _protocol(t: _Table) -> MqttProtocol:
+def _protocol(t: Table) -> MqttProtocol:
     raw = t.raw("protocol")
     if raw == 5:  # written as a number: accept it
         return "5"
     return cast(MqttProtocol, t.choice("protocol", ("5", "3.1.1"), "5"))
 
 
-def _subscriptions(t: _Table, class_names: tuple[str, ...]) -> tuple[MqttSubscription, ...]:
+def _subscriptions(t: Table, class_names: tuple[str, ...]) -> tuple[MqttSubscription, ...]:
     how = 'write subscribe = [ { topic = "sensors/#", qos = 1, priority = "normal" } ]'
     out: list[MqttSubscription] = []
     for s in t.tables("subscribe", ("topic", "qos", "priority"), how):
@@ -141,7 +142,7 @@ def topic_filter_problem(topic: str) -> str | None:
     return None
 
 
-def _batch_values(t: _Table, d: MqttBatching) -> MqttBatching:
+def _batch_values(t: Table, d: MqttBatching) -> MqttBatching:
     nbytes = t.size("max_bytes", d.max_bytes)
     t.positive("max_bytes", nbytes, 'give a size such as "1MiB"')
     count = t.integer("max_messages", d.max_messages)
@@ -151,10 +152,10 @@ def _batch_values(t: _Table, d: MqttBatching) -> MqttBatching:
     return MqttBatching(max_bytes=nbytes, max_messages=count, max_age_s=age)
 
 
-def _batching(t: _Table, class_names: tuple[str, ...], inflight: int
+def _batching(t: Table, class_names: tuple[str, ...], inflight: int
               ) -> tuple[MqttBatching, tuple[tuple[str, MqttBatching], ...]]:
     table = t.table("batch", (*BATCH_KEYS, *class_names))
-    default = _batch_values(_Table({k: v for k, v in table.data.items() if k in BATCH_KEYS},
+    default = _batch_values(Table({k: v for k, v in table.data.items() if k in BATCH_KEYS},
                                    table.where, table.problems), MqttBatching())
     per_class: list[tuple[str, MqttBatching]] = []
     for name in class_names:
@@ -170,7 +171,7 @@ def _batching(t: _Table, class_names: tuple[str, ...], inflight: int
     return default, tuple(per_class)
 
 
-def _tls(t: _Table, base: Path) -> MqttTls:
+def _tls(t: Table, base: Path) -> MqttTls:
     s = t.table("tls", ("ca_file", "cert_file", "key_file", "insecure"))
     cert = s.path("cert_file", base, None)
     key = s.path("key_file", base, None)
@@ -184,7 +185,7 @@ def _tls(t: _Table, base: Path) -> MqttTls:
                    insecure=insecure is True)
 
 
-def _max_message(t: _Table, default: int) -> int:
+def _max_message(t: Table, default: int) -> int:
     size = t.size("max_message_size", default)
     t.ensure("max_message_size", 1 <= size <= MAX_MESSAGE_LIMIT,
              "must be between 1 byte and 32MiB",
@@ -193,7 +194,7 @@ def _max_message(t: _Table, default: int) -> int:
     return size if 1 <= size <= MAX_MESSAGE_LIMIT else default
 
 
-def _operator_keys(t: _Table, base: Path) -> tuple[Path, ...]:
+def _operator_keys(t: Table, base: Path) -> tuple[Path, ...]:
     from agent.telemetry.command_auth import load_operator_key
 
     raw = t.raw("operator_keys")
@@ -212,7 +213,7 @@ def _operator_keys(t: _Table, base: Path) -> tuple[Path, ...]:
     return paths
 
 
-def _status(t: _Table, base: Path) -> MqttStatusSettings:
+def _status(t: Table, base: Path) -> MqttStatusSettings:
     d = MqttStatusSettings()
     flags: dict[str, bool] = {}
     for name, default in (("publish", d.publish), ("commands", d.commands)):

@@ -6,14 +6,12 @@ fix the whole file in one pass instead of one error per restart.
 
 from __future__ import annotations
 
-import difflib
-import math
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, date, datetime, time
+from collections.abc import Mapping
+from datetime import UTC, datetime, time
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Literal, cast
 from urllib.parse import SplitResult, urlsplit
 
 from agent.config import units
@@ -40,11 +38,10 @@ from agent.config.settings import (
     WindowMode,
     WindowSettings,
 )
+from agent.config.table import MISSING, Table, boolean, env_name, one_of, secret, short
 from agent.errors import ConfigError
 from agent.windows import configure as window_config
 
-T = TypeVar("T")
-U = TypeVar("U")
 LogFormat = Literal["auto", "json", "text"]
 
 EXAMPLE = "config/skyferry.toml"
@@ -60,188 +57,13 @@ CDC_MIN_CEILING = 1 << 20
 CDC_AVG_SPAN_CEILING = 4 << 20
 CDC_MAX_CEILING = 16 << 20
 
-MAX_INTEGER = 1 << 53  # beyond this no integer key means anything (and floats lose it)
 
 TOP_LEVEL_KEYS = (
     "site", "keys", "store", "classes", "chunking", "compression", "spool",
     "put", "backend", "uplink", "windows", "telemetry", "mqtt",
 )  # fmt: skip
 
-_MISSING = object()
 
-
-def _short(value: object) -> str:
-    """repr() cut to a length that keeps a problem on one readable line."""
-    if value is _MISSING:
-        return "nothing"
-    # TOML date-times read better the way they were written than as datetime.datetime(...).
-    text = value.isoformat() if isinstance(value, date | time) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Table:
-    """One TOML table being read: its key path, its values and the shared problem list."""
-
-    def __init__(self, data: Mapping[str, object], where: str, problems: list[str]) -> None:
-        self.data = data
-        self.where = where
-        self.problems = problems
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def raw(self, name: str) -> object:
-        return self.data.get(name, _MISSING)
-
-    def report(self, name: str, what: str, fix: str) -> None:
-        """Record a problem with the value at `name`."""
-        self.problems.append(f"{self.key(name)}: {what} (got {_short(self.raw(name))}); {fix}")
-
-    def ensure(self, name: str, ok: bool, what: str, fix: str) -> None:
-        if not ok:
-            self.report(name, what, fix)
-
-    def require(self, name: str, example: str) -> bool:
-        """Record a problem if `name` is absent; `example` is a line the operator could add."""
-        if name in self.data:
-            return True
-        section = f" under [{self.where}]" if self.where else ""
-        self.problems.append(f"{self.key(name)}: required key is missing; add {example}{section}")
-        return False
-
-    def reject_unknown(self, allowed: Iterable[str]) -> None:
-        allowed = tuple(allowed)
-        for name in self.data:
-            if name in allowed:
-                continue
-            close = difflib.get_close_matches(name, allowed, n=1)
-            fix = (
-                f"did you mean {close[0]!r}?"
-                if close
-                else f"remove it; valid keys here are {', '.join(allowed)}"
-            )
-            self.report(name, "unknown key", fix)
-
-    def table(self, name: str, allowed: Iterable[str] | None = None) -> _Table:
-        """The sub-table `name` (empty when absent), with unknown keys reported."""
-        value = self.raw(name)
-        if value is _MISSING:
-            value = {}
-        elif not isinstance(value, dict):
-            self.report(name, "must be a table", f"write it as a [{self.key(name)}] section")
-            value = {}
-        child = _Table(value, self.key(name), self.problems)
-        if allowed is not None:
-            child.reject_unknown(allowed)
-        return child
-
-    def tables(self, name: str, allowed: Iterable[str], how: str) -> list[_Table]:
-        """An array of tables such as [[spool]]; `how` tells how to write one entry."""
-        value = self.raw(name)
-        if value is _MISSING:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            self.report(name, "must be an array of tables", how)
-            return []
-        items = [_Table(v, f"{self.key(name)}[{i}]", self.problems) for i, v in enumerate(value)]
-        for item in items:
-            item.reject_unknown(allowed)
-        return items
-
-    def string(self, name: str, default: T) -> str | T:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, str):
-            self.report(name, "must be a string", f'put the value in quotes, e.g. {name} = "..."')
-            return default
-        return value
-
-    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
-        value = self.string(name, None)
-        if value is None:
-            return default
-        if value not in options:
-            quoted = ", ".join(f'"{o}"' for o in options)
-            self.report(name, "is not one of the accepted values", f"use one of {quoted}")
-            return default
-        return value
-
-    def integer(self, name: str, default: int) -> int:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.report(
-                name,
-                "must be an integer",
-                f"write a whole number without quotes, e.g. {name} = {default}",
-            )
-            return default
-        if abs(value) > MAX_INTEGER:
-            self.report(name, "is far too large", "give a number of sensible size")
-            return default
-        return value
-
-    def number(self, name: str, default: float) -> float:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.report(
-                name, "must be a number", f"write a number without quotes, e.g. {name} = {default}"
-            )
-            return default
-        try:
-            number = float(value)
-        except OverflowError:  # an integer of hundreds of digits
-            number = math.inf
-        if not math.isfinite(number):
-            self.report(name, "must be a finite number", f"e.g. {name} = {default}")
-            return default
-        return number
-
-    def path(self, name: str, base: Path, default: T) -> Path | T:
-        """A path; relative ones are taken from the config file's directory."""
-        text = self.string(name, None)
-        if text is None:
-            return default
-        if not text:
-            self.report(name, "must not be empty", "give a path, absolute or relative to this file")
-            return default
-        if "\0" in text:  # no file system takes one; os calls raise ValueError on it
-            self.report(name, "holds a NUL character", "give the path without \\u0000")
-            return default
-        return base / Path(text).expanduser()
-
-    def _unit(self, name: str, parse: Callable[[str | float], T], forms: str, default: U) -> T | U:
-        value = self.raw(name)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            self.report(name, "has the wrong type", forms)
-            return default
-        try:
-            return parse(value)
-        except ValueError as exc:
-            self.problems.append(f"{self.key(name)}: {exc}")
-            return default
-
-    def size(self, name: str, default: U) -> int | U:
-        return self._unit(name, units.parse_size, units.SIZE_FORMS, default)
-
-    def duration(self, name: str, default: U) -> float | U:
-        return self._unit(name, units.parse_duration, units.DURATION_FORMS, default)
-
-    def rate(self, name: str, default: U) -> float | U:
-        return self._unit(name, units.parse_rate, units.RATE_FORMS, default)
-
-    def positive(self, name: str, value: float | None, fix: str) -> None:
-        """Report a parsed duration, size or rate that is zero."""
-        self.ensure(name, value is None or value > 0, "must be greater than zero", fix)
 
 
 def load_settings(path: Path) -> Settings:
@@ -252,7 +74,7 @@ def load_settings(path: Path) -> Settings:
 def validate(data: Mapping[str, object], path: Path) -> Settings:
     """Turn parsed TOML into Settings; relative paths are taken from `path`'s directory."""
     problems: list[str] = []
-    root = _Table(data, "", problems)
+    root = Table(data, "", problems)
     root.reject_unknown(TOP_LEVEL_KEYS)
     base = path.absolute().parent
     # Sections are read in the order the example file uses, so problems come out in that order.
@@ -374,13 +196,13 @@ def _syntax_problem(exc: tomllib.TOMLDecodeError, text: str) -> str:
     lines = text.splitlines()
     source = lines[line - 1] if 0 < line <= len(lines) else ""
     return (
-        f"line {line}, column {column}: invalid TOML: {message} (got {_short(source.strip())}); "
+        f"line {line}, column {column}: invalid TOML: {message} (got {short(source.strip())}); "
         'fix the syntax there: strings need quotes (id = "x"), tables are [name], '
         "repeated tables are [[name]]"
     )
 
 
-def _site(t: _Table, base: Path) -> SiteSettings:
+def _site(t: Table, base: Path) -> SiteSettings:
     t.require("id", 'id = "camp-alpha"')
     site_id = t.string("id", None)
     t.ensure(
@@ -394,7 +216,7 @@ def _site(t: _Table, base: Path) -> SiteSettings:
     return SiteSettings(id=site_id or "", state_dir=t.path("state_dir", base, Path()))
 
 
-def _keys(t: _Table, base: Path) -> KeySettings:
+def _keys(t: Table, base: Path) -> KeySettings:
     paths: dict[str, Path] = {}
     for name, example in (
         ("recipient_public", "keys/recipient.pub"),
@@ -406,13 +228,13 @@ def _keys(t: _Table, base: Path) -> KeySettings:
     return KeySettings(**paths)
 
 
-def _store(t: _Table) -> StoreSettings:
+def _store(t: Table) -> StoreSettings:
     quota = t.size("quota", None)
     t.positive("quota", quota, 'give a size such as "50GiB", or remove quota for no limit')
     return StoreSettings(quota_bytes=quota)
 
 
-def _classes(root: _Table) -> tuple[ClassSettings, ...]:
+def _classes(root: Table) -> tuple[ClassSettings, ...]:
     if not root.has("classes"):
         return DEFAULT_CLASSES
     table = root.table("classes")
@@ -428,7 +250,7 @@ def _classes(root: _Table) -> tuple[ClassSettings, ...]:
     return tuple(sorted(classes, key=lambda c: c.rank))
 
 
-def _class(table: _Table, name: str) -> ClassSettings | None:
+def _class(table: Table, name: str) -> ClassSettings | None:
     if not isinstance(table.raw(name), dict):
         table.report(name, "must be a table", f"write it as [classes.{name}] with rank = ...")
         return None
@@ -448,7 +270,7 @@ def _class(table: _Table, name: str) -> ClassSettings | None:
     return ClassSettings(name=name, rank=rank, policy=cast(QuotaPolicy, policy), ttl_s=ttl)
 
 
-def _class_names(root: _Table) -> tuple[str, ...]:
+def _class_names(root: Table) -> tuple[str, ...]:
     """Class names as written, valid or not, so a broken class is reported once, not at each use."""
     if not root.has("classes"):
         return tuple(c.name for c in DEFAULT_CLASSES)
@@ -456,7 +278,7 @@ def _class_names(root: _Table) -> tuple[str, ...]:
     return tuple(written) if isinstance(written, dict) else ()
 
 
-def _reject_duplicate_ranks(table: _Table, classes: list[ClassSettings]) -> None:
+def _reject_duplicate_ranks(table: Table, classes: list[ClassSettings]) -> None:
     seen: dict[int, str] = {}
     for c in classes:
         if c.rank < 0:
@@ -470,7 +292,7 @@ def _reject_duplicate_ranks(table: _Table, classes: list[ClassSettings]) -> None
             seen[c.rank] = c.name
 
 
-def _check_priority(t: _Table, default: str, class_names: tuple[str, ...]) -> str:
+def _check_priority(t: Table, default: str, class_names: tuple[str, ...]) -> str:
     """Read `priority` and make sure it names a configured class."""
     priority = t.string("priority", None)
     if priority is None and t.has("priority"):
@@ -490,7 +312,7 @@ def _check_priority(t: _Table, default: str, class_names: tuple[str, ...]) -> st
     return priority or default
 
 
-def _chunking(t: _Table) -> ChunkingSettings:
+def _chunking(t: Table) -> ChunkingSettings:
     defaults = ChunkingSettings()
     before = len(t.problems)
     low = t.size("min_size", defaults.min_size)
@@ -515,7 +337,7 @@ def _chunking(t: _Table) -> ChunkingSettings:
                             pack_size=pack_size, pack_files=pack_files, pack_avg_size=pack_avg)
 
 
-def _check_chunk_bounds(t: _Table, low: int, avg: int, high: int) -> None:
+def _check_chunk_bounds(t: Table, low: int, avg: int, high: int) -> None:
     """Enforce pyfastcdc's limits, naming sizes the way the operator wrote them."""
     fmt = units.format_size
     why = "(a limit of the pyfastcdc chunker)"
@@ -542,7 +364,7 @@ def _check_chunk_bounds(t: _Table, low: int, avg: int, high: int) -> None:
     t.ensure("max_size", high <= CDC_MAX_CEILING, "must be at most 16MiB", f"lower it {why}")
 
 
-def _compression(t: _Table) -> CompressionSettings:
+def _compression(t: Table) -> CompressionSettings:
     defaults = CompressionSettings()
     level = _compression_level(t, defaults.level)
     ratio = t.number("min_ratio", defaults.min_ratio)
@@ -555,9 +377,9 @@ def _compression(t: _Table) -> CompressionSettings:
     return CompressionSettings(level=level, min_ratio=ratio)
 
 
-def _compression_level(t: _Table, default: int | Literal["auto"]) -> int | Literal["auto"]:
+def _compression_level(t: Table, default: int | Literal["auto"]) -> int | Literal["auto"]:
     value = t.raw("level")
-    if value is _MISSING or value == "auto":
+    if value is MISSING or value == "auto":
         return "auto" if value == "auto" else default
     fix = ('write a zstd level from 1 (fastest) to 22 (smallest) without quotes, or "auto" to '
            "let the backlog and the link budget choose")
@@ -574,7 +396,7 @@ SPOOL_KEYS = ("name", "path", "priority", "settle", "after", "done_dir", "scan_i
               "create")
 
 
-def _spools(root: _Table, base: Path, class_names: tuple[str, ...]) -> tuple[SpoolSettings, ...]:
+def _spools(root: Table, base: Path, class_names: tuple[str, ...]) -> tuple[SpoolSettings, ...]:
     how = 'write each spool as a [[spool]] section with name = "..." and path = "..."'
     spools = tuple(_spool(t, base, class_names) for t in root.tables("spool", SPOOL_KEYS, how))
     _reject_duplicates(root, "spool", "name", [s.name for s in spools])
@@ -582,7 +404,7 @@ def _spools(root: _Table, base: Path, class_names: tuple[str, ...]) -> tuple[Spo
     return spools
 
 
-def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings:
+def _spool(t: Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings:
     defaults = SpoolSettings(name="", path=Path())
     t.require("name", 'name = "sensors"')
     name = t.string("name", None)
@@ -613,13 +435,13 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
     t.ensure(
         "done_dir",
         # An invalid `after` is reported on its own; do not pile a second problem on it.
-        done_dir is None or after == "move" or t.raw("after") not in (_MISSING, "delete"),
+        done_dir is None or after == "move" or t.raw("after") not in (MISSING, "delete"),
         'is only used with after = "move", and after is "delete"',
         'set after = "move", or remove done_dir',
     )
     scan = t.duration("scan_interval", defaults.scan_interval_s)
     t.positive("scan_interval", scan, 'give a duration such as "1s"')
-    create = _boolean(t, "create", defaults.create)
+    create = boolean(t, "create", defaults.create)
     return SpoolSettings(
         name=name or "",
         path=path,
@@ -632,7 +454,7 @@ def _spool(t: _Table, base: Path, class_names: tuple[str, ...]) -> SpoolSettings
     )
 
 
-def _reject_duplicates(root: _Table, array: str, key: str, values: list[str]) -> None:
+def _reject_duplicates(root: Table, array: str, key: str, values: list[str]) -> None:
     first: dict[str, int] = {}
     for index, value in enumerate(values):
         if not value or value == ".":
@@ -646,7 +468,7 @@ def _reject_duplicates(root: _Table, array: str, key: str, values: list[str]) ->
             first[value] = index
 
 
-def _put(t: _Table, base: Path, state_dir: Path, class_names: tuple[str, ...]) -> PutSettings:
+def _put(t: Table, base: Path, state_dir: Path, class_names: tuple[str, ...]) -> PutSettings:
     socket = t.path("socket", base, state_dir / "skyferry.sock")
     t.ensure(
         "socket",
@@ -681,10 +503,9 @@ SCHEME_ALIASES = {"az": "azure", "abfs": "azure", "abfss": "azure", "wasb": "azu
                   "wasbs": "azure", "s3a": "s3", "gcs": "gs"}
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 CONTAINER_RE = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _backend(t: _Table, base: Path) -> BackendSettings:
+def _backend(t: Table, base: Path) -> BackendSettings:
     for name in INLINE_SECRETS:
         if t.has(name):
             # Not t.report: that would echo the secret into logs and terminals.
@@ -704,7 +525,7 @@ def _backend(t: _Table, base: Path) -> BackendSettings:
                      f"remove it, or change url (it is {scheme}://)")
     defaults = BackendSettings(url="")
     endpoint = _endpoint(t)
-    allow_http = _boolean(t, "allow_http", False)
+    allow_http = boolean(t, "allow_http", False)
     if endpoint and endpoint.startswith("http://") and not allow_http:
         t.report("endpoint", "is plain http:// but allow_http is false",
                  "use https://, or set allow_http = true (test setups and emulators only)")
@@ -714,10 +535,10 @@ def _backend(t: _Table, base: Path) -> BackendSettings:
     t.positive("timeout", timeout, 'give a duration such as "30s"')
     min_rate = t.rate("min_rate", defaults.min_rate_bps)
     t.positive("min_rate", min_rate, 'give a rate such as "64kbit/s"')
-    secrets = {name: _secret(t, name, base) for name in INLINE_SECRETS}
-    key_id_env = _env_name(t, "access_key_id_env")
+    secrets = {name: secret(t, name, base) for name in INLINE_SECRETS}
+    key_id_env = env_name(t, "access_key_id_env")
     key_id = t.string("access_key_id", None)
-    _one_of(t, "access_key_id", "access_key_id_env")
+    one_of(t, "access_key_id", "access_key_id_env")
     if scheme == "azure":
         _check_azure_credentials(t, secrets)
     if scheme == "s3":
@@ -734,16 +555,6 @@ def _backend(t: _Table, base: Path) -> BackendSettings:
     )
 
 
-def _boolean(t: _Table, name: str, default: bool) -> bool:
-    value = t.raw(name)
-    if value is _MISSING:
-        return default
-    if not isinstance(value, bool):
-        t.report(name, "must be true or false", f"write {name} = true or {name} = false, "
-                 "without quotes")
-        return default
-    return value
-
 
 def _split_url(url: str) -> SplitResult | None:
     """urlsplit, or None for what it refuses (ValueError: an unbalanced IPv6 bracket)."""
@@ -753,7 +564,7 @@ def _split_url(url: str) -> SplitResult | None:
         return None
 
 
-def _endpoint(t: _Table) -> str | None:
+def _endpoint(t: Table) -> str | None:
     endpoint = t.string("endpoint", None)
     if endpoint is None:
         return None
@@ -765,33 +576,8 @@ def _endpoint(t: _Table) -> str | None:
     return endpoint.rstrip("/")
 
 
-def _env_name(t: _Table, name: str) -> str | None:
-    value = t.string(name, None)
-    if value is not None and ENV_NAME_RE.fullmatch(value) is None:
-        t.report(name, "is not an environment variable name",
-                 'give the name of the variable, not its value, e.g. "AZURE_STORAGE_KEY"')
-        return None
-    return value
 
-
-def _one_of(t: _Table, *names: str) -> None:
-    given = [n for n in names if t.has(n)]
-    if len(given) > 1:
-        t.report(given[-1], f"conflicts with {given[0]}", f"keep only one of {', '.join(names)}")
-
-
-def _secret(t: _Table, name: str, base: Path) -> SecretRef | None:
-    """`<name>_file` (a path) or `<name>_env` (a variable name); the value is read at open."""
-    file_key, env_key = f"{name}_file", f"{name}_env"
-    _one_of(t, file_key, env_key)
-    path = t.path(file_key, base, None)
-    if path is not None:
-        return SecretRef("file", str(path))
-    env = _env_name(t, env_key)
-    return SecretRef("env", env) if env is not None else None
-
-
-def _check_azure_credentials(t: _Table, secrets: dict[str, SecretRef | None]) -> None:
+def _check_azure_credentials(t: Table, secrets: dict[str, SecretRef | None]) -> None:
     kinds = [n for n in ("account_key", "sas_token", "connection_string") if secrets[n]]
     if len(kinds) > 1:
         t.report(f"{kinds[1]}_{secrets[kinds[1]].source}",  # type: ignore[union-attr]
@@ -801,7 +587,7 @@ def _check_azure_credentials(t: _Table, secrets: dict[str, SecretRef | None]) ->
         t.require("account", 'account = "mystorageaccount" (the storage account name)')
 
 
-def _check_s3_credentials(t: _Table, secrets: dict[str, SecretRef | None], has_id: bool) -> None:
+def _check_s3_credentials(t: Table, secrets: dict[str, SecretRef | None], has_id: bool) -> None:
     has_secret = secrets["secret_access_key"] is not None
     if has_id and not has_secret:
         t.problems.append(
@@ -820,7 +606,7 @@ def _check_s3_credentials(t: _Table, secrets: dict[str, SecretRef | None], has_i
                  "use either a profile or access_key_id + secret_access_key_file")
 
 
-def _check_backend_url(t: _Table, url: str) -> str | None:
+def _check_backend_url(t: Table, url: str) -> str | None:
     """Check the URL's form; return its scheme when usable."""
     parts = _split_url(url)
     if parts is None:
@@ -876,13 +662,13 @@ def load_backend_settings(path: Path, url: str | None = None) -> BackendSettings
         table = {}
     if url is not None:
         table = {**table, "url": url}
-    settings = _backend(_Table(table, "backend", problems), path.absolute().parent)
+    settings = _backend(Table(table, "backend", problems), path.absolute().parent)
     if problems:
         raise ConfigError(problems, str(path))
     return settings
 
 
-def _uplink(t: _Table) -> UplinkSettings:
+def _uplink(t: Table) -> UplinkSettings:
     defaults = UplinkSettings()
     streams = t.integer("streams", defaults.streams)
     t.ensure("streams", 1 <= streams <= 64, "must be between 1 and 64", "4 suits most links")
@@ -904,7 +690,7 @@ def _uplink(t: _Table) -> UplinkSettings:
     )
 
 
-def _windows(t: _Table, base: Path) -> WindowSettings:
+def _windows(t: Table, base: Path) -> WindowSettings:
     mode = t.choice("mode", ("always", "schedule"), "always")
     interval_how = "write intervals = [ { start = 2026-11-25T10:00:00Z, end = ..., rate = ... } ]"
     intervals = [
@@ -920,7 +706,7 @@ def _windows(t: _Table, base: Path) -> WindowSettings:
     ]
     cycle = _cycle(t.table("cycle", ("open", "closed"))) if t.has("cycle") else None
     extras = window_config.read_extras(t, base)  # timetable, tle, link, pass margins
-    has_windows = any(t.raw(k) not in (_MISSING, [])
+    has_windows = any(t.raw(k) not in (MISSING, [])
                       for k in ("intervals", "daily", "cycle", *window_config.SOURCE_KEYS))
     if mode == "schedule" and not has_windows:
         t.report(
@@ -944,7 +730,7 @@ def _windows(t: _Table, base: Path) -> WindowSettings:
     )
 
 
-def _interval(t: _Table) -> Interval | None:
+def _interval(t: Table) -> Interval | None:
     start = _instant(t, "start")
     end = _instant(t, "end")
     rate = t.rate("rate", None)
@@ -957,7 +743,7 @@ def _interval(t: _Table) -> Interval | None:
     return Interval(start=start, end=end, rate_bps=rate)
 
 
-def _instant(t: _Table, name: str) -> datetime | None:
+def _instant(t: Table, name: str) -> datetime | None:
     """A TOML offset date-time or an RFC 3339 string, converted to aware UTC."""
     example = "e.g. 2026-11-25T10:00:00Z"
     if not t.require(name, f"{name} = 2026-11-25T10:00:00Z"):
@@ -978,7 +764,7 @@ def _instant(t: _Table, name: str) -> datetime | None:
     return value.astimezone(UTC)
 
 
-def _daily(t: _Table) -> DailyWindow | None:
+def _daily(t: Table) -> DailyWindow | None:
     start = _time_of_day(t, "start")
     end = _time_of_day(t, "end")
     rate = t.rate("rate", None)
@@ -998,7 +784,7 @@ def _daily(t: _Table) -> DailyWindow | None:
 _TIME_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
 
 
-def _time_of_day(t: _Table, name: str) -> int | None:
+def _time_of_day(t: Table, name: str) -> int | None:
     """Seconds after 00:00 UTC from "HH:MM", "HH:MM:SS" or a TOML local time."""
     if not t.require(name, f'{name} = "22:00"'):
         return None
@@ -1012,7 +798,7 @@ def _time_of_day(t: _Table, name: str) -> int | None:
     return int(match[1]) * 3600 + int(match[2]) * 60 + int(match[3] or 0)
 
 
-def _cycle(t: _Table) -> CycleWindow | None:
+def _cycle(t: Table) -> CycleWindow | None:
     t.require("open", 'open = "15s"')
     t.require("closed", 'closed = "10s"')
     open_s = t.duration("open", None)
@@ -1024,7 +810,7 @@ def _cycle(t: _Table) -> CycleWindow | None:
     return CycleWindow(open_s=open_s, closed_s=closed_s)
 
 
-def _telemetry(t: _Table) -> TelemetrySettings:
+def _telemetry(t: Table) -> TelemetrySettings:
     level = t.choice("log_level", ("debug", "info", "warning", "error"), "info")
     fmt = t.choice("log_format", ("auto", "json", "text"), "auto")
     listen = _listen_address(t, "metrics_listen")
@@ -1036,7 +822,7 @@ def _telemetry(t: _Table) -> TelemetrySettings:
 DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9464)  # localhost only: the page shows queue contents
 
 
-def _listen_address(t: _Table, name: str) -> tuple[str, int] | None:
+def _listen_address(t: Table, name: str) -> tuple[str, int] | None:
     text = t.string(name, None)
     if text is None:
         return DEFAULT_METRICS_LISTEN if not t.has(name) else None

@@ -23,8 +23,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from agent.config.reader import _short, load_settings
+from agent.config.reader import load_settings
 from agent.config.settings import BackendSettings, KeySettings, MqttSettings, SecretRef, Settings
+from agent.config.table import short
 from agent.errors import ConfigError, KeyFileError, SkyferryError
 from agent.format import crypto
 
@@ -258,7 +259,7 @@ def _backend_overlap(backend: BackendSettings, protected: list[tuple[str, Path]]
         rel = _relation(root, other)
         if rel is not None:
             return [f"backend.url: the cloud folder {rel} {label} ({other}) (got "
-                    f"{_short(backend.url)}); give a cloud folder apart from the store and the "
+                    f"{short(backend.url)}); give a cloud folder apart from the store and the "
                     "spools"]
     return []
 
@@ -314,7 +315,7 @@ def _check_backend(backend: BackendSettings, environ: Mapping[str, str],
         try:
             open_backend(backend, environ)  # what the daemon does at start (no request yet)
         except SkyferryError as e:
-            problems.append(f"backend.url: {e} (got {_short(backend.url)}); fix [backend]")
+            problems.append(f"backend.url: {e} (got {short(backend.url)}); fix [backend]")
 
 
 def _secret_problem(key: str, e: SkyferryError, ref: SecretRef) -> str:

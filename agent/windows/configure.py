@@ -2,7 +2,7 @@
 margins.
 
 Kept apart from agent/config/reader.py so the window sources own their configuration; `t` is
-agent.config.reader's `_Table` (the problem list and key paths come with it), so every problem reads
+agent.config.reader's `Table` (the problem list and key paths come with it), so every problem reads
 like the rest: `<key.path>: <what is wrong> (got <value>); <how to fix>`. Element and timetable
 files are parsed here too, so `skyferry check-config` names a bad file, line and field.
 """
@@ -19,7 +19,7 @@ from agent.windows.linkmonitor import parse_probe
 from agent.windows.timetable import load_timetable_file, parse_timetable
 
 if TYPE_CHECKING:
-    from agent.config.reader import _Table
+    from agent.config.table import Table
 
 EXTRA_KEYS = ("timetable", "timetable_file", "tle", "link", "pre_pass", "post_pass",
               "min_viable_contact")
@@ -30,7 +30,7 @@ TLE_KEYS = ("files", "satellites", "latitude", "longitude", "altitude", "min_ele
 LINK_KEYS = ("probe", "probe_interval", "probe_timeout", "down_after", "up_after", "learn")
 
 
-def read_extras(t: _Table, base: Path) -> dict[str, Any]:
+def read_extras(t: Table, base: Path) -> dict[str, Any]:
     """Keyword arguments for WindowSettings beyond mode/intervals/daily/cycle."""
     out: dict[str, Any] = {}
     if t.has("timetable"):
@@ -64,7 +64,7 @@ def read_extras(t: _Table, base: Path) -> dict[str, Any]:
     return out
 
 
-def _strings(t: _Table, name: str) -> tuple[str, ...]:
+def _strings(t: Table, name: str) -> tuple[str, ...]:
     value = t.raw(name)
     if isinstance(value, str):
         return (value,)
@@ -74,7 +74,7 @@ def _strings(t: _Table, name: str) -> tuple[str, ...]:
     return ()
 
 
-def _degrees(t: _Table, name: str, lo: float, hi: float, default: float | None) -> float | None:
+def _degrees(t: Table, name: str, lo: float, hi: float, default: float | None) -> float | None:
     if not t.has(name):
         return default
     value = t.number(name, math.nan)
@@ -85,7 +85,7 @@ def _degrees(t: _Table, name: str, lo: float, hi: float, default: float | None) 
     return value
 
 
-def _tle(t: _Table, base: Path) -> TleSettings | None:
+def _tle(t: Table, base: Path) -> TleSettings | None:
     t.require("files", 'files = ["/etc/skyferry/relay.tle"]')
     t.require("latitude", "latitude = 52.52 (decimal degrees, north positive)")
     t.require("longitude", "longitude = 13.40 (decimal degrees, east positive)")
@@ -115,7 +115,7 @@ def _tle(t: _Table, base: Path) -> TleSettings | None:
                        rate_bps=rate, stale_after_s=stale)
 
 
-def _check_elements(t: _Table, path: Path, satellites: tuple[str, ...]) -> None:
+def _check_elements(t: Table, path: Path, satellites: tuple[str, ...]) -> None:
     from agent.windows.tle import read_elements, select
 
     try:
@@ -128,7 +128,7 @@ def _check_elements(t: _Table, path: Path, satellites: tuple[str, ...]) -> None:
                  "use names as the file writes them (globs allowed) or catalog numbers")
 
 
-def _mask(t: _Table) -> tuple[tuple[float, float], ...]:
+def _mask(t: Table) -> tuple[tuple[float, float], ...]:
     value = t.raw("horizon_mask")
     if not t.has("horizon_mask"):
         return ()
@@ -154,7 +154,7 @@ def _mask(t: _Table) -> tuple[tuple[float, float], ...]:
     return points
 
 
-def _link(t: _Table) -> LinkSettings:
+def _link(t: Table) -> LinkSettings:
     d = LinkSettings()
     probe = t.string("probe", d.probe)
     if probe not in ("auto", "none"):
