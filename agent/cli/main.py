@@ -406,7 +406,7 @@ def cmd_windows(args: argparse.Namespace) -> int:
 
 
 def _backend_settings(args: argparse.Namespace) -> Any:
-    from agent.config.reader import load_backend_settings
+    from agent.backends.config import load_backend_settings
     from agent.config.settings import BackendSettings
 
     if args.backend_config is not None:

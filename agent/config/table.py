@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, time
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import TypeVar
 
 from agent.config import units
 from agent.config.settings import SecretRef
+from agent.errors import ConfigError
+
+EXAMPLE = "config/skyferry.toml"
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -234,3 +238,54 @@ def secret(t: Table, name: str, base: Path) -> SecretRef | None:
         return SecretRef("file", str(path))
     env = env_name(t, env_key)
     return SecretRef("env", env) if env is not None else None
+
+
+def read_toml(path: Path) -> dict[str, object]:
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        problem = (
+            f"config file not found: {path}; copy the documented example {EXAMPLE}, edit it, "
+            f"then run `skyferry check-config {path}`"
+        )
+        raise ConfigError([problem], where) from None
+    except OSError as exc:
+        problem = (
+            f"cannot read the config file: {exc.strerror} (got {where!r}); "
+            "give the path of a readable TOML file"
+        )
+        raise ConfigError([problem], where) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = (
+            f"the file is not UTF-8 text (got byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        )
+        raise ConfigError([problem], where) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([syntax_problem(exc, text)], where) from None
+
+
+def syntax_problem(exc: tomllib.TOMLDecodeError, text: str) -> str:
+    """Put the line and column tomllib buried in its message first, and show that line."""
+    message = str(exc)
+    match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if match:
+        line, column = int(match[1]), int(match[2])
+        message = message[: match.start()]
+    else:
+        # tomllib says "(at end of document)": the problem is on the last line.
+        message = re.sub(r"\s*\(at end of document\)$", "", message)
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    lines = text.splitlines()
+    source = lines[line - 1] if 0 < line <= len(lines) else ""
+    return (
+        f"line {line}, column {column}: invalid TOML: {message} (got {short(source.strip())}); "
+        'fix the syntax there: strings need quotes (id = "x"), tables are [name], '
+        "repeated tables are [[name]]"
+    )

@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from agent.backends.config import load_backend_settings
 from agent.backends.core import AZURITE_ACCOUNT, AZURITE_KEY, Backend, open_backend
-from agent.config.reader import load_backend_settings
 from tests.kits.faultproxy import FaultProxy
 from tests.kits.site import free_port, render_toml
 

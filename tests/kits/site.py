@@ -105,8 +105,8 @@ class Site:
         """key -> size of every object in this site's backend, whatever its kind."""
         import asyncio
 
+        from agent.backends.config import load_backend_settings
         from agent.backends.core import open_backend
-        from agent.config.reader import load_backend_settings
 
         backend = open_backend(load_backend_settings(self.config))
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from agent.backends.config import load_backend_settings
 from agent.backends.core import AZURITE_KEY, open_backend
-from agent.config.reader import load_backend_settings
 from agent.config.settings import WindowSettings
 from agent.obs.metrics import Metrics
 from agent.uplink.backend_check import BackendHealth

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from agent.backends.config import BACKEND_KEYS, INLINE_SECRETS, load_backend_settings
 from agent.backends.core import (
     AZURITE_KEY,
     Backend,
@@ -24,7 +25,7 @@ from agent.backends.core import (
     open_backend,
     parse_connection_string,
 )
-from agent.config.reader import BACKEND_KEYS, INLINE_SECRETS, load_backend_settings, validate
+from agent.config.reader import validate
 from agent.config.settings import BackendSettings, SecretRef
 from agent.errors import (
     ConfigError,
