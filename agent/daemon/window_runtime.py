@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from agent.backends.core import Backend
 from agent.config.settings import Settings, WindowSettings
+from agent.host.blocking import RunBlocking
 from agent.obs.logs import log_event
 from agent.store.store import Store
 from agent.uplink.budget import Admission, RateMeter, horizon_budget
@@ -24,7 +25,6 @@ from agent.windows.linkmonitor import LinkMonitor, make_probe, pre_pass
 from agent.windows.schedule import Schedule
 
 log = logging.getLogger("skyferry.windows")
-RunBlocking = Callable[..., Awaitable[Any]]
 SAVE_MODEL_EVERY_S = 300.0
 WARM_UP_KEY = ".skyferry-warm-up"  # HEAD of a key that need not exist opens the connection
 

@@ -44,7 +44,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -57,6 +57,7 @@ from agent.broker.paho_adapter import PahoAccess
 from agent.broker.reconnect import keep_connected
 from agent.config.settings import MqttSettings
 from agent.errors import QuotaExceededError, SkyferryError
+from agent.host.blocking import RunBlocking
 from agent.host.memory import fix_malloc_thresholds
 from agent.ingest.pipeline import BatchRequest, IngestResult
 from agent.obs.logs import Throttled, log_event
@@ -65,7 +66,6 @@ from agent.sources.mqtt_records import Received, batch_name_prefix, encode_jsonl
 
 log = logging.getLogger("skyferry.mqtt")
 IngestBatch = Callable[[BatchRequest], Awaitable[IngestResult]]
-RunBlocking = Callable[..., Awaitable[Any]]
 _TICK_S = 0.05
 _MAX_COMMITS = 2  # batches being made durable at once: overlaps fsync with receiving
 # Room for a PUBLISH's own header (topic up to 64 KiB, properties) beyond the payload limit;

@@ -10,10 +10,11 @@ for), logged, counted, and answered with a `command` event; a refused one is log
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from agent.errors import SkyferryError
+from agent.host.blocking import RunBlocking
 from agent.obs.logs import Throttled, log_event
 from agent.obs.metrics import Metrics
 from agent.store.store import Store
@@ -22,7 +23,6 @@ from agent.uplink.gate import Gate
 
 log = logging.getLogger("skyferry.commands")
 COMMANDS = ("pause", "resume", "flush", "priority")
-RunBlocking = Callable[..., Awaitable[Any]]
 
 
 class Commands:

@@ -10,10 +10,11 @@ import collections
 import dataclasses
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from agent.config.settings import Settings
+from agent.host.blocking import RunBlocking
 from agent.obs.events import EventTap
 from agent.obs.logs import attach_tap, detach_tap, log_event
 from agent.obs.metrics import Metrics
@@ -36,7 +37,6 @@ from agent.uplink.backend_check import BackendHealth
 from agent.uplink.gate import Clock, Gate
 
 log = logging.getLogger("skyferry.telemetry")
-RunBlocking = Callable[..., Awaitable[Any]]
 SNAPSHOT_S = 1.0
 SAVINGS_EVERY = 10  # snapshots between the (heavier) compression/dedup sums
 STATUS_EVERY_S = 5.0  # sd_notify STATUS refresh

@@ -18,6 +18,7 @@ from agent.config.settings import UplinkSettings
 from agent.errors import BackendError, CorruptChunkError, DiskFullError, PermanentBackendError
 from agent.format import layout
 from agent.format.crypto import EdgeKeys
+from agent.host.blocking import RunBlocking
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.store.store import ChunkWork, ManifestWork, Store, Work
@@ -28,7 +29,6 @@ from agent.uplink.ratelimit import TokenBucket
 from agent.uplink.tips import BuiltTip, TipWriter, send_tip, tip_loop
 
 T = TypeVar("T")
-RunBlocking = Callable[..., Awaitable[Any]]
 log = logging.getLogger("skyferry.uplink")
 LONG_PATH_S = 0.02  # a round trip from here on: keep two streams (`Uplink._streams`)
 # A held upload (`_ride_out`) whose connection is still in TCP's retransmission backoff this
