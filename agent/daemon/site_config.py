@@ -99,7 +99,7 @@ def operator_key_problems(mqtt: MqttSettings) -> list[str]:
 
 
 def summarize(settings: Settings) -> str:
-    """One line naming what the config sets up, for `check-config` and the start-up log."""
+    """One line naming what the config sets up, printed by `check-config`."""
     spools = ", ".join(s.name for s in settings.spools)
     classes = ", ".join(c.name for c in settings.classes)
     return (
