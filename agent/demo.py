@@ -320,7 +320,7 @@ class Site:
     """The daemon subprocess and the folders around it."""
 
     def __init__(self, work: Path, config: Path) -> None:
-        from agent.config.reader import load_settings
+        from agent.daemon.site_config import load_settings
 
         self.work = work
         self.config = config

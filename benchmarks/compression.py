@@ -94,8 +94,7 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
               ) -> dict[str, Any]:
     """Seal every file below root into a fresh store; mode is "default", "level:N[+ldm]" or
     "auto:SCENARIO". Returns counts and, for auto, every level the policy chose."""
-    from agent.config.reader import DEFAULT_CLASSES
-    from agent.config.settings import ChunkingSettings, CompressionSettings
+    from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
     from agent.format import crypto
     from agent.ingest.compression_policy import RETUNE_EVERY_S, AutoLevel
     from agent.ingest.pipeline import Pipeline

@@ -164,7 +164,7 @@ def run() -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from agent.config.reader import load_settings
+    from agent.daemon.site_config import load_settings
 
     return load_settings(args.config)
 
@@ -186,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config.reader import check_config_main
+    from agent.daemon.preflight import check_config_main
 
     return check_config_main(args.file)
 

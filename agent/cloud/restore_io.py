@@ -17,7 +17,7 @@ from typing import TypeVar
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.config.reader import CDC_MAX_CEILING
+from agent.config.intake import CDC_MAX_CEILING
 from agent.errors import CryptoError, FormatError
 from agent.format import crypto
 from agent.format.manifest import ChunkRef

@@ -1,8 +1,8 @@
 """The [mqtt] section: the site broker, subscriptions, batching, status and commands.
 
-Kept beside `agent.config.reader` (which calls `read_mqtt`) because it is the largest section and
-has
-its own rules; it reports problems the same way, by key path with a fix.
+Problems are reported like every other section's, by key path with a fix. This reads the file
+alone: whether the operator key files hold keys is checked by `agent.daemon.site_config`, which
+may load them (reading them needs the command verifier's key format).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
-from agent.config.reader import NAME_RE, RESERVED_SOURCE
 from agent.config.settings import (
     MqttBatching,
     MqttProtocol,
@@ -19,8 +18,8 @@ from agent.config.settings import (
     MqttSubscription,
     MqttTls,
 )
+from agent.config.site import NAME_RE, RESERVED_SOURCE
 from agent.config.table import Table, secret
-from agent.errors import SkyferryError
 
 MQTT_KEYS = (
     "host", "port", "protocol", "client_id", "source", "username", "password_file",
@@ -195,8 +194,6 @@ def _max_message(t: Table, default: int) -> int:
 
 
 def _operator_keys(t: Table, base: Path) -> tuple[Path, ...]:
-    from agent.telemetry.command_auth import load_operator_key
-
     raw = t.raw("operator_keys")
     if not t.has("operator_keys"):
         return ()
@@ -204,13 +201,7 @@ def _operator_keys(t: Table, base: Path) -> tuple[Path, ...]:
         t.report("operator_keys", "must be a list of file names",
                  'write operator_keys = ["/etc/skyferry/operators/alice.pub"]')
         return ()
-    paths = tuple(base / Path(v).expanduser() for v in raw)
-    for i, path in enumerate(paths):
-        try:
-            load_operator_key(path)
-        except SkyferryError as e:
-            t.problems.append(f"{t.key('operator_keys')}[{i}]: {e}")
-    return paths
+    return tuple(base / Path(v).expanduser() for v in raw)
 
 
 def _status(t: Table, base: Path) -> MqttStatusSettings:

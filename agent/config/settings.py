@@ -1,4 +1,4 @@
-"""Frozen, typed settings: what `agent.config.reader` produces from the TOML file.
+"""Frozen, typed settings: what `agent.daemon.site_config` assembles from the TOML file.
 
 Every other module receives these objects; nobody else reads TOML or the environment.
 Sizes are in bytes, durations in seconds (float), rates in bytes per second.

@@ -1,6 +1,6 @@
 """Human-friendly sizes, rates and durations: parsing for the config file, formatting for logs.
 
-Every parse error reads `<what is wrong> (got <value>); <accepted forms>`, so `agent.config.reader`
+Every parse error reads `<what is wrong> (got <value>); <accepted forms>`, so a section reader
 only has to put the key path in front.
 """
 

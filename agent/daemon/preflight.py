@@ -1,11 +1,12 @@
 """What a valid config points at, checked against this machine: the second half of validation.
 
-`agent.config.reader` checks the file alone (types, ranges, references between keys). This module
-checks what `run` needs at start: key files (present, private, the right kind), state_dir,
-spool and done folders (usable, not on a kernel file system, not overlapping each other, the
-store or the keys), the backend's secrets, the MQTT password and TLS files. `check-config`,
-`run` and a reload all go through `load_checked`, so `check-config` refuses everything `run`
-would refuse at start, with the same lines: `<key.path>: <what is wrong> (got <value>); <fix>`.
+`agent.daemon.site_config` checks the file alone (types, ranges, references between keys, and
+that operator key files hold keys). This module checks what `run` needs at start: key files
+(present, private, the right kind), state_dir, spool and done folders (usable, not on a kernel
+file system, not overlapping each other, the store or the keys), the backend's secrets, the MQTT
+password and TLS files. `check-config`, `run` and a reload all go through `load_checked`, so
+`check-config` refuses everything `run` would refuse at start, with the same lines:
+`<key.path>: <what is wrong> (got <value>); <fix>`.
 
 Nothing here creates, changes or takes a lock on anything: `check-config` may run beside the
 daemon, and a refused `run` leaves the machine as it found it.
@@ -23,9 +24,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from agent.config.reader import load_settings
 from agent.config.settings import BackendSettings, KeySettings, MqttSettings, SecretRef, Settings
 from agent.config.table import short
+from agent.daemon.site_config import load_settings, summarize
 from agent.errors import ConfigError, KeyFileError, SkyferryError
 from agent.format import crypto
 
@@ -66,6 +67,21 @@ def check_settings(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     if settings.mqtt is not None:
         _check_mqtt(settings.mqtt, environ, problems)
     return problems
+
+
+def check_config_main(path: Path) -> int:
+    """`skyferry check-config FILE`: print OK and a summary (0), or every problem (2).
+
+    The same checks as `run` at start: the file, and what it points at.
+    """
+    try:
+        settings = load_checked(path)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 2
+    print(f"OK: {path}")
+    print(summarize(settings))
+    return 0
 
 
 def print_problems(error: ConfigError, prefix: str = "") -> None:

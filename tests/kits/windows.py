@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config.reader import validate
 from agent.config.settings import Settings
+from agent.daemon.site_config import validate
 from agent.daemon.wiring import Daemon
 from agent.format.crypto import generate_keys
 from agent.ingest.pipeline import IngestRequest

@@ -25,8 +25,8 @@ from agent.backends.core import (
     open_backend,
     parse_connection_string,
 )
-from agent.config.reader import validate
 from agent.config.settings import BackendSettings, SecretRef
+from agent.daemon.site_config import validate
 from agent.errors import (
     ConfigError,
     ObjectConflictError,

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.config.reader import DEFAULT_CLASSES, validate
-from agent.config.settings import ChunkingSettings, CompressionSettings
+from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
+from agent.daemon.site_config import validate
 from agent.errors import ConfigError
 from agent.format import crypto
 from agent.ingest.compression_policy import (

@@ -26,8 +26,8 @@ import pytest
 
 from agent.backends.core import open_backend
 from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
-from agent.config.reader import DEFAULT_CLASSES
 from agent.config.settings import (
+    DEFAULT_CLASSES,
     ChunkingSettings,
     ClassSettings,
     CompressionSettings,
@@ -232,7 +232,7 @@ CRASH = """
 import os, sys
 from pathlib import Path
 from agent.format import crypto
-from agent.config.reader import DEFAULT_CLASSES
+from agent.config.settings import DEFAULT_CLASSES
 from agent.errors import RestoreError
 from agent.ingest.pipeline import IngestRequest, Pipeline
 from agent.config.settings import ChunkingSettings, CompressionSettings

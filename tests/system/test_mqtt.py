@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 
 from agent.broker.paho_adapter import PahoAccess
 from agent.broker.reconnect import keep_connected
-from agent.config.reader import validate
+from agent.daemon.site_config import validate
 from agent.errors import ConfigError
 from agent.sources.mqtt import MqttSource, batch_name_prefix, encode_jsonl
 from tests.kits.mqtt import (
@@ -504,7 +504,7 @@ def test_example_mqtt_section_is_documented_and_loads(tmp_path: Path) -> None:
     """The commented-out [mqtt] example of config/skyferry.toml is valid once uncommented."""
     import re
 
-    from agent.config.reader import load_settings
+    from agent.daemon.site_config import load_settings
 
     example = Path(__file__).resolve().parents[2] / "config" / "skyferry.toml"
     text = example.read_text()

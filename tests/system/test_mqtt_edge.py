@@ -397,8 +397,7 @@ def test_per_topic_order_holds_across_20_broker_restarts(
 def test_batches_are_compressed_at_level_9_at_most(tmp_path: Path) -> None:
     """With the link closed `auto` can choose level 19 (a minute of CPU for 143 MiB, ~80 MiB of
     context): an in-memory batch is compressed at BATCH_MAX_LEVEL at most; files are not."""
-    from agent.config.reader import DEFAULT_CLASSES
-    from agent.config.settings import ChunkingSettings, CompressionSettings
+    from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
     from agent.format.crypto import generate_keys, load_edge_keys
     from agent.ingest.pipeline import BATCH_MAX_LEVEL, BatchRequest, Pipeline
     from agent.store.store import Store

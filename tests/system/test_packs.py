@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.backends.core import open_backend
 from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
-from agent.config.reader import DEFAULT_CLASSES
-from agent.config.settings import ChunkingSettings, CompressionSettings
+from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
 from agent.format import crypto, layout
 from agent.format.manifest import KIND_FILE_PACK, Manifest
 from agent.ingest.pipeline import IngestRequest, PackResult, Pipeline, _MemberChanged, _PackReader

@@ -80,7 +80,7 @@ def start(site: Site) -> None:
 # sends anything. The open and SO_PEERCRED both see nobody.
 _AS_NOBODY = f"""
 import importlib, os, sys, json, socket
-for name in ("agent.cli.main", "agent.config.reader", "agent.sources.put",
+for name in ("agent.cli.main", "agent.daemon.site_config", "agent.sources.put",
              "agent.sources.put_client",
              "agent.config.units", "agent.cli.status_view"):
     try:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.config.reader import load_settings
+from agent.daemon.site_config import load_settings
 from agent.daemon.wiring import Daemon
 from tests.kits.site import PYTHON, Site
 

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyfastcdc import FastCDC
 
-from agent.config.reader import check_config_main, load_settings, validate
 from agent.config.settings import ClassSettings, CycleWindow, DailyWindow, Interval
+from agent.daemon.preflight import check_config_main
+from agent.daemon.site_config import load_settings, validate
 from agent.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "skyferry.toml"

@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pyfastcdc import FastCDC
 
-from agent.config.reader import DEFAULT_CLASSES
-from agent.config.settings import ChunkingSettings, CompressionSettings
+from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
 from agent.errors import DiskFullError, SourceError
 from agent.format import crypto
 from agent.format.manifest import ChunkRef, Manifest

@@ -352,7 +352,7 @@ def put_raw_manifest(cloud: Cloud, name: str, chunk_json: list[str]) -> str:
 
 
 def test_declared_chunk_maximum_is_the_edges() -> None:
-    from agent.config.reader import CDC_MAX_CEILING
+    from agent.config.intake import CDC_MAX_CEILING
     from agent.config.settings import ChunkingSettings
 
     assert MAX_CHUNK_PLAINTEXT == CDC_MAX_CEILING == ChunkingSettings().max_size == 16 * MIB

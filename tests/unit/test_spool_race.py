@@ -21,8 +21,12 @@ from typing import Any
 
 import pytest
 
-from agent.config.reader import DEFAULT_CLASSES
-from agent.config.settings import ChunkingSettings, CompressionSettings, SpoolSettings
+from agent.config.settings import (
+    DEFAULT_CLASSES,
+    ChunkingSettings,
+    CompressionSettings,
+    SpoolSettings,
+)
 from agent.format import crypto
 from agent.format.manifest import KIND_FILE_PACK, Manifest
 from agent.ingest.pipeline import IngestRequest, IngestResult, PackResult, Pipeline, decompress

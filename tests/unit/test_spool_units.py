@@ -302,8 +302,7 @@ def test_an_aside_file_left_by_a_kill_is_taken_back_once_and_stored_once(
     `.NAME.skyferry-accepted` behind. At the next start it goes back under its name, is
     recognised as the version already stored (same name, size and mtime) and deleted: no
     second object, nothing left; a new file that took the name meanwhile is not replaced."""
-    from agent.config.reader import DEFAULT_CLASSES
-    from agent.config.settings import ChunkingSettings, CompressionSettings
+    from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
     from agent.format import crypto
     from agent.ingest.pipeline import Pipeline
     from agent.sources.spool_files import ASIDE_SUFFIX

@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.config.reader import DEFAULT_CLASSES
-from agent.config.settings import ChunkingSettings, ClassSettings, CompressionSettings
+from agent.config.settings import (
+    DEFAULT_CLASSES,
+    ChunkingSettings,
+    ClassSettings,
+    CompressionSettings,
+)
 from agent.errors import QuotaExceededError, StoreError, StoreLockedError
 from agent.format import crypto
 from agent.format.manifest import Manifest

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent.config.reader import validate
 from agent.config.settings import LinkSettings
+from agent.daemon.site_config import validate
 from agent.errors import ConfigError
 from tests.kits.tle_fixtures import ISS
 

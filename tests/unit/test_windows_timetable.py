@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent.config.reader import validate
 from agent.config.settings import TimetableEntry
+from agent.daemon.site_config import validate
 from agent.errors import ConfigError
 from agent.windows import WindowFileError
 from agent.windows.forecast import build_forecast
