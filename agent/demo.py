@@ -341,7 +341,7 @@ class Site:
         self.started = time.monotonic()
 
     def snapshot(self) -> Snapshot:
-        from agent.cli.main import status_data
+        from agent.cli.status import status_data
         from agent.errors import SkyferryError
 
         self.log.poll()
