@@ -34,8 +34,10 @@ venv: $(VENV)/.installed
 
 dev: $(VENV)/.installed-dev
 
+# The demo is a script over the test suite's site harness (tests/kits/site.py), not part of
+# the package; make runs it from the repository root, where `demo` and `tests` import.
 demo: venv
-	$(PY) -m agent.demo
+	$(PY) -m demo
 
 # What the suite needs beyond Python packages: Azurite (pinned by tests/emulators' lock file).
 # moto comes with the dev extra.
@@ -53,8 +55,8 @@ test: dev test-deps lint
 	$(VENV)/bin/pytest -q
 
 lint: dev
-	$(VENV)/bin/ruff check agent tests benchmarks
-	$(VENV)/bin/mypy agent
+	$(VENV)/bin/ruff check agent tests benchmarks demo
+	$(VENV)/bin/mypy agent demo
 
 bench: dev
 	@if [ -f benchmarks/run.py ]; then $(PY) -m benchmarks.run; \

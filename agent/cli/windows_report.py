@@ -1,4 +1,5 @@
-"""`skyferry windows` and the window lines of `skyferry status`: from config and store only.
+"""The windows and the queue they are planned to drain, for `skyferry windows` and the window
+lines of `skyferry status`: from config and store only.
 
 No daemon is needed: the forecast is rebuilt from the config (element and timetable files are
 read, passes predicted), the learned link model and the cycle anchor come from the store's meta
@@ -10,12 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.config.settings import Settings
-from agent.config.units import format_duration, format_size
+from agent.config.units import format_size
 from agent.store.store import Store
 from agent.windows import Contact
 from agent.windows.forecast import Forecast, build_forecast, describe, plan_drain
@@ -65,10 +65,11 @@ def fallback_rate(ctx: Context, c: Contact) -> float | None:
 def windows_data(settings: Settings, now: float, hours: float) -> list[dict[str, Any]]:
     """The coming windows, as `skyferry windows --json` prints them."""
     ctx = load_context(settings, now)
-    return _rows(ctx, ctx.forecast.upcoming(now, now + hours * 3600))
+    return window_rows(ctx, ctx.forecast.upcoming(now, now + hours * 3600))
 
 
-def _rows(ctx: Context, windows: list[Contact]) -> list[dict[str, Any]]:
+def window_rows(ctx: Context, windows: list[Contact]) -> list[dict[str, Any]]:
+    """One row per window: its description and the bytes per class it is planned to carry."""
     rates = [fallback_rate(ctx, w) for w in windows]
     plans = _plans(ctx, windows, rates)
     out = []
@@ -90,60 +91,6 @@ def _plans(ctx: Context, windows: list[Contact],
         queue = [(n, b - sent.get(n, 0)) for n, b in queue]
         plans.append(plan)
     return plans
-
-
-def print_windows(settings: Settings, now: float, hours: float, svg: Path | None,
-                  quiet: bool = False) -> int:
-    """The table (unless `quiet`), and the SVG timeline when asked for."""
-    ctx = load_context(settings, now)
-    windows = ctx.forecast.upcoming(now, now + hours * 3600)
-    rows = _rows(ctx, windows)
-    if not quiet:
-        _print_table(ctx, settings, now, hours, windows, rows)
-    if svg is not None:
-        from agent.cli.windows_svg import render_timeline
-
-        plans = [list(row["planned_bytes"].items()) for row in rows]
-        svg.write_text(render_timeline(windows, plans, now, now + hours * 3600,
-                                       [name for name, _ in ctx.queue], dict(ctx.queue)))
-        if not quiet:
-            print(f"timeline written to {svg}")
-    return 0
-
-
-def _print_table(ctx: Context, settings: Settings, now: float, hours: float,
-                 windows: list[Contact], rows: list[dict[str, Any]]) -> None:
-    tle = ctx.forecast.tle
-    if tle is not None:
-        for name, age in sorted(tle.stale(now).items()):
-            print(f"warning: elements of {name} are {age / 86400:.1f} days old: passes drift; "
-                  "refresh the element file")
-    print(f"windows in the next {hours:g} h (UTC), mode {settings.windows.mode}")
-    print(f"{'start':<20} {'end':<20} {'duration':>9} {'max el':>7} {'source':<10} "
-          f"{'expected':>10}")
-    for w, row in zip(windows, rows, strict=True):
-        end = "(open-ended)" if math.isinf(w.end) else _short(w.end)
-        dur = "" if math.isinf(w.end) else format_duration(round(w.duration_s))
-        el = "" if w.max_elevation_deg is None else f"{w.max_elevation_deg:.0f}°"
-        expected = row["expected_bytes"]
-        shown = "?" if expected is None else format_size(expected)
-        print(f"{_short(w.start):<20} {end:<20} {dur:>9} {el:>7} {w.source:<10} {shown:>10}"
-              + (f"  {w.detail}" if w.detail else ""))
-    if not windows:
-        print("(no window)")
-    model = ctx.forecast.learned
-    if model is not None and model.hits.total_s > 0:
-        h = model.hits
-        print(f"learned link model: forecast hit rate {_pct(h.precision)} of predicted up-time "
-              f"confirmed, {_pct(h.recall)} of up-time foreseen")
-
-
-def _short(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _pct(x: float | None) -> str:
-    return "?" if x is None else f"{100 * x:.0f}%"
 
 
 def window_status(ctx: Context, now: float) -> dict[str, Any]:

@@ -64,7 +64,19 @@ def render_timeline(windows: Sequence[Contact], plans: Sequence[Sequence[tuple[s
         if x1 - x0 > 40:
             out.append(f'<text x="{x0 + 3:.1f}" y="{y + 21}" fill="white">'
                        f'{escape(label)}</text>')
-    # one lane per class: planned bytes per window
+    out += _class_lanes(windows, plans, start, end, classes, axis_y)
+    left = {n: queued.get(n, 0) - sum(dict(p).get(n, 0) for p in plans) for n in classes}
+    rest = ", ".join(f"{n} {format_size(max(0, b))}" for n, b in left.items() if b > 0)
+    out.append(f'<text x="{LEFT}" y="{height - 10}">still queued after these windows: '
+               f'{escape(rest or "nothing")}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _class_lanes(windows: Sequence[Contact], plans: Sequence[Sequence[tuple[str, int]]],
+                 start: float, end: float, classes: Sequence[str], axis_y: int) -> list[str]:
+    """One lane per class: the bytes of that class each window is planned to carry."""
+    out: list[str] = []
     for i, name in enumerate(classes):
         y = axis_y + 10 + LANE * (i + 1)
         colour = PALETTE[i % len(PALETTE)]
@@ -84,12 +96,7 @@ def render_timeline(windows: Sequence[Contact], plans: Sequence[Sequence[tuple[s
             if x1 - x0 > 50:
                 out.append(f'<text x="{x0 + 2:.1f}" y="{y + 12}">'
                            f'{escape(format_size(sent))}</text>')
-    left = {n: queued.get(n, 0) - sum(dict(p).get(n, 0) for p in plans) for n in classes}
-    rest = ", ".join(f"{n} {format_size(max(0, b))}" for n, b in left.items() if b > 0)
-    out.append(f'<text x="{LEFT}" y="{height - 10}">still queued after these windows: '
-               f'{escape(rest or "nothing")}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _stamp(t: float) -> str:

@@ -1,4 +1,8 @@
-"""A throw-away edge site for tests: keys, config, spool folders, a daemon subprocess, restore."""
+"""A throw-away edge site: keys, config, spool folders, a daemon subprocess, its log, restore.
+
+The one site harness: the system tests, the benchmarks and `make demo` (demo/) drive a site
+through it; tests/kits/windows.py builds its in-process daemons from the same config tables.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.format.crypto import generate_keys
+from agent.format.crypto import GeneratedKeys, generate_keys
 
 PYTHON = sys.executable
+
+
+class CommandFailed(AssertionError):
+    """A `skyferry` command the harness ran exited non-zero (its output is the message)."""
 
 
 def free_port() -> int:
@@ -67,6 +76,20 @@ def render_toml(data: dict[str, Any]) -> str:
             lines.append(f"[{table}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
     return "\n".join(lines) + "\n"
+
+
+def site_tables(root: Path, site_id: str, keys: GeneratedKeys,
+                backend: dict[str, Any]) -> dict[str, Any]:
+    """The [site], [keys] and [backend] tables of a site kept under `root`."""
+    return {
+        "site": {"id": site_id, "state_dir": str(root / "state")},
+        "keys": {
+            "recipient_public": str(keys.edge_dir / "recipient.pub"),
+            "signing_key": str(keys.edge_dir / "site.key"),
+            "dedup_key": str(keys.edge_dir / "dedup.key"),
+        },
+        "backend": backend,
+    }
 
 
 @dataclass
@@ -123,14 +146,9 @@ class Site:
         return self.root / "spool" / name
 
     def write_config(self) -> None:
+        backend = dict(self.backend) if self.backend else {"url": self.backend_url}
         data: dict[str, Any] = {
-            "site": {"id": self.site_id, "state_dir": str(self.state)},
-            "keys": {
-                "recipient_public": str(self.keys.edge_dir / "recipient.pub"),
-                "signing_key": str(self.keys.edge_dir / "site.key"),
-                "dedup_key": str(self.keys.edge_dir / "dedup.key"),
-            },
-            "backend": dict(self.backend) if self.backend else {"url": self.backend_url},
+            **site_tables(self.root, self.site_id, self.keys, backend),
             "spool": [
                 {"name": n, "path": str(self.spool(n)), "priority": p, "settle": "0.3s",
                  "scan_interval": "0.2s"}
@@ -154,8 +172,8 @@ class Site:
         r = subprocess.run([PYTHON, "-m", "agent", *args], capture_output=True, text=True,
                            timeout=timeout, **kw)
         if check and r.returncode != 0:
-            raise AssertionError(f"skyferry {' '.join(args)} exited {r.returncode}:\n"
-                                 f"{r.stdout}\n{r.stderr}")
+            raise CommandFailed(f"skyferry {' '.join(args)} exited {r.returncode}:\n"
+                                f"{r.stdout}\n{r.stderr}")
         return r
 
     def start(self, wrap: tuple[str, ...] = ()) -> None:
@@ -182,6 +200,20 @@ class Site:
         out: dict[str, Any] = json.loads(self.cli("status", "-c", str(self.config),
                                                   "--json").stdout)
         return out
+
+    def store_status(self) -> dict[str, Any] | None:
+        """What `skyferry status --json` says of the store and the gate, read in this process
+        (cheap enough to poll); None while the daemon has not created its store yet."""
+        from agent.cli.status import status_data
+        from agent.daemon.site_config import load_settings
+        from agent.errors import SkyferryError
+
+        if not self.state.joinpath("index.sqlite").exists():
+            return None
+        try:
+            return status_data(load_settings(self.config), time.time())
+        except (SkyferryError, sqlite3.Error):
+            return None  # caught mid-creation: ask again next time
 
     def spool_files(self) -> list[Path]:
         """Files still waiting in the spools (not the done/ folders)."""
@@ -232,6 +264,46 @@ class Site:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class LogFollower:
+    """Reads a daemon's JSON log as it grows: the events so far and the gate as last logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+        self.events: list[dict[str, Any]] = []
+        self.gate_open: bool | None = None
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            self.events.append(event)
+            if event.get("event") in ("gate_open", "gate_closed"):
+                self.gate_open = event["event"] == "gate_open"
+
+    def count(self, name: str) -> int:
+        return sum(1 for e in self.events if e.get("event") == name)
+
+    def problems(self) -> list[str]:
+        """The messages of every warning and error logged so far."""
+        return [str(e.get("msg")) for e in self.events
+                if e.get("level") in ("warning", "error", "critical")]
 
 
 def drop_file(spool: Path, name: str, data: bytes, mtime_ns: int | None = None) -> Path:

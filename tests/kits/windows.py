@@ -1,4 +1,5 @@
 """In-process daemons for the window tests: a clock the test moves, and the log as a record.
+The site's config tables are the ones tests/kits/site.py writes for a subprocess daemon.
 
 Everything is real (Store, Pipeline, Uplink, Gate, the local backend, the link monitor); only
 time is under the test's control. `JumpClock` runs at the speed of real time, so rate limits,
@@ -23,6 +24,7 @@ from agent.daemon.site_config import validate
 from agent.daemon.wiring import Daemon
 from agent.format.crypto import generate_keys
 from agent.ingest.pipeline import IngestRequest
+from tests.kits.site import site_tables
 
 SMALL_CHUNKS = {"min_size": "64KiB", "avg_size": "256KiB", "max_size": "1MiB"}
 
@@ -68,11 +70,7 @@ def site_settings(root: Path, windows: dict[str, Any], uplink: dict[str, Any] | 
                   site_id: str = "win-test") -> Settings:
     keys = generate_keys(root / "keys", site_id)
     data = {
-        "site": {"id": site_id, "state_dir": str(root / "state")},
-        "keys": {"recipient_public": str(keys.edge_dir / "recipient.pub"),
-                 "signing_key": str(keys.edge_dir / "site.key"),
-                 "dedup_key": str(keys.edge_dir / "dedup.key")},
-        "backend": {"url": f"file://{root / 'cloud'}"},
+        **site_tables(root, site_id, keys, {"url": f"file://{root / 'cloud'}"}),
         "chunking": SMALL_CHUNKS,
         "uplink": uplink or {},
         "windows": windows,

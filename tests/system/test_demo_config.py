@@ -8,14 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent import demo
+from demo import SITE
+from demo.files import DemoFile
+from demo.main import compare, make_site, prepare_workdir
 
 
 def test_demo_config_passes_check_config(tmp_path: Path) -> None:
     work = tmp_path / "demo-run"
-    demo.prepare_workdir(work)
-    demo.skyferry("keygen", "--out", str(work / "keys"), "--site", demo.SITE)
-    config = demo.write_config(work)
+    prepare_workdir(work)
+    config = make_site(work).config
     r = subprocess.run([sys.executable, "-m", "agent", "check-config", str(config)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -24,14 +25,14 @@ def test_demo_config_passes_check_config(tmp_path: Path) -> None:
 
 def test_demo_compare_ignores_the_restore_journal_but_not_strays(tmp_path: Path) -> None:
     originals, restored = tmp_path / "originals", tmp_path / "restored"
-    f = demo.DemoFile("telemetry", "a/b.csv", 3, 1_700_000_000_000_000_000, 1)
-    for root in (originals / f.spool, restored / demo.SITE / f.spool):
+    f = DemoFile("telemetry", "a/b.csv", 3, 1_700_000_000_000_000_000, 1)
+    for root in (originals / f.spool, restored / SITE / f.spool):
         (root / "a").mkdir(parents=True)
         (root / f.name).write_bytes(b"abc")
         os.utime(root / f.name, ns=(f.mtime_ns, f.mtime_ns))
     (restored / ".skyferry").mkdir()
     (restored / ".skyferry" / "restored.sqlite").write_bytes(b"journal")
-    assert demo.compare([f], originals, restored) == []
-    (restored / demo.SITE / "stray.txt").write_bytes(b"x")
-    assert demo.compare([f], originals, restored) == [
-        f"{demo.SITE}/stray.txt: restored but never sent"]
+    assert compare([f], originals, restored) == []
+    (restored / SITE / "stray.txt").write_bytes(b"x")
+    assert compare([f], originals, restored) == [
+        f"{SITE}/stray.txt: restored but never sent"]
