@@ -1,9 +1,10 @@
 """The window sources [windows] can configure besides intervals, daily and cycle.
 
-Adding one: a module with its ContactSource, a `read_settings(t, base)` for its [windows] keys and
-an `open_sources(settings)` that builds it, its settings field in WindowSettings, and one line in
-SOURCES. The reader (agent/windows/reader.py) and the forecast (agent/windows/forecast.py) only
-walk this list.
+Adding one: a module with its ContactSource and, there or in a config module of its own (as
+tle_config.py keeps the TLE reader apart from the predictor), `KEYS`, `read_settings(t, base)` for
+those [windows] keys and `open_sources(settings)` that builds it; its settings field in
+WindowSettings; and one line in SOURCES. The reader (agent/windows/reader.py) and the forecast
+(agent/windows/forecast.py) only walk this list.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from agent.config.settings import WindowSettings
 from agent.config.table import Table
-from agent.windows import ContactSource, timetable, tle, tle_config
+from agent.windows import ContactSource, timetable, tle_config
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class SourceKind:
 # In the order their problems are reported.
 SOURCES: tuple[SourceKind, ...] = (
     SourceKind(timetable.KEYS, timetable.read_settings, timetable.open_sources),
-    SourceKind(tle_config.KEYS, tle_config.read_settings, tle.open_sources),
+    SourceKind(tle_config.KEYS, tle_config.read_settings, tle_config.open_sources),
 )
 SOURCE_KEYS = tuple(key for kind in SOURCES for key in kind.keys)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config.settings import TleSettings, WindowSettings
+from agent.config.settings import TleSettings
 from agent.obs.logs import log_event
 from agent.windows import (
     PREDICT_AHEAD_S,
@@ -379,10 +379,3 @@ class TleSource(ContactSource):
     def warnings(self, now: float) -> list[str]:
         return [f"elements of {name} are {age / 86400:.1f} days old: passes drift; "
                 "refresh the element file" for name, age in sorted(self.stale(now).items())]
-
-
-def open_sources(settings: WindowSettings) -> list[ContactSource]:
-    """Predicted passes when [windows.tle] is configured; the element files must parse."""
-    if settings.tle is None:
-        return []
-    return [TleSource(settings.tle, settings.min_viable_contact_s)]

@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from agent.config.settings import TleSettings
+from agent.config.settings import TleSettings, WindowSettings
 from agent.config.table import Table
-from agent.windows import WindowFileError
+from agent.windows import ContactSource, WindowFileError
 from agent.windows.elements import read_elements, select
 
 KEYS = ("tle",)
@@ -24,6 +24,17 @@ def read_settings(t: Table, base: Path) -> dict[str, Any]:
     if not t.has("tle"):
         return {}
     return {"tle": _tle(t.table("tle", TLE_KEYS), base)}
+
+
+def open_sources(settings: WindowSettings) -> list[ContactSource]:
+    """Predicted passes when [windows.tle] is configured; the element files must parse."""
+    if settings.tle is None:
+        return []
+    # Imported here: the predictor loads numpy and skyfield, which reading the config (every
+    # CLI verb) does not need.
+    from agent.windows.tle import TleSource
+
+    return [TleSource(settings.tle, settings.min_viable_contact_s)]
 
 
 def _strings(t: Table, name: str) -> tuple[str, ...]:
