@@ -64,7 +64,7 @@ from agent.config.units import parse_size
 from agent.errors import DiskFullError
 from agent.format.crypto import generate_keys, load_edge_keys
 from agent.ingest.pipeline import IngestRequest, Pipeline
-from agent.sources.spool import REFUSED_BACKOFF_MAX_S
+from agent.sources.spool_report import REFUSED_BACKOFF_MAX_S
 from agent.sources.spool_scan import scan
 from agent.store import store as store_mod
 from agent.store.fsio import free_bytes

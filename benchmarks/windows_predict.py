@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.config.settings import TleSettings
-from agent.windows.tle import TleSource, tle_checksum
+from agent.windows.elements import tle_checksum
+from agent.windows.tle import TleSource
 
 BASE = """ISS (ZARYA)
 1 25544U 98067A   18135.61844383  .00002728  00000-0  48567-4 0  9998

@@ -70,11 +70,8 @@ def print_windows(settings: Settings, now: float, hours: float, svg: Path | None
 
 def _print_table(ctx: Context, settings: Settings, now: float, hours: float,
                  windows: list[Contact], rows: list[dict[str, Any]]) -> None:
-    tle = ctx.forecast.tle
-    if tle is not None:
-        for name, age in sorted(tle.stale(now).items()):
-            print(f"warning: elements of {name} are {age / 86400:.1f} days old: passes drift; "
-                  "refresh the element file")
+    for warning in ctx.forecast.warnings(now):
+        print(f"warning: {warning}")
     print(f"windows in the next {hours:g} h (UTC), mode {settings.windows.mode}")
     print(f"{'start':<20} {'end':<20} {'duration':>9} {'max el':>7} {'source':<10} "
           f"{'expected':>10}")

@@ -15,14 +15,13 @@ from pathlib import Path
 from agent.backends.config import read_backend
 from agent.config.intake import read_chunking, read_compression, read_put, read_spools
 from agent.config.mqtt import read_mqtt
-from agent.config.reader import _windows
 from agent.config.settings import MqttSettings, Settings, WindowSettings
 from agent.config.site import class_names, read_classes, read_keys, read_site, read_store
 from agent.config.table import Table, read_toml
 from agent.config.telemetry import read_telemetry
 from agent.config.uplink import read_uplink
 from agent.errors import ConfigError, SkyferryError
-from agent.windows import configure as window_config
+from agent.windows.reader import read_windows
 
 TOP_LEVEL_KEYS = (
     "site", "keys", "store", "classes", "chunking", "compression", "spool",
@@ -77,8 +76,7 @@ def validate(data: Mapping[str, object], path: Path) -> Settings:
 
 
 def _read_windows(root: Table, base: Path) -> WindowSettings:
-    keys = ("mode", "intervals", "daily", "cycle", *window_config.EXTRA_KEYS)
-    return _windows(root.table("windows", keys), base)
+    return read_windows(root.table("windows"), base)
 
 
 def operator_key_problems(mqtt: MqttSettings) -> list[str]:

@@ -103,7 +103,7 @@ class Metrics:
                                   registry=r)
         self.mqtt_pending = Gauge("skyferry_mqtt_pending_messages",
                                   "MQTT messages received and not yet durable", registry=r)
-        # ---- windows (issue 4): set by agent/windows/forecast.py ----
+        # ---- windows (issue 4): set by agent/windows/tle.py ----
         self.tle_age_days = Gauge("skyferry_tle_age_days",
                                   "Age of the oldest orbital elements in use", registry=r)
         self.tle_stale = Gauge("skyferry_tle_stale_satellites",

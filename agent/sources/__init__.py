@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeAlias
 
-from agent.ingest.pipeline import IngestRequest, IngestResult, PackResult
+if TYPE_CHECKING:
+    # Types only: the `skyferry put` client (put_client.py) is in this package, and a CLI
+    # command must not load the pipeline and the store just to send a request.
+    from agent.ingest.pipeline import IngestRequest, IngestResult, PackResult
 
-Ingest = Callable[[IngestRequest], Awaitable[IngestResult]]
-IngestPack = Callable[[list[IngestRequest]], Awaitable[PackResult]]
+Ingest: TypeAlias = "Callable[[IngestRequest], Awaitable[IngestResult]]"
+IngestPack: TypeAlias = "Callable[[list[IngestRequest]], Awaitable[PackResult]]"

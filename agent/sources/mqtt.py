@@ -37,13 +37,11 @@ order: nothing here can restore an order the broker never saw.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import cast
 
 import aiomqtt
@@ -56,29 +54,17 @@ from agent.broker.connection import read_secret, tls_context
 from agent.broker.paho_adapter import PahoAccess
 from agent.broker.reconnect import keep_connected
 from agent.config.settings import MqttSettings
-from agent.errors import QuotaExceededError, SkyferryError
 from agent.host.blocking import RunBlocking
 from agent.host.memory import fix_malloc_thresholds
-from agent.ingest.pipeline import BatchRequest, IngestResult
-from agent.obs.logs import Throttled, log_event
+from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
-from agent.sources.mqtt_records import Received, batch_name_prefix, encode_jsonl
+from agent.sources.mqtt_batches import IngestBatch, MqttBatches
+from agent.sources.mqtt_records import Received
 
 log = logging.getLogger("skyferry.mqtt")
-IngestBatch = Callable[[BatchRequest], Awaitable[IngestResult]]
-_TICK_S = 0.05
-_MAX_COMMITS = 2  # batches being made durable at once: overlaps fsync with receiving
 # Room for a PUBLISH's own header (topic up to 64 KiB, properties) beyond the payload limit;
-# a payload that slips through within it is refused here (`_refuse`).
+# a payload that slips through within it is refused (agent/sources/mqtt_batches.py).
 PACKET_OVERHEAD = 128 << 10
-
-
-@dataclass
-class _Batch:
-    cls: str
-    started: float  # loop time of the first message
-    records: list[Received] = field(default_factory=list)
-    nbytes: int = 0
 
 
 class MqttSource:
@@ -93,57 +79,37 @@ class MqttSource:
         self.metrics = metrics
         self.environ = environ
         self.connected = False
-        self.generation = 0
-        # Any client of the broker can send oversize messages: logged in a burst, then
-        # summarised (each is still counted and acknowledged).
-        self._too_large = Throttled(every_s=10.0, burst=20)
-        self._paho: PahoAccess | None = None
         self._client_now: aiomqtt.Client | None = None
-        self._batches: dict[str, _Batch] = {}
-        self._batch_opened = asyncio.Event()  # the age ticker sleeps while no batch is open
-        self._acks: collections.deque[Received] = collections.deque()
-        self._limbo: list[Received] = []  # unacked when a connection dropped (see _on_connect)
-        self._commits: set[asyncio.Task[None]] = set()
-        self._commit_slots = asyncio.Semaphore(_MAX_COMMITS)
-        # One commit at a time per class, in sealing order (asyncio.Lock wakes waiters FIFO):
-        # batches then become durable in arrival order and acknowledgements are never held
-        # behind an older batch of the same class, which keeps duplicates after a crash few.
-        self._class_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self._class_of: dict[str, str] = {}
         self._stop = asyncio.Event()
+        self.batches = MqttBatches(settings, ingest_batch, run_blocking, metrics, self._stop)
         self._stopped = asyncio.Event()
         self.last_error: str | None = None
         self._last_received_ns = 0
 
-    # ---- topics and classes -----------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        """How many connections were made: the current one's number."""
+        return self.batches.generation
 
     def class_for(self, topic: str) -> str:
-        """The class of the first subscription (in config order) whose filter matches."""
-        cls = self._class_of.get(topic)
-        if cls is None:
-            cls = next((s.priority for s in self.settings.subscriptions
-                        if paho.topic_matches_sub(s.topic, topic)), "normal")
-            if len(self._class_of) > 10_000:  # many distinct topics: keep memory bounded
-                self._class_of.clear()
-            self._class_of[topic] = cls
-        return cls
+        return self.batches.class_for(topic)
 
     @property
     def pending(self) -> int:
         """Messages received and not yet in a batch being made durable."""
-        return sum(len(b.records) for b in self._batches.values()) + len(self._limbo)
+        return self.batches.pending
 
     # ---- the connection loop ------------------------------------------------------------------
 
     async def run(self) -> None:
         """Connect, consume, reconnect with backoff; returns once `drain` has finished."""
         fix_malloc_thresholds()  # peak memory per message: see agent/host/memory.py
-        tick = asyncio.create_task(self._age_ticker(), name="mqtt-batch-ages")
+        tick = asyncio.create_task(self.batches.age_ticker(), name="mqtt-batch-ages")
         try:
             # A broker problem never takes the daemon down: it is logged and retried.
             await keep_connected(self._connection, self._stop, self.settings.reconnect_initial_s,
                                  self.settings.reconnect_max_s, self._lost_connection)
-            await self._finish()
+            await self.batches.finish()
         finally:
             tick.cancel()
             self._stopped.set()
@@ -175,8 +141,8 @@ class MqttSource:
         async with asyncio.timeout(max(10.0, 2 * self.settings.keepalive_s)):
             await client.__aenter__()
         try:
-            self.generation += 1
-            self._paho = paho_access
+            self.batches.generation += 1
+            self.batches.paho = paho_access
             self._client_now = client
             self.connected = True
             self.last_error = None
@@ -207,7 +173,7 @@ class MqttSource:
             broker_gone = consume.done()
         except asyncio.CancelledError:
             consume.cancel()
-            await self._settle()  # commits under way are acknowledged before the close
+            await self.batches.settle()  # commits under way are acknowledged before the close
             raise
         finally:
             stop.cancel()
@@ -216,7 +182,7 @@ class MqttSource:
                 consume.cancel()
         if broker_gone:
             consume.result()  # raises MqttError when the broker went away
-        await self._finish()  # stopping: make everything durable and acknowledge it
+        await self.batches.finish()  # stopping: make everything durable and acknowledge it
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         if not self.settings.subscriptions:
@@ -236,7 +202,7 @@ class MqttSource:
         log_event(log, logging.INFO, "mqtt_connected",
                   f"connected to MQTT broker {s.host}:{s.port}", client_id=s.client_id,
                   session_present=session_present, generation=self.generation)
-        limbo, self._limbo = self._limbo, []
+        limbo = self.batches.take_limbo()
         if not limbo:
             return
         if session_present:
@@ -251,7 +217,7 @@ class MqttSource:
                   f"broker has no session for {s.client_id}; keeping {len(limbo)} messages "
                   "received before the disconnect", messages=len(limbo))
         for r in limbo:
-            self._add(r, track_ack=False)
+            self.batches.add(r, track_ack=False)
 
     def _lost_connection(self, e: BaseException) -> None:
         if self.generation and not self._stop.is_set():
@@ -261,18 +227,7 @@ class MqttSource:
         log_event(log, logging.WARNING, "mqtt_disconnected",
                   f"MQTT broker {self.settings.host}:{self.settings.port} unavailable: "
                   f"{self.last_error}; retrying", pending=self.pending)
-        # Messages not yet made durable go to limbo: whether the broker re-sends them is
-        # known only from the next CONNACK. QoS 0 ones are never re-sent: keep them batched.
-        for cls, batch in list(self._batches.items()):
-            keep = [r for r in batch.records if r.qos == 0]
-            self._limbo.extend(r for r in batch.records if r.qos > 0)
-            if keep:
-                batch.records = keep
-                batch.nbytes = sum(len(r.payload) + len(r.topic) for r in keep)
-            else:
-                del self._batches[cls]
-        self._acks.clear()  # nothing of that connection can be acknowledged any more
-        self._paho = None
+        self.batches.connection_lost()
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
@@ -282,25 +237,7 @@ class MqttSource:
             r = Received(str(msg.topic), bytes(payload), msg.qos, bool(msg.retain),
                          self._receive_time_ns(), msg.mid, self.generation)
             del msg, payload  # the payload lives on only in `r`
-            if len(r.payload) > self.settings.max_message_bytes:
-                self._refuse(r)
-            else:
-                self._add(r, track_ack=r.qos > 0)
-
-    def _refuse(self, r: Received) -> None:
-        """A message over max_message_size (one MQTT 5 brokers should not have sent, or any in
-        3.1.1): logged, counted and acknowledged in its turn, so the broker does not re-send it
-        at every reconnect. It is not stored."""
-        size, r.payload, r.durable = len(r.payload), b"", True
-        self.metrics.mqtt_refused.labels("too_large").inc()
-        self._too_large.log(log, logging.WARNING, "mqtt_message_refused",
-                            f"MQTT message on {r.topic!r} is {size} bytes, over "
-                            f"max_message_size ({self.settings.max_message_bytes}); dropped "
-                            "and acknowledged", topic=r.topic, bytes=size,
-                            source=self.settings.source)
-        if r.qos > 0:
-            self._acks.append(r)
-            self._ack_ready()
+            self.batches.receive(r)
 
     def _receive_time_ns(self) -> int:
         """Wall-clock time of a message, never before the previous one's: batch names (which
@@ -309,126 +246,6 @@ class MqttSource:
         the clock catches up."""
         self._last_received_ns = max(time.time_ns(), self._last_received_ns + 1000)
         return self._last_received_ns
-
-    # ---- batching -----------------------------------------------------------------------------
-
-    def _add(self, r: Received, *, track_ack: bool) -> None:
-        cls = self.class_for(r.topic)
-        batch = self._batches.get(cls)
-        if batch is None:
-            batch = self._batches[cls] = _Batch(cls, asyncio.get_running_loop().time())
-            self._batch_opened.set()
-        batch.records.append(r)
-        batch.nbytes += len(r.payload) + len(r.topic)
-        if track_ack:
-            self._acks.append(r)
-        else:
-            r.generation = -1  # never acknowledged
-        self.metrics.mqtt_messages.labels(cls).inc()
-        limits = self.settings.batching_for(cls)
-        if batch.nbytes >= limits.max_bytes or len(batch.records) >= limits.max_messages:
-            self._seal(cls)
-        elif self._open_count() >= self.settings.max_inflight // 2:
-            # Half the broker's window waits on open batches: seal them all now, or the
-            # broker stops sending until the oldest reaches max_age.
-            for name in list(self._batches):
-                self._seal(name)
-
-    def _open_count(self) -> int:
-        return sum(len(b.records) for b in self._batches.values())
-
-    async def _age_ticker(self) -> None:
-        while True:
-            if not self._batches:  # nothing can age: no wake-ups at all while MQTT is quiet
-                self._batch_opened.clear()
-                await self._batch_opened.wait()
-            await asyncio.sleep(_TICK_S)
-            now = asyncio.get_running_loop().time()
-            for cls, batch in list(self._batches.items()):
-                if now - batch.started >= self.settings.batching_for(cls).max_age_s:
-                    self._seal(cls)
-            if not self._commits and len(self._acks) >= self.settings.max_inflight * 3 // 4:
-                # The window is nearly full of durable messages queued behind an older one
-                # in another class's open batch: seal it, or acks wait for its max_age.
-                for cls in list(self._batches):
-                    self._seal(cls)
-            self.metrics.mqtt_pending.set(self.pending)
-
-    def _seal(self, cls: str) -> None:
-        batch = self._batches.pop(cls, None)
-        if batch is None or not batch.records:
-            return
-        task = asyncio.create_task(self._commit(batch), name=f"mqtt-commit-{cls}")
-        self._commits.add(task)
-        task.add_done_callback(self._commits.discard)
-
-    async def _commit(self, batch: _Batch) -> None:
-        """Make one batch durable (retrying while the quota refuses it), then acknowledge."""
-        records = batch.records
-        async with self._class_locks[batch.cls], self._commit_slots:
-            data: bytes = await self.run_blocking(encode_jsonl, records)
-            for r in records:
-                r.payload = b""  # in `data` now: hold each message once, not twice
-            req = BatchRequest(
-                data=data, source=self.settings.source, priority=batch.cls,
-                name_prefix=batch_name_prefix(records[0].received_ns), name_suffix=".jsonl",
-                mtime_ns=records[-1].received_ns,
-                meta={"messages": str(len(records))},
-            )
-            result = await self._store(req, batch)
-        if result is None:
-            return
-        for r in records:
-            r.durable = True
-        acked = self._ack_ready()
-        self.metrics.mqtt_batches.labels(batch.cls).inc()
-        log_event(log, logging.INFO, "mqtt_batch_accepted",
-                  f"{len(records)} MQTT messages stored as one object",
-                  source=self.settings.source, object=result.object_id, bytes=result.size,
-                  messages=len(records), acked=acked, **{"class": batch.cls})
-
-    async def _store(self, req: BatchRequest, batch: _Batch) -> IngestResult | None:
-        """Store one batch, retrying while the quota or the disk refuses it; None when the
-        daemon stops first (not acknowledged, so the broker re-sends it: nothing is lost)."""
-        delay, refused_logged = 0.5, False
-        what = {"source": self.settings.source, "class": batch.cls}
-        while True:
-            try:
-                return await self.ingest_batch(req)
-            except QuotaExceededError as e:
-                # Not acknowledged: the broker stops sending once its window is full,
-                # which is the back-pressure the quota asks for.
-                if not refused_logged:
-                    refused_logged = True
-                    log_event(log, logging.WARNING, "ingest_refused",
-                              f"MQTT batch of {len(batch.records)} messages not accepted: {e}",
-                              **what)
-            except SkyferryError as e:
-                self.metrics.errors.labels("mqtt_ingest").inc()
-                log_event(log, logging.ERROR, "ingest_failed",
-                          f"MQTT batch could not be stored: {e}; retrying", **what)
-            if self._stop.is_set():
-                log_event(log, logging.WARNING, "mqtt_batch_left",
-                          f"stopping: MQTT batch of {len(batch.records)} messages not stored "
-                          "and not acknowledged; the broker re-sends it", **what)
-                return None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._stop.wait()
-            delay = min(30.0, delay * 2)
-
-    def _ack_ready(self) -> int:
-        """Acknowledge, in arrival order, every message that is durable; returns how many."""
-        acked = 0
-        while self._acks and self._acks[0].durable:
-            r = self._acks.popleft()
-            if self._paho is not None and r.generation == self.generation:
-                self._paho.ack(r.mid, r.qos)
-                acked += 1
-        if acked and self._paho is not None:
-            self._paho.flush()
-            self.metrics.mqtt_acked.inc(acked)
-        return acked
 
     # ---- reloading ----------------------------------------------------------------------------
 
@@ -448,7 +265,7 @@ class MqttSource:
         old_topics = {(s.topic, min(s.qos, 1)) for s in self.settings.subscriptions}
         new_topics = {(s.topic, min(s.qos, 1)) for s in new.subscriptions}
         self.settings = new
-        self._class_of.clear()
+        self.batches.reconfigure(new)
         client = self._client_now
         if client is None:
             return  # the next connection subscribes from the new settings
@@ -460,36 +277,6 @@ class MqttSource:
             await client.subscribe(added)
 
     # ---- stopping -----------------------------------------------------------------------------
-
-    async def _finish(self) -> None:
-        """Seal every open batch (and limbo), wait until durable, acknowledge what we can."""
-        for r in self._limbo:
-            self._add(r, track_ack=False)
-        self._limbo = []
-        for cls in list(self._batches):
-            self._seal(cls)
-        await self._settle()
-
-    async def _settle(self) -> None:
-        """Wait for every commit under way, then acknowledge what became durable.
-
-        A cancel (the daemon's stop deadline, a task group ending) does not cut this short: a
-        batch that is committed must be acknowledged on its connection before that closes, or
-        the broker re-sends it at the next start and it is stored twice. A commit is bounded
-        (a batch is at most max_bytes plus one message of max_message_size, compressed at
-        level BATCH_MAX_LEVEL or lower), and at a stop a refused one is left, not retried.
-        """
-        cancelled = False
-        while self._commits:
-            try:
-                await asyncio.shield(asyncio.gather(*list(self._commits),
-                                                    return_exceptions=True))
-            except asyncio.CancelledError:
-                cancelled = True
-                self._stop.set()  # a refused commit must not retry
-        self._ack_ready()
-        if cancelled:
-            raise asyncio.CancelledError
 
     async def drain(self) -> None:
         """Stop receiving; return once every received message is durable (and acknowledged

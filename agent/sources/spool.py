@@ -15,31 +15,18 @@ import errno
 import logging
 import os
 import resource
-import time
 from pathlib import Path
 
 from agent.config.settings import ChunkingSettings, SpoolSettings
-from agent.errors import DiskFullError, QuotaExceededError, SkyferryError, SourceError
+from agent.errors import QuotaExceededError, SkyferryError, SourceError
 from agent.ingest.pipeline import IngestRequest, IngestResult
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.sources import Ingest, IngestPack, spool_lease
-from agent.sources.spool_files import DoneDir, Hold, Kept, dispose, open_done, take_back
-from agent.sources.spool_scan import (
-    Candidate,
-    Fence,
-    Ident,
-    ScanResult,
-    ident,
-    plan,
-    printable,
-    scan_fd,
-)
-
-log = logging.getLogger("skyferry.spool")
-# While the store refuses (quota or disk full) scans back off, doubling up to this.
-REFUSED_BACKOFF_MAX_S = 5.0
-_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+from agent.sources.spool_files import Hold, Kept, take_back
+from agent.sources.spool_report import SpoolReport, log
+from agent.sources.spool_root import Pass, SpoolRoot
+from agent.sources.spool_scan import Candidate, ScanResult, plan, printable, scan_fd
 
 # Why a file could not be opened that a later scan may not see again: it changed, went, was
 # swapped for a link, or the process ran out of descriptors.
@@ -71,44 +58,9 @@ def pack_files_cap() -> int:
     return max(1, soft // 4)
 
 
-def _on_pseudo_fs(fd: int) -> bool:
-    dev = os.fstat(fd).st_dev
-    for pseudo in ("/proc", "/sys"):
-        with contextlib.suppress(OSError):
-            if os.stat(pseudo).st_dev == dev:
-                return True
-    return False
-
-
 def version(c: Candidate) -> Version:
     assert c.st is not None
     return c.st.st_ino, c.st.st_size, c.st.st_mtime_ns, c.st.st_ctime_ns
-
-
-class _Pass:
-    """What one scan pass works with: the spool's descriptor and where files go after."""
-
-    def __init__(self, root_fd: int, move: bool, done: DoneDir | None) -> None:
-        self.root_fd = root_fd
-        self.move = move
-        self.done = done
-
-    def dispose(self, c: Candidate, hold: Hold) -> None:
-        if self.move and self.done is None:
-            raise Kept("not_moved", "cannot be moved: done/ is not usable (see the line about "
-                       "it); it stays in the spool")
-        if not hold.opened:  # accepted before, so not read now: take its lease all the same
-            try:
-                os.close(hold.open())
-            except BlockingIOError:
-                raise Kept("busy", "is open for writing; it stays and is looked at again once "
-                           "it settles") from None
-        dispose(self.root_fd, c, hold, self.done)
-
-    def close(self) -> None:
-        if self.done is not None:
-            self.done.close()
-        os.close(self.root_fd)
 
 
 class SpoolSource:
@@ -121,24 +73,16 @@ class SpoolSource:
         self.ingest_pack = ingest_pack
         self.chunking = chunking if ingest_pack is not None else None
         self.workers = max(1, workers)
-        # The state_dir and the keys: never entered nor read, even if a spool holds them; a
-        # spool inside the state_dir is refused whole.
-        self.state_dir = state_dir
-        self.protected = (*protected, state_dir) if state_dir is not None else protected
         self.metrics = metrics
+        self.report = SpoolReport(settings, metrics)
+        self.root = SpoolRoot(settings, protected, state_dir, self.report)
         self._stable_since: dict[str, tuple[Version, float]] = {}
-        self._refused_logged: set[str] = set()  # refusal kinds logged this episode
-        self._refused_since: float | None = None
-        self._backoff_s = 0.0
         # Files that failed for a reason retrying cannot fix (unreadable, bad name): skipped
         # until they change, so the log is not flooded every scan.
         self._failed: dict[str, Version] = {}
         # Accepted, but could not be deleted or moved: not ingested again while unchanged;
         # their disposal is retried every pass.
         self._kept: dict[str, Candidate] = {}
-        self._told: dict[str, set[str]] = {}  # path -> reasons logged while it is there
-        self._root_trouble: str | None = None
-        self._errors: set[str] = set()  # unexpected errors logged (each once)
         self.accepted = 0
         self.ready_bytes = 0  # settled and not yet ingested (the compression policy asks)
 
@@ -152,18 +96,8 @@ class SpoolSource:
             try:
                 await self.scan_once()
             except Exception as e:  # the daemon never stops for a spool: log, retry
-                self._unexpected(e)
-            await asyncio.sleep(max(self.settings.scan_interval_s, self._backoff_s))
-
-    def _unexpected(self, e: Exception) -> None:
-        what = f"{type(e).__name__}: {e}"
-        if what in self._errors or len(self._errors) >= 100:
-            return
-        self._errors.add(what)
-        self._count("error")
-        log_event(log, logging.ERROR, "spool_error",
-                  f"spool {self.settings.name}: scan failed, retried at the next one: "
-                  f"{printable(what)}", source=self.settings.name)
+                self.report.unexpected(e)
+            await asyncio.sleep(max(self.settings.scan_interval_s, self.report.backoff_s))
 
     # ---- one pass ------------------------------------------------------------------------
 
@@ -172,95 +106,22 @@ class SpoolSource:
         # leases are taken only once a handler is in place (the event loop's thread is the
         # main thread in the daemon; elsewhere leases are not used).
         spool_lease.install_sigio_handler()
-        p = await asyncio.to_thread(self._open_pass)
+        p = await asyncio.to_thread(self.root.open_pass)
         if p is None:
             return
         try:
             result = await asyncio.to_thread(scan_fd, p.root_fd, self.settings.path,
-                                             self._fence(p))
+                                             self.root.fence(p))
             self._forget_gone(result)
             for s in result.skipped:
-                self._tell(s.name, s.reason, s.why)
+                self.report.tell(s.name, s.reason, s.why)
             if result.asides:
                 await asyncio.to_thread(self._take_back, p, result.asides)
             await self._ingest_ready(p, await self._retry_kept(p, result.files))
         finally:
             p.close()
 
-    def _open_pass(self) -> _Pass | None:
-        root = self._open_root()
-        if root is None:
-            return None
-        move = self.settings.after == "move"
-        done: DoneDir | None = None
-        if move:
-            try:
-                done = open_done(root, self.settings.path, self.settings.effective_done_dir)
-            except OSError as e:
-                self._tell(self._done_name(), "done_refused",
-                           f"done folder {self.settings.effective_done_dir} cannot be used "
-                           f"({e.strerror}): a link or a file named like it is never followed "
-                           "nor overwritten; accepted files stay in the spool until it is a "
-                           "folder", logging.ERROR)
-            else:
-                self._told.pop(self._done_name(), None)
-        return _Pass(root, move, done)
-
-    def _done_name(self) -> str:
-        done = self.settings.effective_done_dir
-        try:
-            return done.relative_to(self.settings.path).as_posix()
-        except ValueError:
-            return str(done)
-
-    def _open_root(self) -> int | None:
-        path = self.settings.path
-        try:
-            if self._inside_protected(path):
-                raise OSError(errno.EPERM, "it is inside the daemon's state_dir or is its key "
-                              "folder; choose another spool path")
-            if self.settings.create:
-                path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, _ROOT_FLAGS)
-            if _on_pseudo_fs(fd):
-                os.close(fd)
-                raise OSError(errno.EPERM, "it is on /proc or /sys, which hold no producer files")
-        except OSError as e:
-            how = ("does not exist: create it, or set create = true in its [[spool]] section"
-                   if e.errno == errno.ENOENT else f"cannot be used: {e.strerror}")
-            if self._root_trouble != how:
-                self._root_trouble = how
-                self._count("spool_unusable")
-                log_event(log, logging.ERROR, "spool_unusable",
-                          f"spool {self.settings.name}: folder {printable(str(path))} {how}; "
-                          f"looked at again every {self.settings.scan_interval_s:g}s",
-                          source=self.settings.name, path=printable(str(path)))
-            return None
-        if self._root_trouble is not None:
-            self._root_trouble = None
-            log_event(log, logging.INFO, "spool_usable",
-                      f"spool {self.settings.name}: folder {printable(str(path))} is usable",
-                      source=self.settings.name)
-        return fd
-
-    def _inside_protected(self, path: Path) -> bool:
-        """The spool is one of the protected paths, or inside the state_dir."""
-        real = Path(os.path.realpath(path))
-        if any(real == Path(os.path.realpath(q)) for q in self.protected):
-            return True
-        return self.state_dir is not None and real.is_relative_to(
-            os.path.realpath(self.state_dir))
-
-    def _fence(self, p: _Pass) -> Fence:
-        protected: set[Ident] = set()
-        for q in self.protected:
-            with contextlib.suppress(OSError):
-                protected.add(ident(os.stat(q)))
-        skip = frozenset({ident(os.fstat(p.done.fd))}) if p.done is not None else frozenset()
-        names = frozenset({self._done_name()}) if p.move else frozenset()
-        return Fence(skip_names=names, skip=skip, protected=frozenset(protected))
-
-    def _take_back(self, p: _Pass, asides: list[str]) -> None:
+    def _take_back(self, p: Pass, asides: list[str]) -> None:
         """Accepted files a kill left renamed aside: back under their names, so the next
         pass deletes them (already stored: recognised, not stored again)."""
         for rel in asides:
@@ -270,9 +131,9 @@ class SpoolSource:
                 why = e.strerror if isinstance(e, OSError) else str(e)
                 if isinstance(e, FileExistsError):
                     why = "a new file has its name"
-                self._tell(rel, "aside_left", f"an accepted file left aside by an interrupted "
-                           f"delete, already stored; it stays ({why}): delete it once the "
-                           "file under its name is taken", logging.INFO)
+                self.report.tell(rel, "aside_left", "an accepted file left aside by an "
+                                 f"interrupted delete, already stored; it stays ({why}): delete "
+                                 "it once the file under its name is taken", logging.INFO)
             else:
                 log_event(log, logging.INFO, "spool_aside_back",
                           f"spool {self.settings.name}: {printable(rel)}: an accepted file "
@@ -284,12 +145,12 @@ class SpoolSource:
         here = ({c.name for c in result.files} | {s.name for s in result.skipped}
                 | set(result.asides))
         here.add(".")
-        here.add(self._done_name())
-        for table in (self._told, self._failed, self._kept):
+        here.add(self.root.done_name())
+        for table in (self.report.told, self._failed, self._kept):
             for name in [n for n in table if n not in here]:
                 del table[name]
 
-    async def _retry_kept(self, p: _Pass, files: list[Candidate]) -> list[Candidate]:
+    async def _retry_kept(self, p: Pass, files: list[Candidate]) -> list[Candidate]:
         """Files accepted earlier but not yet deleted or moved: try again, once per pass;
         what remains is what the scan found that may need ingesting."""
         retry = [c for c in files
@@ -301,7 +162,7 @@ class SpoolSource:
             await asyncio.to_thread(self._dispose_again, p, retry)
         return [c for c in files if c not in retry]
 
-    def _dispose_again(self, p: _Pass, retry: list[Candidate]) -> None:
+    def _dispose_again(self, p: Pass, retry: list[Candidate]) -> None:
         for c in retry:
             hold = Hold(p.root_fd, c)
             try:
@@ -311,13 +172,13 @@ class SpoolSource:
             finally:
                 hold.close()
             del self._kept[c.name]
-            self._told.pop(c.name, None)
+            self.report.told.pop(c.name, None)
             log_event(log, logging.INFO, "file_disposed",
                       f"{self.settings.name}/{printable(c.name)} accepted earlier, now "
                       f"{'moved' if p.move else 'deleted'}", source=self.settings.name,
                       file=printable(c.name))
 
-    async def _ingest_ready(self, p: _Pass, candidates: list[Candidate]) -> None:
+    async def _ingest_ready(self, p: Pass, candidates: list[Candidate]) -> None:
         now = asyncio.get_running_loop().time()
         seen: dict[str, tuple[Version, float]] = {}
         for c in candidates:
@@ -357,57 +218,7 @@ class SpoolSource:
                     break
                 tg.create_task(one(batch))
         if not full.is_set():  # a pass with nothing refused ends a refusal episode
-            self._refusals_over()
-
-    # ---- logging, once per path ------------------------------------------------------------
-
-    def _count(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.spool_skipped.labels(self.settings.name, reason).inc()
-
-    def _tell(self, name: str, reason: str, why: str, level: int = logging.WARNING) -> None:
-        """One line per path and reason while the path is there, and one count."""
-        told = self._told.setdefault(name, set())
-        if reason in told:
-            return
-        told.add(reason)
-        self._count(reason)
-        shown = printable(name)
-        log_event(log, level, "spool_skipped", f"spool {self.settings.name}: {shown}: "
-                  f"{printable(why)}", source=self.settings.name, file=shown, reason=reason)
-
-    # ---- quota refusals ----------------------------------------------------------------------
-
-    def _refusals_over(self) -> None:
-        if self._refused_since is None:
-            return
-        took = time.monotonic() - self._refused_since
-        log_event(log, logging.INFO, "ingest_resumed",
-                  f"spool {self.settings.name}: nothing refused any more after {took:.1f}s of "
-                  f"refusals ({', '.join(sorted(self._refused_logged))})",
-                  source=self.settings.name, refused_s=took)
-        self._refused_logged.clear()
-        self._refused_since = None
-        self._backoff_s = 0.0
-
-    def _refused(self, name: str, e: QuotaExceededError) -> None:
-        # Logged once per episode (again only if the reason changes, quota vs disk), not per
-        # file and scan: a full disk can last hours.
-        kind = "disk_full" if isinstance(e, DiskFullError) else "quota"
-        if self._refused_since is None:
-            self._refused_since = time.monotonic()
-        self._backoff_s = min(REFUSED_BACKOFF_MAX_S,
-                              max(self.settings.scan_interval_s, 2 * self._backoff_s))
-        if kind not in self._refused_logged:
-            self._refused_logged.add(kind)
-            log_event(log, logging.WARNING, "ingest_refused",
-                      f"spool {self.settings.name}: {printable(name)} stays in place: {e} "
-                      f"(retried every {REFUSED_BACKOFF_MAX_S:g}s at most; not logged again "
-                      "until nothing is refused)",
-                      source=self.settings.name, file=printable(name), reason=kind)
-        else:  # for diagnosis only: where the disk ran out (pre-check, staging, index)
-            log_event(log, logging.DEBUG, "ingest_refused_again", f"{printable(name)}: {e}",
-                      source=self.settings.name, file=printable(name), reason=kind)
+            self.report.refusals_over()
 
     # ---- ingest ------------------------------------------------------------------------------
 
@@ -424,8 +235,8 @@ class SpoolSource:
         if hold.open_errno in _TRANSIENT:
             # Changed, gone or swapped since the scan: it settles again and is looked at anew.
             self._stable_since.pop(c.name, None)
-            self._tell(c.name, "changed", "changed, went away or was replaced while it was "
-                       "being ingested; left in place, taken once it settles", logging.INFO)
+            self.report.tell(c.name, "changed", "changed, went away or was replaced while it was "
+                             "being ingested; left in place, taken once it settles", logging.INFO)
             log_event(log, logging.DEBUG, "ingest_failed", printable(str(e)),
                       source=self.settings.name, file=printable(c.name))
             return
@@ -433,17 +244,17 @@ class SpoolSource:
         self._failed[c.name] = version(c)
         assert hold.open_errno is not None
         unreadable = hold.open_errno in (errno.EACCES, errno.EPERM)
-        self._tell(c.name, "unreadable" if unreadable else "unopenable",
-                   f"cannot be opened by the service ({os.strerror(hold.open_errno)}); left in "
-                   "place, tried again once its mode, owner or content changes")
+        self.report.tell(c.name, "unreadable" if unreadable else "unopenable",
+                         f"cannot be opened by the service ({os.strerror(hold.open_errno)}); "
+                         "left in place, tried again once its mode, owner or content changes")
 
-    async def _ingest_one(self, p: _Pass, c: Candidate) -> bool:
+    async def _ingest_one(self, p: Pass, c: Candidate) -> bool:
         hold = Hold(p.root_fd, c)
         try:
             try:
                 result = await self.ingest(self._request(c, hold))
             except QuotaExceededError as e:
-                self._refused(c.name, e)
+                self.report.refused(c.name, e)
                 return False
             except (SourceError, OSError) as e:
                 self._source_failed(c, hold, e)
@@ -457,7 +268,7 @@ class SpoolSource:
         finally:
             hold.close()
 
-    async def _ingest_pack(self, p: _Pass, batch: list[Candidate]) -> bool:
+    async def _ingest_pack(self, p: Pass, batch: list[Candidate]) -> bool:
         assert self.ingest_pack is not None
         holds = {c.name: Hold(p.root_fd, c) for c in batch}
         try:
@@ -465,7 +276,7 @@ class SpoolSource:
                 result = await self.ingest_pack([self._request(c, holds[c.name])
                                                  for c in batch])
             except QuotaExceededError as e:
-                self._refused(f"{batch[0].name} and {len(batch) - 1} more small files", e)
+                self.report.refused(f"{batch[0].name} and {len(batch) - 1} more small files", e)
                 return False
             except (SkyferryError, OSError) as e:  # e.g. the store: retried on the next scan
                 log_event(log, logging.WARNING, "ingest_failed", printable(str(e)),
@@ -481,12 +292,12 @@ class SpoolSource:
             for hold in holds.values():
                 hold.close()
 
-    async def _accepted(self, p: _Pass, done: list[tuple[Candidate, Hold, IngestResult]]
+    async def _accepted(self, p: Pass, done: list[tuple[Candidate, Hold, IngestResult]]
                         ) -> None:
         """Only now, after the store committed them, may the producer's copies go."""
         kept = await asyncio.to_thread(self._dispose_all, p, [(c, h) for c, h, _ in done])
         if done:
-            self._backoff_s = 0.0  # progress: space is coming back, retry promptly
+            self.report.backoff_s = 0.0  # progress: space is coming back, retry promptly
         for c, _, result in done:
             self._failed.pop(c.name, None)
             self._stable_since.pop(c.name, None)
@@ -498,10 +309,10 @@ class SpoolSource:
                       duplicate=result.duplicate_of is not None)
             k = kept.get(c.name)
             if k is not None:
-                self._tell(c.name, k.reason, str(k), logging.INFO
-                           if k.reason in _KEPT_FOR_NOW else logging.WARNING)
+                self.report.tell(c.name, k.reason, str(k), logging.INFO
+                                 if k.reason in _KEPT_FOR_NOW else logging.WARNING)
 
-    def _dispose_all(self, p: _Pass, done: list[tuple[Candidate, Hold]]) -> dict[str, Kept]:
+    def _dispose_all(self, p: Pass, done: list[tuple[Candidate, Hold]]) -> dict[str, Kept]:
         kept: dict[str, Kept] = {}
         for c, hold in done:
             try:

@@ -1,10 +1,11 @@
 """Every window source together: what the gate, `skyferry windows` and `status` ask.
 
 `build_forecast` turns [windows] into one `Schedule` whose contacts are the union of the
-configured intervals, daily windows and cycle, the weekly timetable and the predicted passes
-(merged where they overlap), plus the learned availability model for always-on links. Only
-`Forecast.maintain` (a daemon task) does slow work, in a thread: re-reading changed element and
-timetable files and predicting passes ahead; the gate only reads cached results.
+configured intervals, daily windows and cycle and of every configured ContactSource (timetable,
+predicted passes; see agent/windows/sources.py), merged where they overlap, plus the learned
+availability model for always-on links. Only `Forecast.maintain` (a daemon task) does slow work, in
+a thread: the sources' `refresh` (re-reading changed files, predicting ahead); the gate only reads
+cached results.
 """
 
 from __future__ import annotations
@@ -13,36 +14,44 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config.settings import WindowSettings
 from agent.obs.logs import log_event
-from agent.windows import Contact, ContactSource, WindowFileError
+from agent.windows import (
+    PREDICT_AHEAD_S,
+    PREDICT_BEHIND_S,
+    Contact,
+    ContactSource,
+    WindowFileError,
+)
 from agent.windows.learned import LearnedModel
 from agent.windows.schedule import Schedule
-from agent.windows.timetable import Timetable
-from agent.windows.tle import TleSource
+from agent.windows.sources import open_sources
 
 log = logging.getLogger("skyferry.windows")
-HOUR = 3600.0
-# The daemon keeps passes predicted this far ahead (and a little behind, for a window in
-# progress); `skyferry windows --hours` predicts whatever it is asked for.
-PREDICT_BEHIND_S = 6 * HOUR
-PREDICT_AHEAD_S = 48 * HOUR
 MAINTAIN_EVERY_S = 10.0
-STALE_LOG_EVERY_S = 24 * HOUR
+S = TypeVar("S", bound=ContactSource)
 
 
 @dataclass
 class Forecast:
     settings: WindowSettings
-    schedule: Schedule
-    base: Schedule  # intervals, daily, cycle only: for the rate at an instant
-    timetables: tuple[Timetable, ...]
-    tle: TleSource | None
+    anchor: float  # where a simulated cycle starts (normally process start)
+    sources: tuple[ContactSource, ...] = ()
     learned: LearnedModel | None = None
+    schedule: Schedule = field(init=False)
+    base: Schedule = field(init=False)  # intervals, daily, cycle only: for the rate at an instant
+
+    def __post_init__(self) -> None:
+        self.schedule = Schedule(self.settings, self.anchor, extra=self.sources)
+        self.base = Schedule(self.settings, self.anchor)
+
+    def source(self, kind: type[S]) -> S | None:
+        """The first configured source of that type, if any."""
+        return next((s for s in self.sources if isinstance(s, kind)), None)
 
     # ---- what the gate and the uplink ask (cheap, cached) -------------------------------
 
@@ -61,10 +70,7 @@ class Forecast:
         base = self.base.window_at(t)
         if base is not None and base.rate_bps is not None and not self.schedule.always:
             rates.append(base.rate_bps)
-        sources: list[ContactSource] = list(self.timetables)
-        if self.tle is not None:
-            sources.append(self.tle)
-        for src in sources:
+        for src in self.sources:
             for c in src.contacts(t, t + 1e-3):
                 if c.start <= t < c.end and c.rate_bps is not None:
                     rates.append(c.rate_bps)
@@ -74,37 +80,27 @@ class Forecast:
 
     def upcoming(self, start: float, end: float) -> list[Contact]:
         """Windows overlapping [start, end), predicting passes as needed (blocking)."""
-        if self.tle is not None:
-            self.tle.ensure(start, end)
+        for src in self.sources:
+            src.prepare(start, end)
         if self.schedule.always:
             if self.learned is not None and self.learned.observed_s > 0:
                 return self.learned.forecast(start, end, self.settings.min_viable_contact_s)
             return [Contact(start, math.inf, None, "always")]
         return self.schedule.contacts(start, end)
 
+    def warnings(self, now: float) -> list[str]:
+        """What the sources say about their inputs (stale elements, ...)."""
+        return [w for src in self.sources for w in src.warnings(now)]
+
     # ---- daemon upkeep ------------------------------------------------------------------
 
     def refresh(self, now: float) -> list[str]:
         """Re-read changed files and predict ahead (blocking); returns problems to report."""
-        problems: list[str] = []
-        for tt in self.timetables:
-            try:
-                tt.reload()
-            except WindowFileError as e:
-                problems.append(f"timetable not reloaded, the previous one stays in force: {e}")
-        if self.tle is not None:
-            before = self.tle.last_error
-            self.tle.ensure(now - PREDICT_BEHIND_S, now + PREDICT_AHEAD_S)
-            if self.tle.last_error and self.tle.last_error != before:
-                problems.append(f"orbital elements not reloaded, the previous ones stay in "
-                                f"force: {self.tle.last_error}")
-        return problems
+        return [p for src in self.sources for p in src.refresh(now)]
 
     async def maintain(self, run_blocking: Callable[..., Awaitable[Any]],
                        clock: Callable[[], float], metrics: Any = None) -> None:
-        """Daemon task: keep predictions ahead of the clock, report stale elements."""
-        last_stale_log = -math.inf
-        last_sets: object = None
+        """Daemon task: keep predictions ahead of the clock, report stale inputs."""
         while True:
             now = clock()
             try:
@@ -113,46 +109,18 @@ class Forecast:
                 problems = [str(e)]
             for p in problems:
                 log_event(log, logging.ERROR, "windows_file_error", p)
-            if self.tle is not None:
-                stale = self.tle.stale(now)
-                ages = self.tle.ages_s(now)
-                if metrics is not None and ages:
-                    metrics.tle_age_days.set(max(ages.values()) / 86400)
-                    metrics.tle_stale.set(len(stale))
-                sets = self.tle.element_sets
-                if stale and (sets is not last_sets or now - last_stale_log > STALE_LOG_EVERY_S):
-                    oldest = max(stale.values()) / 86400
-                    log_event(log, logging.WARNING, "tle_stale",
-                              f"orbital elements of {len(stale)} satellite(s) are older than "
-                              f"{self.tle.settings.stale_after_s / 86400:g} days (oldest "
-                              f"{oldest:.1f} days): predicted passes drift; refresh the files",
-                              satellites=sorted(stale)[:10])
-                    last_stale_log = now
-                last_sets = sets
+            for src in self.sources:
+                src.watch(now, metrics)
             await asyncio.sleep(MAINTAIN_EVERY_S)
 
 
 def build_forecast(settings: WindowSettings, anchor: float,
                    learned: LearnedModel | None = None, now: float | None = None) -> Forecast:
     """Everything [windows] configures; the first element and timetable files must parse."""
-    timetables: list[Timetable] = []
-    if settings.timetable:
-        timetables.append(Timetable(settings.timetable))
-    if settings.timetable_file is not None:
-        timetables.append(Timetable(path=settings.timetable_file))
-    tle = (TleSource(settings.tle, settings.min_viable_contact_s)
-           if settings.tle is not None else None)
-    extra: Sequence[ContactSource] = [*timetables, *([tle] if tle is not None else [])]
-    forecast = Forecast(
-        settings=settings,
-        schedule=Schedule(settings, anchor, extra=extra),
-        base=Schedule(settings, anchor),
-        timetables=tuple(timetables),
-        tle=tle,
-        learned=learned,
-    )
-    if tle is not None and now is not None:
-        tle.ensure(now - PREDICT_BEHIND_S, now + PREDICT_AHEAD_S)
+    forecast = Forecast(settings, anchor, tuple(open_sources(settings)), learned)
+    if now is not None:
+        for src in forecast.sources:
+            src.prepare(now - PREDICT_BEHIND_S, now + PREDICT_AHEAD_S)
     return forecast
 
 

@@ -19,10 +19,12 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from agent.config import units
-from agent.config.settings import TimetableEntry
-from agent.windows import Contact, WindowFileError
+from agent.config.settings import TimetableEntry, WindowSettings
+from agent.config.table import Table
+from agent.windows import Contact, ContactSource, WindowFileError
 
 DAY_S = 86400
 WEEK_S = 7 * DAY_S
@@ -111,7 +113,7 @@ def load_timetable_file(path: Path) -> tuple[TimetableEntry, ...]:
     return parse_timetable(text, str(path))
 
 
-class Timetable:
+class Timetable(ContactSource):
     """The windows a timetable describes, as contacts (source "timetable")."""
 
     def __init__(self, entries: tuple[TimetableEntry, ...] = (), path: Path | None = None) -> None:
@@ -148,6 +150,13 @@ class Timetable:
             self._stamp = stamp
             return True
 
+    def refresh(self, now: float) -> list[str]:
+        try:
+            self.reload()
+        except WindowFileError as e:
+            return [f"timetable not reloaded, the previous one stays in force: {e}"]
+        return []
+
     def segments_in_week(self) -> list[tuple[int, int, TimetableEntry]]:
         """(start, end, entry) offsets within one week, covering it exactly."""
         m = self._moments
@@ -175,3 +184,44 @@ class Timetable:
                         found.append(Contact(s, t, e.rate_bps, "timetable"))
             w += WEEK_S
         return found
+
+
+# ---- configuration: the [windows] keys this source owns -----------------------------------------
+
+KEYS = ("timetable", "timetable_file")
+
+
+def read_settings(t: Table, base: Path) -> dict[str, Any]:
+    """WindowSettings fields from `timetable` or `timetable_file`; the file must parse, so
+    `skyferry check-config` names a bad file, line and field."""
+    out: dict[str, Any] = {}
+    if t.has("timetable"):
+        text = t.string("timetable", None)
+        if text is not None:
+            try:
+                out["timetable"] = parse_timetable(text, "windows.timetable", first_line=None)
+            except WindowFileError as e:
+                t.report("timetable", f"{e.field}: {e.problem}",
+                         'entries look like "Mon-08:00,10Mbit/s Mon-18:00,off 22:00,on"')
+    if t.has("timetable_file"):
+        path = t.path("timetable_file", base, None)
+        if path is not None:
+            try:
+                load_timetable_file(path)
+            except WindowFileError as e:
+                t.problems.append(f"{t.key('timetable_file')}: {e}")
+            out["timetable_file"] = path
+    if t.has("timetable") and t.has("timetable_file"):
+        t.report("timetable_file", "is given together with timetable",
+                 "keep one: the inline timetable or the file")
+    return out
+
+
+def open_sources(settings: WindowSettings) -> list[ContactSource]:
+    """The timetables [windows] configures; a timetable file must parse at this first read."""
+    out: list[ContactSource] = []
+    if settings.timetable:
+        out.append(Timetable(settings.timetable))
+    if settings.timetable_file is not None:
+        out.append(Timetable(path=settings.timetable_file))
+    return out

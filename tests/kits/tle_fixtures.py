@@ -46,7 +46,7 @@ SITES = {"berlin": BERLIN, "hobart": HOBART}
 def with_epoch(text: str, when: datetime) -> str:
     """The same elements re-stamped with another epoch (checksum fixed): a satellite whose
     elements are as fresh (or as stale) as a test needs, for predictions around `when`."""
-    from agent.windows.tle import tle_checksum
+    from agent.windows.elements import tle_checksum
 
     when = when.astimezone(UTC)
     start = datetime(when.year, 1, 1, tzinfo=UTC)

@@ -31,7 +31,8 @@ from agent.broker.paho_adapter import PahoAccess
 from agent.broker.reconnect import keep_connected
 from agent.daemon.site_config import validate
 from agent.errors import ConfigError
-from agent.sources.mqtt import MqttSource, batch_name_prefix, encode_jsonl
+from agent.sources.mqtt import MqttSource
+from agent.sources.mqtt_records import batch_name_prefix, encode_jsonl
 from tests.kits.mqtt import (
     MOSQUITTO,
     Broker,

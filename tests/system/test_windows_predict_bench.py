@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.windows.tle import parse_tle_text
+from agent.windows.elements import parse_tle_text
 from benchmarks.windows_predict import MARK_BEGIN, MARK_END, constellation, measure, record
 
 

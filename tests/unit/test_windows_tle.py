@@ -15,14 +15,8 @@ import pytest
 
 from agent.config.settings import TleSettings
 from agent.windows import WindowFileError
-from agent.windows.tle import (
-    HorizonMask,
-    TleSource,
-    parse_elements,
-    predict_passes,
-    satellite,
-    tle_checksum,
-)
+from agent.windows.elements import parse_elements, tle_checksum
+from agent.windows.tle import HorizonMask, TleSource, predict_passes, satellite
 from tests.kits.tle_fixtures import ISS, NOAA19, SATELLITES, SITES, STARLINK, Site
 
 HOURS = 48
@@ -300,8 +294,9 @@ async def test_daemon_upkeep_reports_stale_elements(tmp_path: Path,
     path = tmp_path / "relay.tle"
     path.write_text(ISS)
     f = build_forecast(WindowSettings(mode="schedule", tle=_settings(path)), anchor=0.0)
-    assert f.tle is not None
-    now = f.tle.element_sets[0].epoch + 20 * 86400
+    tle = f.source(TleSource)
+    assert tle is not None
+    now = tle.element_sets[0].epoch + 20 * 86400
     metrics = Metrics()
 
     async def run_blocking(fn, *args):  # type: ignore[no-untyped-def]
@@ -317,5 +312,5 @@ async def test_daemon_upkeep_reports_stale_elements(tmp_path: Path,
     (record,) = [r for r in caplog.records if getattr(r, "event", "") == "tle_stale"]
     assert "older than 14 days" in record.getMessage()
     # The passes around `now` were predicted ahead, in the background.
-    lo, hi = f.tle.covered
+    lo, hi = tle.covered
     assert lo <= now and hi >= now + 48 * 3600

@@ -1,67 +1,40 @@
-"""The [windows] keys of issue 4, read for agent/config/reader.py: timetable, tle, link, pass
-margins.
+"""The [windows.tle] table: where the element files are, the site, and what counts as a pass.
 
-Kept apart from agent/config/reader.py so the window sources own their configuration; `t` is
-agent.config.reader's `Table` (the problem list and key paths come with it), so every problem reads
-like the rest: `<key.path>: <what is wrong> (got <value>); <how to fix>`. Element and timetable
-files are parsed here too, so `skyferry check-config` names a bad file, line and field.
+The element files are parsed here too, so `skyferry check-config` names a bad file, line and field.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from agent.config.settings import LinkSettings, TleSettings
-from agent.windows import WindowFileError
-from agent.windows.linkmonitor import parse_probe
-from agent.windows.timetable import load_timetable_file, parse_timetable
+from agent.config.settings import TleSettings, WindowSettings
+from agent.config.table import Table
+from agent.windows import ContactSource, WindowFileError
+from agent.windows.elements import read_elements, select
 
-if TYPE_CHECKING:
-    from agent.config.table import Table
-
-EXTRA_KEYS = ("timetable", "timetable_file", "tle", "link", "pre_pass", "post_pass",
-              "min_viable_contact")
-# Keys that configure windows: with mode = "always" they would be ignored.
-SOURCE_KEYS = ("timetable", "timetable_file", "tle")
+KEYS = ("tle",)
 TLE_KEYS = ("files", "satellites", "latitude", "longitude", "altitude", "min_elevation",
             "horizon_mask", "rate", "stale_after")
-LINK_KEYS = ("probe", "probe_interval", "probe_timeout", "down_after", "up_after", "learn")
 
 
-def read_extras(t: Table, base: Path) -> dict[str, Any]:
-    """Keyword arguments for WindowSettings beyond mode/intervals/daily/cycle."""
-    out: dict[str, Any] = {}
-    if t.has("timetable"):
-        text = t.string("timetable", None)
-        if text is not None:
-            try:
-                out["timetable"] = parse_timetable(text, "windows.timetable", first_line=None)
-            except WindowFileError as e:
-                t.report("timetable", f"{e.field}: {e.problem}",
-                         'entries look like "Mon-08:00,10Mbit/s Mon-18:00,off 22:00,on"')
-    if t.has("timetable_file"):
-        path = t.path("timetable_file", base, None)
-        if path is not None:
-            try:
-                load_timetable_file(path)
-            except WindowFileError as e:
-                t.problems.append(f"{t.key('timetable_file')}: {e}")
-            out["timetable_file"] = path
-    if t.has("timetable") and t.has("timetable_file"):
-        t.report("timetable_file", "is given together with timetable",
-                 "keep one: the inline timetable or the file")
-    if t.has("tle"):
-        out["tle"] = _tle(t.table("tle", TLE_KEYS), base)
-    if t.has("link"):
-        out["link"] = _link(t.table("link", LINK_KEYS))
-    for key, field in (("pre_pass", "pre_pass_s"), ("post_pass", "post_pass_s"),
-                       ("min_viable_contact", "min_viable_contact_s")):
-        value = t.duration(key, None)
-        if value is not None:
-            out[field] = value
-    return out
+def read_settings(t: Table, base: Path) -> dict[str, Any]:
+    """The WindowSettings field `tle`, when [windows.tle] is present."""
+    if not t.has("tle"):
+        return {}
+    return {"tle": _tle(t.table("tle", TLE_KEYS), base)}
+
+
+def open_sources(settings: WindowSettings) -> list[ContactSource]:
+    """Predicted passes when [windows.tle] is configured; the element files must parse."""
+    if settings.tle is None:
+        return []
+    # Imported here: the predictor loads numpy and skyfield, which reading the config (every
+    # CLI verb) does not need.
+    from agent.windows.tle import TleSource
+
+    return [TleSource(settings.tle, settings.min_viable_contact_s)]
 
 
 def _strings(t: Table, name: str) -> tuple[str, ...]:
@@ -116,8 +89,6 @@ def _tle(t: Table, base: Path) -> TleSettings | None:
 
 
 def _check_elements(t: Table, path: Path, satellites: tuple[str, ...]) -> None:
-    from agent.windows.tle import read_elements, select
-
     try:
         sets = read_elements(path)
     except WindowFileError as e:
@@ -152,29 +123,3 @@ def _mask(t: Table) -> tuple[tuple[float, float], ...]:
         t.report("horizon_mask", "names an azimuth twice", "give each azimuth once")
         return ()
     return points
-
-
-def _link(t: Table) -> LinkSettings:
-    d = LinkSettings()
-    probe = t.string("probe", d.probe)
-    if probe not in ("auto", "none"):
-        try:
-            parse_probe(probe)
-        except ValueError as e:
-            t.report("probe", str(e), "or leave it out for auto")
-    interval = t.duration("probe_interval", d.interval_s)
-    t.positive("probe_interval", interval, 'give a duration such as "5s"')
-    timeout = t.duration("probe_timeout", d.timeout_s)
-    t.positive("probe_timeout", timeout, 'give a duration such as "2s"')
-    t.ensure("probe_timeout", timeout <= interval, "must not be longer than probe_interval",
-             "lower probe_timeout or raise probe_interval")
-    down = t.integer("down_after", d.down_after)
-    t.ensure("down_after", 1 <= down <= 10, "must be between 1 and 10", "2 suits most links")
-    up = t.integer("up_after", d.up_after)
-    t.ensure("up_after", 1 <= up <= 10, "must be between 1 and 10", "2 suits most links")
-    learn = t.raw("learn")
-    if t.has("learn") and not isinstance(learn, bool):
-        t.report("learn", "must be true or false", "write learn = true or learn = false")
-        learn = d.learn
-    return LinkSettings(probe=probe, interval_s=interval, timeout_s=timeout, down_after=down,
-                        up_after=up, learn=bool(learn) if t.has("learn") else d.learn)

@@ -1,7 +1,8 @@
-"""The [windows] section: when the uplink may send (intervals, daily, cycle, and the sources).
+"""The [windows] table: mode, intervals, daily windows, cycle, the window sources, link and margins.
 
-The site-config assembler (`agent.daemon.site_config`) calls `_windows`; the other sections have
-their own modules (site, intake, uplink, telemetry, mqtt, and backends/config for [backend]).
+`read_windows` is what the config assembler calls; each window source reads its own keys (see
+agent/windows/sources.py). Problems read like the rest of the config:
+`<key.path>: <what is wrong> (got <value>); <how to fix>`.
 """
 
 from __future__ import annotations
@@ -9,20 +10,28 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from agent.config.settings import (
     CycleWindow,
     DailyWindow,
     Interval,
+    LinkSettings,
     WindowMode,
     WindowSettings,
 )
 from agent.config.table import MISSING, Table
-from agent.windows import configure as window_config
+from agent.windows.linkmonitor import parse_probe
+from agent.windows.sources import SOURCE_KEYS, SOURCES
+
+LINK_KEYS = ("probe", "probe_interval", "probe_timeout", "down_after", "up_after", "learn")
+KEYS = ("mode", "intervals", "daily", "cycle", *SOURCE_KEYS, "link", "pre_pass", "post_pass",
+        "min_viable_contact")
 
 
-def _windows(t: Table, base: Path) -> WindowSettings:
+def read_windows(t: Table, base: Path) -> WindowSettings:
+    """The [windows] table (`t`, unknown keys not yet reported) as WindowSettings."""
+    t.reject_unknown(KEYS)
     mode = t.choice("mode", ("always", "schedule"), "always")
     interval_how = "write intervals = [ { start = 2026-11-25T10:00:00Z, end = ..., rate = ... } ]"
     intervals = [
@@ -37,9 +46,9 @@ def _windows(t: Table, base: Path) -> WindowSettings:
         if (d := _daily(item)) is not None
     ]
     cycle = _cycle(t.table("cycle", ("open", "closed"))) if t.has("cycle") else None
-    extras = window_config.read_extras(t, base)  # timetable, tle, link, pass margins
+    extras = _extras(t, base)
     has_windows = any(t.raw(k) not in (MISSING, [])
-                      for k in ("intervals", "daily", "cycle", *window_config.SOURCE_KEYS))
+                      for k in ("intervals", "daily", "cycle", *SOURCE_KEYS))
     if mode == "schedule" and not has_windows:
         t.report(
             "mode",
@@ -140,3 +149,44 @@ def _cycle(t: Table) -> CycleWindow | None:
     if open_s is None or closed_s is None:
         return None
     return CycleWindow(open_s=open_s, closed_s=closed_s)
+
+
+def _extras(t: Table, base: Path) -> dict[str, Any]:
+    """WindowSettings fields beyond mode/intervals/daily/cycle: sources, link, pass margins."""
+    out: dict[str, Any] = {}
+    for kind in SOURCES:
+        out.update(kind.read_settings(t, base))
+    if t.has("link"):
+        out["link"] = _link(t.table("link", LINK_KEYS))
+    for key, field in (("pre_pass", "pre_pass_s"), ("post_pass", "post_pass_s"),
+                       ("min_viable_contact", "min_viable_contact_s")):
+        value = t.duration(key, None)
+        if value is not None:
+            out[field] = value
+    return out
+
+
+def _link(t: Table) -> LinkSettings:
+    d = LinkSettings()
+    probe = t.string("probe", d.probe)
+    if probe not in ("auto", "none"):
+        try:
+            parse_probe(probe)
+        except ValueError as e:
+            t.report("probe", str(e), "or leave it out for auto")
+    interval = t.duration("probe_interval", d.interval_s)
+    t.positive("probe_interval", interval, 'give a duration such as "5s"')
+    timeout = t.duration("probe_timeout", d.timeout_s)
+    t.positive("probe_timeout", timeout, 'give a duration such as "2s"')
+    t.ensure("probe_timeout", timeout <= interval, "must not be longer than probe_interval",
+             "lower probe_timeout or raise probe_interval")
+    down = t.integer("down_after", d.down_after)
+    t.ensure("down_after", 1 <= down <= 10, "must be between 1 and 10", "2 suits most links")
+    up = t.integer("up_after", d.up_after)
+    t.ensure("up_after", 1 <= up <= 10, "must be between 1 and 10", "2 suits most links")
+    learn = t.raw("learn")
+    if t.has("learn") and not isinstance(learn, bool):
+        t.report("learn", "must be true or false", "write learn = true or learn = false")
+        learn = d.learn
+    return LinkSettings(probe=probe, interval_s=interval, timeout_s=timeout, down_after=down,
+                        up_after=up, learn=bool(learn) if t.has("learn") else d.learn)
