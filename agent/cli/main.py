@@ -440,7 +440,7 @@ def _check_backend_folder(url: str) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from agent.backends.core import open_backend
+    from agent.backends.registry import open_backend
     from agent.cloud.restore import Restorer, site_key_loader
     from agent.format.crypto import load_recipient_private
     from agent.host.memory import fix_malloc_thresholds

@@ -31,8 +31,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from agent.backends.azure import AZURITE_ACCOUNT, AZURITE_KEY
 from agent.backends.config import load_backend_settings
-from agent.backends.core import AZURITE_ACCOUNT, AZURITE_KEY, Backend, open_backend
+from agent.backends.protocol import Backend
+from agent.backends.registry import open_backend
 from tests.kits.faultproxy import FaultProxy
 from tests.kits.site import free_port, render_toml
 
