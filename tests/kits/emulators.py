@@ -12,6 +12,7 @@ objects, optionally behind a `FaultProxy`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -177,6 +178,22 @@ def start_moto(workdir: Path) -> Emulator:
     em = Emulator("moto", port, proc, log)
     _wait_ready(em, lambda: _http_status(f"{em.base}/") == 200)
     return em
+
+
+@contextlib.contextmanager
+def moto_checks_credentials(em: Emulator) -> Iterator[None]:
+    """moto accepts any key pair; inside this block it checks them (and knows none)."""
+    def set_auth(count: str) -> None:
+        req = urllib.request.Request(f"{em.base}/moto-api/reset-auth", data=count.encode(),
+                                     method="POST", headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+
+    set_auth("0")  # authenticate from the next request on
+    try:
+        yield
+    finally:
+        set_auth("inf")
 
 
 @pytest.fixture(scope="session")
