@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def test_put_is_create_only(make_cloud: MakeCloud, backend_kind: str) -> None:
         with pytest.raises(ObjectConflictError, match="already exists with 1000 bytes") as info:
             await b.put_if_absent("c/ab/abcd", blob(999))
         assert info.value.kind == "conflict"
+        assert await b.size("c/ab/abcd") == 1000
         assert await b.get("c/ab/abcd") == blob(1000)
 
     asyncio.run(scenario())
@@ -193,9 +195,13 @@ def test_bad_credentials_are_permanent_and_named(make_cloud: MakeCloud, backend_
         wrong = tmp_path / "wrong.key"
         wrong.write_text("d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ==")
         wrong.chmod(0o600)
-        _, b = fresh(make_cloud, backend_kind, account_key_file=str(wrong))
+        cloud, b = fresh(make_cloud, backend_kind, account_key_file=str(wrong))
+        start = time.monotonic()
         problem = _refused(b)
-        assert str(wrong) in str(problem), "the message names where the key came from"
+        assert time.monotonic() - start < 2, "an auth failure must not be retried inside obstore"
+        message = str(problem)
+        assert cloud.url in message and "put k" in message and "HTTP 403" in message
+        assert str(wrong) in message, "the message names where the key came from"
     else:
         moto: Emulator = request.getfixturevalue("moto")
         _, b = fresh(make_cloud, backend_kind)
