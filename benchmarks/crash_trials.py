@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.backends.core import open_backend
+from agent.backends.registry import open_backend
 from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
 from agent.format import crypto
 from agent.format.crypto import load_dedup_key, load_recipient_private

@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from agent.backends.core import AZURITE_ACCOUNT, AZURITE_KEY
+from agent.backends.azure import AZURITE_ACCOUNT, AZURITE_KEY
 from agent.config.units import format_size, parse_duration, parse_rate, parse_size
 from benchmarks import corpus
 from benchmarks.run import write_section

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_result
 
-from agent.backends.core import backoff
+from agent.backends.retry import backoff
 
 
 async def keep_connected(session: Callable[[], Awaitable[None]], stop: asyncio.Event,

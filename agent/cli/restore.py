@@ -68,7 +68,7 @@ def parse_since(text: str) -> datetime:
 
 def restore_or_verify(args: argparse.Namespace, target: Path | None) -> int:
     """Restore into `target`, or with None verify; 0 when every object was sound."""
-    from agent.backends.core import open_backend
+    from agent.backends.registry import open_backend
     from agent.cloud.restore import Restorer, site_key_loader
     from agent.format.crypto import load_recipient_private
     from agent.host.memory import fix_malloc_thresholds

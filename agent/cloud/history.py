@@ -31,7 +31,8 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.backends.core import Backend, retrying
+from agent.backends.protocol import Backend
+from agent.backends.retry import retrying
 from agent.errors import BackendError, CryptoError, FormatError, KeyFileError, RestoreError
 from agent.format.manifest import KIND_MQTT_BATCH, Manifest
 from agent.uplink.tips import MAX_TIP_BYTES, Tip, open_tip, parse_tip_key, tips_prefix

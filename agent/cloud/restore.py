@@ -14,7 +14,8 @@ import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.backends.core import Backend, ObjectInfo, retrying
+from agent.backends.protocol import Backend, ObjectInfo
+from agent.backends.retry import retrying
 from agent.cloud import restore_io
 from agent.cloud.history import History, RestoreJournal
 from agent.cloud.restore_fs import TargetDir

@@ -115,29 +115,29 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
-class BackendSettings:
-    """Where the cloud copy goes: a URL plus the [backend] keys that go with its scheme."""
+class ServiceSettings:
+    """The [backend] keys one storage service owns (account, region, credentials...).
 
-    url: str  # file:///path, azure://container[/prefix], s3://bucket[/prefix], gs://bucket[/prefix]
+    Each backend module (agent/backends/<service>.py) subclasses this with its own fields and
+    reads them; this room never needs to know which services exist.
+    """
+
+    def secrets(self) -> dict[str, SecretRef | None]:
+        """The service's secrets by name (`account_key`, ...), in the order they are checked."""
+        return {}
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Where the cloud copy goes: a URL, the keys every service shares, and the service's own."""
+
+    url: str  # file:///path or <scheme>://container-or-bucket[/prefix]
     endpoint: str | None = None  # e.g. an emulator, MinIO, a sovereign cloud; None: the public one
-    region: str | None = None  # S3
     allow_http: bool = False
     connect_timeout_s: float = 10.0
     timeout_s: float = 30.0  # waiting for an answer, and the longest a connection may stall
     min_rate_bps: float = 8000.0  # an upload of n bytes may take timeout + n / min_rate
-    # Azure: account name (not secret) and one of key, SAS token or connection string.
-    account: str | None = None
-    account_key: SecretRef | None = None
-    sas_token: SecretRef | None = None
-    connection_string: SecretRef | None = None
-    # S3: a key pair (the id is not secret, so it may be inline), or the default chain.
-    access_key_id: str | None = None
-    access_key_id_env: str | None = None
-    secret_access_key: SecretRef | None = None
-    session_token: SecretRef | None = None
-    profile: str | None = None  # an AWS shared-config profile (needs boto3)
-    # GCS: a service-account JSON key, or application default credentials.
-    service_account_key: SecretRef | None = None
+    service: ServiceSettings = field(default_factory=ServiceSettings)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,6 @@ daemon, and a refused `run` leaves the machine as it found it.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
 import stat
 import sys
@@ -296,17 +293,17 @@ def _check_socket(path: Path, problems: list[str]) -> None:
 
 def _check_backend(backend: BackendSettings, environ: Mapping[str, str],
                    problems: list[str]) -> None:
-    from agent.backends.core import open_backend, parse_connection_string, read_secret
+    from agent.backends.registry import open_backend, service_for
+    from agent.backends.secrets import read_secret
 
     parts = urlsplit(backend.url)
     if parts.scheme.lower() == "file":
         problem = _folder_problem("backend.url", Path(unquote(parts.path)), may_create=True)
         problems += [problem] if problem else []
         return
+    service = service_for(parts.scheme)
     before = len(problems)
-    for name in ("account_key", "sas_token", "connection_string", "secret_access_key",
-                 "session_token", "service_account_key"):
-        ref: SecretRef | None = getattr(backend, name)
+    for name, ref in backend.service.secrets().items():
         if ref is None:
             continue
         key = f"backend.{name}_{ref.source}"
@@ -315,18 +312,10 @@ def _check_backend(backend: BackendSettings, environ: Mapping[str, str],
         except SkyferryError as e:
             problems.append(_secret_problem(key, e, ref))
             continue
-        if name == "connection_string":
-            try:
-                value = parse_connection_string(value).get("AccountKey", "")
-            except ValueError as e:
-                problems.append(f"{key}: is not an Azure connection string: {e} (got "
-                                f"{ref.describe()}); copy it from the portal")
-                continue
-        problems += filter(None, [_secret_form_problem(name, key, ref, value)])
-    if backend.access_key_id_env is not None and not environ.get(backend.access_key_id_env):
-        problems.append(f"backend.access_key_id_env: environment variable "
-                        f"{backend.access_key_id_env} is not set (got nothing); set it in the "
-                        "service's environment (systemd: EnvironmentFile=)")
+        if service is not None:
+            problems += filter(None, [service.secret_problem(name, key, ref, value)])
+    if service is not None:
+        problems += service.environment_problems(backend, environ)
     if len(problems) == before:
         try:
             open_backend(backend, environ)  # what the daemon does at start (no request yet)
@@ -339,24 +328,6 @@ def _secret_problem(key: str, e: SkyferryError, ref: SecretRef) -> str:
     text = str(e)
     return f"{key}: {text}" if ";" in text else (f"{key}: {text} (got {ref.describe()}); "
                                                  f"{SECRET_FIX[ref.source]}")
-
-
-def _secret_form_problem(name: str, key: str, ref: SecretRef, value: str) -> str | None:
-    """Secrets whose form can be checked offline: Azure keys are base64, GCS keys JSON."""
-    if name in ("account_key", "connection_string") and value:
-        try:
-            base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            return (f"{key}: the Azure account key is not valid base64 (got {ref.describe()}, "
-                    "content not shown); copy the key exactly as the portal shows it "
-                    "(Storage account > Access keys)")
-    if name == "service_account_key":
-        try:
-            json.loads(value)
-        except ValueError:
-            return (f"{key}: is not a JSON service-account key (got {ref.describe()}, content "
-                    "not shown); download the key file from the Google Cloud console")
-    return None
 
 
 def _check_mqtt(mqtt: MqttSettings, environ: Mapping[str, str], problems: list[str]) -> None:

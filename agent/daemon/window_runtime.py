@@ -12,7 +12,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from agent.backends.core import Backend
+from agent.backends.protocol import Backend
+from agent.backends.registry import probe_target
 from agent.config.settings import Settings, WindowSettings
 from agent.host.blocking import RunBlocking
 from agent.obs.logs import log_event
@@ -42,7 +43,7 @@ class WindowRuntime:
         self.model = LearnedModel.from_json(store.get_meta(META_KEY)) if w.link.learn else None
         self.forecast: Forecast = build_forecast(w, anchor, self.model, now=clock())
         self.meter = RateMeter()
-        probe = make_probe(w.link, settings.backend)
+        probe = make_probe(w.link, probe_target(settings.backend))
         self.monitor: LinkMonitor | None = None
         if probe is not None:
             self.monitor = LinkMonitor(

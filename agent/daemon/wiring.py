@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.backends.core import open_backend
+from agent.backends.registry import open_backend
 from agent.config.settings import Settings, SpoolSettings
 from agent.daemon.reload import plan_reload
 from agent.daemon.window_runtime import WindowRuntime

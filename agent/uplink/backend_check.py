@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.backends.core import Backend
+from agent.backends.protocol import Backend
 from agent.errors import BackendError, PermanentBackendError
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics

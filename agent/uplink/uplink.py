@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import blake3
 from tenacity import AsyncRetrying, retry_if_exception, stop_never
 
-from agent.backends.core import Backend, backoff, is_transient
+from agent.backends.protocol import Backend
+from agent.backends.retry import backoff, is_transient
 from agent.config.settings import UplinkSettings
 from agent.errors import BackendError, CorruptChunkError, DiskFullError, PermanentBackendError
 from agent.format import layout

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from agent.config.settings import BackendSettings, LinkSettings
+from agent.config.settings import LinkSettings
 from agent.obs.logs import log_event
 from agent.windows.learned import LearnedModel
 
@@ -126,36 +126,19 @@ def parse_probe(target: str) -> Probe:
                      "http://host[:port]/path, https://..., auto or none")
 
 
-def auto_target(backend: BackendSettings) -> str | None:
-    """What `probe = "auto"` probes for this backend; None when there is nothing sensible."""
-    parts = urlsplit(backend.url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        return backend.url
-    endpoint = getattr(backend, "endpoint", None)
-    if isinstance(endpoint, str) and endpoint:
-        return endpoint
-    if scheme == "s3":
-        region = getattr(backend, "region", None)
-        return f"https://s3.{region}.amazonaws.com/" if region else "https://s3.amazonaws.com/"
-    if scheme == "gs":
-        return "https://storage.googleapis.com/"
-    if scheme == "azure":
-        account = getattr(backend, "account", None)
-        return f"https://{account}.blob.core.windows.net/" if account else None
-    return None
+def make_probe(settings: LinkSettings, auto: str | None) -> Probe | None:
+    """The configured probe, or None for `none` (the link is taken to be always up).
 
-
-def make_probe(settings: LinkSettings, backend: BackendSettings) -> Probe | None:
-    """The configured probe, or None for `none` (the link is taken to be always up)."""
+    `auto` is what `probe = "auto"` probes: the backend's own target (the backend registry's
+    `probe_target`), None when there is nothing sensible.
+    """
     target = settings.probe
     if target == "none":
         return None
     if target == "auto":
-        found = auto_target(backend)
-        if found is None:
+        if auto is None:
             return None
-        target = found
+        target = auto
     return parse_probe(target)
 
 

@@ -12,6 +12,7 @@ objects, optionally behind a `FaultProxy`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -31,8 +32,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from agent.backends.azure import AZURITE_ACCOUNT, AZURITE_KEY
 from agent.backends.config import load_backend_settings
-from agent.backends.core import AZURITE_ACCOUNT, AZURITE_KEY, Backend, open_backend
+from agent.backends.protocol import Backend
+from agent.backends.registry import open_backend
 from tests.kits.faultproxy import FaultProxy
 from tests.kits.site import free_port, render_toml
 
@@ -175,6 +178,22 @@ def start_moto(workdir: Path) -> Emulator:
     em = Emulator("moto", port, proc, log)
     _wait_ready(em, lambda: _http_status(f"{em.base}/") == 200)
     return em
+
+
+@contextlib.contextmanager
+def moto_checks_credentials(em: Emulator) -> Iterator[None]:
+    """moto accepts any key pair; inside this block it checks them (and knows none)."""
+    def set_auth(count: str) -> None:
+        req = urllib.request.Request(f"{em.base}/moto-api/reset-auth", data=count.encode(),
+                                     method="POST", headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+
+    set_auth("0")  # authenticate from the next request on
+    try:
+        yield
+    finally:
+        set_auth("inf")
 
 
 @pytest.fixture(scope="session")

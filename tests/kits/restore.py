@@ -21,7 +21,7 @@ from typing import Any
 
 import zstandard
 
-from agent.backends.core import open_backend
+from agent.backends.registry import open_backend
 from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
 from agent.format import crypto, layout
 from agent.format.manifest import KIND_FILE, KIND_FILE_PACK, ChunkRef, Manifest, PackEntry, uuid7

@@ -129,7 +129,7 @@ class Site:
         import asyncio
 
         from agent.backends.config import load_backend_settings
-        from agent.backends.core import open_backend
+        from agent.backends.registry import open_backend
 
         backend = open_backend(load_backend_settings(self.config))
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
+from agent.backends.azure import AZURITE_KEY
 from agent.backends.config import load_backend_settings
-from agent.backends.core import AZURITE_KEY, open_backend
+from agent.backends.registry import open_backend
 from agent.config.settings import WindowSettings
 from agent.obs.metrics import Metrics
 from agent.uplink.backend_check import BackendHealth

@@ -17,20 +17,21 @@ from typing import Any
 
 import pytest
 
-from agent.backends.config import BACKEND_KEYS, INLINE_SECRETS, load_backend_settings
-from agent.backends.core import (
-    AZURITE_KEY,
-    Backend,
-    connections_to,
-    open_backend,
-    parse_connection_string,
+from agent.backends.azure import AZURITE_KEY, AzureSettings, parse_connection_string
+from agent.backends.config import (
+    BACKEND_COMMON_KEYS,
+    backend_keys,
+    inline_secrets,
+    load_backend_settings,
 )
+from agent.backends.connections import connections_to
+from agent.backends.protocol import Backend
+from agent.backends.registry import open_backend, probe_target, services
+from agent.backends.s3 import S3Settings
 from agent.config.settings import BackendSettings, SecretRef
 from agent.daemon.site_config import validate
 from agent.errors import (
     ConfigError,
-    ObjectConflictError,
-    ObjectNotFoundError,
     PermanentBackendError,
     TransientBackendError,
 )
@@ -57,7 +58,7 @@ def opened(cloud: Cloud, **changes: Any) -> Backend:
 # ---- configuration ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", INLINE_SECRETS)
+@pytest.mark.parametrize("name", inline_secrets())
 def test_inline_secrets_are_refused_with_a_fix(name: str) -> None:
     problems = backend_problems({"url": "s3://bucket", name: "hunter2"})
     [problem] = [p for p in problems if p.startswith(f"backend.{name}:")]
@@ -99,7 +100,7 @@ def test_bad_backend_settings_name_key_and_fix(table: dict[str, Any], key: str,
 def test_example_documents_every_backend_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     section = text[text.index("[backend]"):text.index("[uplink]")]
-    missing = [k for k in BACKEND_KEYS if not re.search(rf"\b{k} = ", section)]
+    missing = [k for k in backend_keys() if not re.search(rf"\b{k} = ", section)]
     assert missing == []
     # Uncommented, every documented line loads (apart from mutually exclusive credentials).
     settings = validate({**BASE, "backend": {
@@ -107,23 +108,35 @@ def test_example_documents_every_backend_key() -> None:
         "connect_timeout": "5s", "timeout": "20s", "min_rate": "64kbit/s",
         "access_key_id": "AKIA", "secret_access_key_file": "s3.secret",
         "session_token_env": "TOKEN"}}, Path("/etc/skyferry/skyferry.toml")).backend
-    assert settings.secret_access_key == SecretRef("file", "/etc/skyferry/s3.secret")
-    assert settings.session_token == SecretRef("env", "TOKEN")
+    assert isinstance(settings.service, S3Settings)
+    assert settings.service.secret_access_key == SecretRef("file", "/etc/skyferry/s3.secret")
+    assert settings.service.session_token == SecretRef("env", "TOKEN")
     assert (settings.timeout_s, settings.min_rate_bps) == (20.0, 8000.0)
+
+
+def test_each_key_and_scheme_belongs_to_one_service() -> None:
+    """The registry's services split the [backend] table between them, nothing shared."""
+    keys = [k for s in services() for k in s.keys]
+    schemes = [n for s in services() for n in (s.scheme, *s.aliases)]
+    assert len(keys) == len(set(keys)) and len(schemes) == len(set(schemes))
+    assert not set(keys) & set(BACKEND_COMMON_KEYS)
+    for s in services():
+        assert {f"{n}_{way}" for n in s.secrets for way in ("file", "env")} <= set(s.keys)
+    assert [s.scheme for s in services()] == ["file", "azure", "s3", "gs"]
 
 
 def test_secrets_come_from_file_or_environment(tmp_path: Path) -> None:
     key = tmp_path / "azure.key"
     key.write_text(AZURITE_KEY + "\n")
     key.chmod(0o644)
-    s = BackendSettings(url="azure://cont/p", account="acct",
-                        account_key=SecretRef("file", str(key)))
+    s = BackendSettings(url="azure://cont/p", service=AzureSettings(
+        account="acct", account_key=SecretRef("file", str(key))))
     with pytest.raises(PermanentBackendError, match="chmod 600"):
         open_backend(s)
     key.chmod(0o600)
     assert "account key from file" in open_backend(s).credentials
-    s = BackendSettings(url="azure://cont", account="acct",
-                        account_key=SecretRef("env", "SKYFERRY_NO_SUCH_VAR"))
+    s = BackendSettings(url="azure://cont", service=AzureSettings(
+        account="acct", account_key=SecretRef("env", "SKYFERRY_NO_SUCH_VAR")))
     with pytest.raises(PermanentBackendError, match="SKYFERRY_NO_SUCH_VAR is not set"):
         open_backend(s, env={})
     b = open_backend(s, env={"SKYFERRY_NO_SUCH_VAR": AZURITE_KEY})
@@ -137,11 +150,23 @@ def test_every_scheme_opens_with_its_prefix(tmp_path: Path) -> None:
         "gs://bucket/y/z": ("y/z", "bucket 'bucket'"),
     }
     for url, (prefix, where) in cases.items():
-        b = open_backend(BackendSettings(url=url, account="acct"), env={})
+        b = open_backend(BackendSettings(url=url, service=AzureSettings(account="acct")), env={})
         assert (b.prefix, b.where) == (prefix, where), url
     assert "default credential chain" in open_backend(BackendSettings(url="s3://bucket"),
                                                       env={}).credentials
     assert open_backend(f"file://{tmp_path}/cloud").prefix == ""
+
+
+def test_auto_probe_targets() -> None:
+    """What the link monitor's probe = "auto" probes: each service names its own."""
+    assert probe_target(BackendSettings(url="file:///srv/cloud")) == "file:///srv/cloud"
+    assert probe_target(BackendSettings(url="s3://b/p", service=S3Settings(
+        region="eu-west-1"))) == "https://s3.eu-west-1.amazonaws.com/"
+    assert probe_target(BackendSettings(url="s3://b", endpoint="http://127.0.0.1:9000")) == (
+        "http://127.0.0.1:9000")
+    assert probe_target(BackendSettings(url="gs://b")) == "https://storage.googleapis.com/"
+    assert probe_target(BackendSettings(url="azure://c", service=AzureSettings(
+        account="acct"))) == "https://acct.blob.core.windows.net/"
 
 
 def test_connection_string_values_may_hold_equals_signs() -> None:
@@ -166,31 +191,6 @@ def test_connection_string_from_environment_reaches_azurite(
 
 
 # ---- writes -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["file", "azurite", "moto"])
-def test_create_only_verified_writes(make_cloud: Callable[..., Cloud], kind: str) -> None:
-    cloud = make_cloud(kind, prefix="" if kind == "file" else "site/prefix")
-    b = opened(cloud)
-
-    async def scenario() -> None:
-        assert await b.put_if_absent("c/ab/abcd", b"x" * 1000) is True
-        # Already there with the same size: success without writing.
-        assert await b.put_if_absent("c/ab/abcd", b"y" * 1000) is False
-        assert await b.put_if_absent("c/ab/abcd", b"y" * 1000, probe_first=True) is False
-        assert await b.get("c/ab/abcd") == b"x" * 1000, "create-only must not overwrite"
-        with pytest.raises(ObjectConflictError, match="already exists with 1000 bytes"):
-            await b.put_if_absent("c/ab/abcd", b"z" * 999)
-        assert await b.size("c/ab/abcd") == 1000
-        assert await b.size("nothing/here") is None
-        with pytest.raises(ObjectNotFoundError):
-            await b.get("nothing/here")
-        listed = {i.key: i.size async for i in b.list("c/")}
-        assert listed == {"c/ab/abcd": 1000}
-
-    asyncio.run(scenario())
-    if kind != "file":
-        assert cloud.objects() == {"site/prefix/c/ab/abcd": 1000}, "the URL's prefix is used"
 
 
 @pytest.mark.parametrize("kind", ["azurite", "moto"])
@@ -276,35 +276,7 @@ def test_connections_tell_a_black_holed_connection(tmp_path: Path) -> None:
         finally:
             subprocess.run(["nft", "delete", "table", "inet", table], check=False)
 
-# ---- errors -----------------------------------------------------------------------------------
-
-
-def test_wrong_azure_key_is_permanent_and_names_credential_source(
-        make_cloud: Callable[..., Cloud], tmp_path: Path) -> None:
-    cloud = make_cloud("azurite")
-    wrong = tmp_path / "wrong.key"
-    wrong.write_text("d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ==")
-    wrong.chmod(0o600)
-    b = opened(cloud, account_key_file=str(wrong))
-    start = time.monotonic()
-    with pytest.raises(PermanentBackendError) as info:
-        asyncio.run(b.put_if_absent("k", b"v"))
-    assert time.monotonic() - start < 2, "an auth failure must not be retried inside obstore"
-    message = str(info.value)
-    assert info.value.kind == "auth"
-    assert cloud.url in message and "put k" in message and str(wrong) in message
-    assert "HTTP 403" in message
-
-
-@pytest.mark.parametrize("kind", ["azurite", "moto"])
-def test_missing_container_is_permanent(make_cloud: Callable[..., Cloud], kind: str) -> None:
-    cloud = make_cloud(kind)
-    scheme = "azure" if kind == "azurite" else "s3"
-    b = opened(cloud, url=f"{scheme}://no-such-container-here")
-    with pytest.raises(PermanentBackendError) as info:
-        asyncio.run(b.put_if_absent("k", b"v"))
-    assert info.value.kind == "not_found"
-    assert "'no-such-container-here' does not exist" in str(info.value)
+# ---- errors (the ones every backend maps: tests/system/test_backend_conformance.py) ------------
 
 
 @pytest.mark.parametrize(("status", "kind"), [(503, "throttled"), (429, "throttled"),

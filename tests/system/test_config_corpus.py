@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.backends.core import AZURITE_KEY
+from agent.backends.azure import AZURITE_KEY
 from agent.cli import main as cli
 from agent.format.crypto import generate_keys
 from tests.kits.site import Site

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends.core import open_backend
+from agent.backends.registry import open_backend
 from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
 from agent.config.settings import (
     DEFAULT_CLASSES,

@@ -17,7 +17,7 @@ from typing import Any
 import obstore
 import pytest
 
-from agent.backends.core import AZURITE_ACCOUNT, AZURITE_KEY
+from agent.backends.azure import AZURITE_ACCOUNT, AZURITE_KEY
 from tests.kits.emulators import Cloud
 from tests.kits.site import Site, drop_file, tree_digest, wait_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.backends.core import open_backend
+from agent.backends.registry import open_backend
 from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
 from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
 from agent.format import crypto, layout

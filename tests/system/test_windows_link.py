@@ -10,8 +10,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.config.settings import BackendSettings, LinkSettings
-from agent.windows.linkmonitor import FolderProbe, TcpProbe, auto_target, make_probe
+from agent.config.settings import LinkSettings
+from agent.windows.linkmonitor import FolderProbe, TcpProbe, make_probe
 from tests.kits.site import free_port
 from tests.kits.windows import JumpClock, RunningDaemon, site_settings, until
 
@@ -145,16 +145,12 @@ async def test_probes_of_a_folder_and_of_tcp(tmp_path: Path) -> None:
 
 
 def test_auto_probe_targets() -> None:
-    assert auto_target(BackendSettings(url="file:///srv/cloud")) == "file:///srv/cloud"
-    assert auto_target(BackendSettings(url="s3://b/p", region="eu-west-1")) == (
-        "https://s3.eu-west-1.amazonaws.com/")
-    assert auto_target(BackendSettings(url="s3://b", endpoint="http://127.0.0.1:9000")) == (
-        "http://127.0.0.1:9000")
-    assert auto_target(BackendSettings(url="gs://b")) == "https://storage.googleapis.com/"
-    assert auto_target(BackendSettings(url="azure://c", account="acct")) == (
-        "https://acct.blob.core.windows.net/")
-    assert make_probe(LinkSettings(probe="none"), BackendSettings(url="file:///x")) is None
-    probe = make_probe(LinkSettings(probe="tcp://10.0.0.1:443"), BackendSettings(url="s3://b"))
+    """What "auto" probes is the backend's (tests/system/test_backends.py checks those)."""
+    auto = make_probe(LinkSettings(probe="auto"), "file:///srv/cloud")
+    assert isinstance(auto, FolderProbe)
+    assert make_probe(LinkSettings(probe="auto"), None) is None
+    assert make_probe(LinkSettings(probe="none"), "file:///x") is None
+    probe = make_probe(LinkSettings(probe="tcp://10.0.0.1:443"), "https://s3.amazonaws.com/")
     assert isinstance(probe, TcpProbe) and probe.description == "tcp://10.0.0.1:443"
 
 

@@ -419,7 +419,7 @@ def test_signed_json_that_breaks_the_parser_is_a_problem(cloud: Cloud, tmp_path:
 def test_backend_get_refuses_an_object_over_max_size_unread(tmp_path: Path) -> None:
     import asyncio
 
-    from agent.backends.core import open_backend
+    from agent.backends.registry import open_backend
     from agent.errors import ObjectTooLargeError
 
     sparse(tmp_path / "big", 100 * MIB)

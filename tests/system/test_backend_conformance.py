@@ -1,0 +1,261 @@
+"""The contract every backend keeps, run against each real one: a folder, Azurite and moto.
+
+Every test takes `backend_kind` and runs once per service through the same `Backend` protocol
+(agent/backends/protocol.py): create-only writes, byte-identical reads, listings, errors
+mapped to agent.errors' classes, and transient failures retried. A new service module adds its
+emulator to KINDS and must pass all of it. The emulators start once per session
+(tests/kits/emulators.py); each test gets its own container or bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.backends.config import load_backend_settings
+from agent.backends.protocol import Backend
+from agent.backends.registry import open_backend
+from agent.backends.retry import retrying
+from agent.errors import (
+    ObjectConflictError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    PermanentBackendError,
+    TransientBackendError,
+)
+from tests.kits.emulators import Cloud, Emulator, moto_checks_credentials
+
+KINDS = ("file", "azurite", "moto")
+PREFIX = "site/prefix"  # the URL's prefix on the emulators: keys must come back without it
+
+MakeCloud = Callable[..., Cloud]
+
+
+@pytest.fixture(params=KINDS)
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def fresh(make_cloud: MakeCloud, kind: str, **changes: object) -> tuple[Cloud, Backend]:
+    """A new, empty container, bucket or folder, and a backend on it (through the URL prefix)."""
+    cloud = make_cloud(kind, prefix="" if kind == "file" else PREFIX)
+    return cloud, open_backend(load_backend_settings(cloud.write_config(
+        {**cloud.table, **changes})))
+
+
+def blob(n: int, seed: int = 0) -> bytes:
+    """n bytes that differ at every offset from another seed's (a byte swap would show)."""
+    return bytes((i * 31 + seed * 7 + (i >> 8)) & 0xFF for i in range(n))
+
+
+# ---- create-only put --------------------------------------------------------------------------
+
+
+def test_put_is_create_only(make_cloud: MakeCloud, backend_kind: str) -> None:
+    _, b = fresh(make_cloud, backend_kind)
+
+    async def scenario() -> None:
+        assert await b.put_if_absent("c/ab/abcd", blob(1000)) is True
+        # Same key, same size: taken as an earlier attempt of this upload, nothing written.
+        assert await b.put_if_absent("c/ab/abcd", blob(1000, seed=1)) is False
+        assert (await b.put_new("c/ab/abcd", blob(1000, seed=1))).written is False
+        assert await b.get("c/ab/abcd") == blob(1000), "a second put never overwrites"
+        # Same key, another size: a foreign or damaged object, refused with the mapped error.
+        with pytest.raises(ObjectConflictError, match="already exists with 1000 bytes") as info:
+            await b.put_if_absent("c/ab/abcd", blob(999))
+        assert info.value.kind == "conflict"
+        assert await b.size("c/ab/abcd") == 1000
+        assert await b.get("c/ab/abcd") == blob(1000)
+
+    asyncio.run(scenario())
+
+
+def test_probe_first_does_not_send_what_is_there(make_cloud: MakeCloud,
+                                                 backend_kind: str) -> None:
+    _, b = fresh(make_cloud, backend_kind)
+
+    async def scenario() -> None:
+        assert await b.put_if_absent("k", blob(10), probe_first=True) is True
+        assert await b.put_if_absent("k", blob(10), probe_first=True) is False
+
+    asyncio.run(scenario())
+
+
+# ---- read-back --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 1000, (1 << 20) + 17])
+def test_read_back_is_byte_identical(make_cloud: MakeCloud, backend_kind: str,
+                                     size: int) -> None:
+    _, b = fresh(make_cloud, backend_kind)
+    data = blob(size, seed=size)
+
+    async def scenario() -> None:
+        result = await b.put_new("obj/data", data)
+        assert result.written
+        await b.verify_written("obj/data", size, result.etag)
+        assert await b.size("obj/data") == size
+        assert await b.get("obj/data") == data
+        assert await b.get("obj/data", max_size=size) == data
+        if size > 1:
+            with pytest.raises(ObjectTooLargeError):
+                await b.get("obj/data", max_size=size - 1)
+
+    asyncio.run(scenario())
+
+
+def test_delete_removes(make_cloud: MakeCloud, backend_kind: str) -> None:
+    _, b = fresh(make_cloud, backend_kind)
+
+    async def scenario() -> None:
+        await b.put_if_absent("gone/soon", b"x")
+        await b.delete("gone/soon")
+        assert await b.size("gone/soon") is None
+        assert [i async for i in b.list("gone/")] == []
+
+    asyncio.run(scenario())
+
+
+# ---- list -------------------------------------------------------------------------------------
+
+
+def test_list_empty_many_and_by_prefix(make_cloud: MakeCloud, backend_kind: str) -> None:
+    cloud, b = fresh(make_cloud, backend_kind)
+    many = {f"m/{i:03d}/{i:x}": i + 1 for i in range(60)}
+    others = {"n/one": 5, "mm/not-under-m-slash": 7}
+
+    async def listing(prefix: str) -> dict[str, int]:
+        return {i.key: i.size async for i in b.list(prefix)}
+
+    async def scenario() -> None:
+        assert await listing("") == {}, "a new store lists nothing"
+        assert await listing("m/") == {}
+        await asyncio.gather(*(b.put_if_absent(k, blob(n)) for k, n in
+                               {**many, **others}.items()))
+        assert await listing("m/") == many
+        # Prefixes are folders: "m/" holds none of "mm/", "m/007/" one key.
+        assert await listing("m/007/") == {"m/007/7": 8}
+        assert await listing("n/") == {"n/one": 5}
+        assert await listing("nothing/") == {}
+        assert await listing("") == {**many, **others}
+
+    asyncio.run(scenario())
+    if backend_kind != "file":
+        assert set(cloud.objects()) == {f"{PREFIX}/{k}" for k in {**many, **others}}, (
+            "keys are stored under the URL's prefix and listed without it")
+
+
+# ---- errors mapped ----------------------------------------------------------------------------
+
+
+def test_missing_object_is_not_found(make_cloud: MakeCloud, backend_kind: str) -> None:
+    _, b = fresh(make_cloud, backend_kind)
+
+    async def scenario() -> None:
+        assert await b.size("no/such/key") is None
+        with pytest.raises(ObjectNotFoundError) as info:
+            await b.get("no/such/key")
+        assert info.value.kind == "not_found" and "no/such/key" in str(info.value)
+        await b.check()  # a store that exists, with accepted credentials
+
+    asyncio.run(scenario())
+
+
+def test_missing_container_is_permanent(make_cloud: MakeCloud, backend_kind: str) -> None:
+    if backend_kind == "file":
+        pytest.skip("a folder backend creates its folder")
+    scheme = "azure" if backend_kind == "azurite" else "s3"
+    _, b = fresh(make_cloud, backend_kind, url=f"{scheme}://no-such-container-here")
+
+    async def scenario() -> None:
+        for attempt in (b.check(), b.put_if_absent("k", b"v")):
+            with pytest.raises(PermanentBackendError) as info:
+                await attempt
+            assert info.value.kind == "not_found"
+            assert "'no-such-container-here' does not exist" in str(info.value)
+
+    asyncio.run(scenario())
+
+
+def test_bad_credentials_are_permanent_and_named(make_cloud: MakeCloud, backend_kind: str,
+                                                 request: pytest.FixtureRequest,
+                                                 tmp_path: Path) -> None:
+    if backend_kind == "file":
+        if os.geteuid() == 0:
+            pytest.skip("root reads and writes every folder: no permission to lack")
+        cloud, b = fresh(make_cloud, backend_kind)
+        Path(cloud.url.removeprefix("file://")).chmod(0)
+        problem = _refused(b)
+    elif backend_kind == "azurite":
+        wrong = tmp_path / "wrong.key"
+        wrong.write_text("d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ==")
+        wrong.chmod(0o600)
+        cloud, b = fresh(make_cloud, backend_kind, account_key_file=str(wrong))
+        start = time.monotonic()
+        problem = _refused(b)
+        assert time.monotonic() - start < 2, "an auth failure must not be retried inside obstore"
+        message = str(problem)
+        assert cloud.url in message and "put k" in message and "HTTP 403" in message
+        assert str(wrong) in message, "the message names where the key came from"
+    else:
+        moto: Emulator = request.getfixturevalue("moto")
+        _, b = fresh(make_cloud, backend_kind)
+        with moto_checks_credentials(moto):
+            problem = _refused(b)
+    assert problem.kind == "auth" and "check the credentials" in str(problem)
+
+
+def _refused(b: Backend) -> PermanentBackendError:
+    with pytest.raises(PermanentBackendError) as info:
+        asyncio.run(b.put_if_absent("k", b"v"))
+    return info.value
+
+
+# ---- retries ----------------------------------------------------------------------------------
+
+
+def test_transient_failures_are_retried(make_cloud: MakeCloud, backend_kind: str) -> None:
+    """The service answers 503, then drops connections: retried until the link is back."""
+    if backend_kind == "file":
+        pytest.skip("a folder has no link to fail")
+    cloud = make_cloud(backend_kind, proxy=True, prefix=PREFIX)
+    proxy = cloud.proxy
+    assert proxy is not None
+    b = open_backend(load_backend_settings(cloud.write_config()))
+    attempts: list[str] = []
+
+    async def put() -> bool:
+        try:
+            return await b.put_if_absent("r/k", blob(5000))
+        except TransientBackendError as e:
+            attempts.append(e.kind)
+            if len(attempts) == 1:
+                proxy.cut_each_at = 100  # the next attempt loses its connection mid-request
+            else:
+                proxy.cut_each_at = None
+            raise
+
+    proxy.errors_for(0.2, status=503)
+    assert asyncio.run(retrying(put, attempts=6, initial_s=0.5, max_s=1.0)) is True
+    assert attempts[:2] == ["throttled", "connection"], attempts
+    assert proxy.error_responses >= 1
+    assert cloud.objects() == {f"{PREFIX}/r/k": 5000}
+
+
+def test_permanent_failures_are_not_retried(make_cloud: MakeCloud, backend_kind: str) -> None:
+    _, b = fresh(make_cloud, backend_kind)
+    calls = 0
+
+    async def get() -> bytes:
+        nonlocal calls
+        calls += 1
+        return await b.get("absent")
+
+    with pytest.raises(ObjectNotFoundError):
+        asyncio.run(retrying(get, attempts=6, initial_s=0.01, max_s=0.01))
+    assert calls == 1
