@@ -73,7 +73,7 @@ from urllib.parse import quote, urlsplit
 
 from agent.backends.core import AZURITE_ACCOUNT, AZURITE_KEY
 from agent.config.units import format_size, parse_duration, parse_rate, parse_size
-from benchmarks.run import write_section
+from benchmarks.run import add_output_options, write_report, write_section
 from tests.kits import edge_corpus as corpus
 from tests.kits.emulators import Emulator, start_azurite
 from tests.kits.faultproxy import FaultProxy
@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", default="20m", help="give up on a tool after this long")
     ap.add_argument("--no-verify", action="store_true", help="skip skyferry's restore check")
     ap.add_argument("--workdir", type=Path, help="keep the corpus and logs here")
-    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    add_output_options(ap)
     args = ap.parse_args(argv)
     tools = tuple(t for t in args.tools.split(",") if t)
     if unknown := set(tools) - set(TOOLS):
@@ -859,11 +859,12 @@ def main(argv: list[str] | None = None) -> int:
     except LinkUnavailable as e:
         print(f"link benchmark skipped: {e}", file=sys.stderr)
         return 1
+    write_report(report, args.report_json)
     text = render(report)
     print(text)
     print(f"(whole run {time.monotonic() - started:.0f} s)")
     if not args.no_write:
-        write_section(SECTION, text)
+        write_section(SECTION, text, args.results)
     return 0 if all(held is not False for _, held, _ in report.verdicts) else 1
 
 
