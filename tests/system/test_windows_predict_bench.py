@@ -22,10 +22,13 @@ def test_constellation_elements_are_valid_and_distinct() -> None:
 
 
 def test_100_satellites_24h_predicted_in_under_2s(tmp_path: Path) -> None:
-    # Best of three: other test suites share this machine's two cores.
-    best = min(measure(tmp_path, 100, 24.0)[0] for _ in range(2))
-    seconds, passes, windows = measure(tmp_path, 100, 24.0)
-    best = min(best, seconds)
+    # Best of up to three: other test suites share this machine's two cores. A run under the
+    # target ends the search (a slower one later cannot change the verdict).
+    best, passes, windows = measure(tmp_path, 100, 24.0)
+    for _ in range(2):
+        if best < 2.0:
+            break
+        best = min(best, measure(tmp_path, 100, 24.0)[0])
     print(f"100 satellites, 24 h: {best:.2f} s, {passes} passes, {windows} windows")
     assert passes > 300  # a real amount of work: ~4-5 passes per satellite and day
     assert best < 2.0

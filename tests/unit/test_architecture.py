@@ -103,20 +103,19 @@ def test_size_check_catches_an_oversized_function(tmp_path: Path) -> None:
 
 # --- import contracts -----------------------------------------------------------------------
 
-# One planted violation per contract in pyproject.toml: (file, line appended, what the report
-# must then contain).
+# One planted violation per contract in pyproject.toml, each in a module of its own so that the
+# check does not depend on today's file names: (new module, its source, what the report must
+# then contain).
+HOST_CYCLE = "No cycles are allowed in agent.host."
 PLANTED = [
     # layers: the bottom row importing the top.
-    ("agent/host/blocking.py", "import agent.cli.main", "agent.host.blocking -> agent.cli.main"),
+    ("agent/host/planted_up.py", "import agent.cli", "agent.host.planted_up -> agent.cli"),
     # cloud: the restore side loading the edge store.
-    (
-        "agent/cloud/restore_progress.py",
-        "import agent.store.store",
-        "agent.cloud.restore_progress -> agent.store.store",
-    ),
+    ("agent/cloud/planted_store.py", "import agent.store",
+     "agent.cloud.planted_store -> agent.store"),
     # acyclic: two modules of one room importing each other.
-    ("agent/host/memory.py", "import agent.host.blocking", "No cycles are allowed in agent.host."),
-    ("agent/host/blocking.py", "import agent.host.memory", "No cycles are allowed in agent.host."),
+    ("agent/host/planted_a.py", "import agent.host.planted_b", HOST_CYCLE),
+    ("agent/host/planted_b.py", "import agent.host.planted_a", HOST_CYCLE),
 ]
 
 
@@ -137,9 +136,8 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 def test_import_contracts_report_planted_violations(tmp_path: Path) -> None:
     shutil.copytree(PACKAGE, tmp_path / "agent", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    for rel, line, _ in PLANTED:
-        with (tmp_path / rel).open("a", encoding="utf-8") as f:
-            f.write(f"\n{line}  # planted by test_architecture\n")
+    for rel, source, _ in PLANTED:
+        (tmp_path / rel).write_text(f"{source}  # planted by test_architecture\n")
 
     result = _lint_imports(tmp_path)
 
