@@ -143,8 +143,8 @@ def test_import_contracts_report_planted_violations(tmp_path: Path) -> None:
 
     report = result.stdout + result.stderr
     assert result.returncode != 0, report
-    # The copy was the one analysed (not the installed package).
-    assert "Analyzed" in report, report
+    # The planted modules exist only in the copy: their names in the report also show that the
+    # copy, not an installed agent package, was analysed.
     missing = [expected for _, _, expected in PLANTED if expected not in report]
     assert not missing, f"lint-imports did not report {missing}:\n{report}"
 
