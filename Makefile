@@ -14,7 +14,7 @@ PIP_Q  := --quiet --disable-pip-version-check
 help:
 	@echo "make demo    run one site end to end (spool -> store -> cloud -> restore) and compare"
 	@echo "make test    lint, then the whole test suite"
-	@echo "make lint    ruff and mypy"
+	@echo "make lint    ruff, mypy and the import contracts (lint-imports)"
 	@echo "make bench   benchmarks"
 	@echo "make clean   remove the venv, caches and demo output"
 
@@ -57,6 +57,7 @@ test: dev test-deps lint
 lint: dev
 	$(VENV)/bin/ruff check agent tests benchmarks demo
 	$(VENV)/bin/mypy agent demo
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: dev
 	@if [ -f benchmarks/run.py ]; then $(PY) -m benchmarks.run; \

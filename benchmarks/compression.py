@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.units import format_size, parse_size
-from benchmarks import corpus
 from benchmarks.ingest import SITE, Bench, Run, fresh, measure, restic_cache, store_bytes
+from benchmarks.run import add_output_options, publish, write_report
+from tests.kits import edge_corpus as corpus
 
 SECTION = "compression"
 LEO_BPS = 15e6 / 8  # a typical LEO terminal's uplink, bytes/s
@@ -181,6 +182,7 @@ class Row:
     def choices(self) -> list[dict[str, Any]]:
         return list(self.run.info.get("choices", []))
 
+    @property
     def levels(self) -> str:
         """What was sealed with: the fixed level, or the levels auto chose, in order."""
         if not self.choices:
@@ -278,7 +280,7 @@ def verdicts(r: Report) -> list[tuple[str, bool | None, str]]:
     ingest = r.row(AUTO_INGEST_ROW)
     fast = all(c["level"] == 1 for c in ingest.choices) and bool(ingest.choices)
     out.append(("auto with an ingest-bound budget stays at level 1", fast,
-                f"levels used: {ingest.levels()}"))
+                f"levels used: {ingest.levels}"))
     return out
 
 
@@ -328,7 +330,7 @@ def render(r: Report, argv: list[str]) -> str:
         minutes = row.wire / row.plain * r.corpus_bytes / LEO_BPS / 60
         vs = f"{row.wire / row.restic:.3f}x" if row.restic else "–"
         lines.append(
-            f"| {row.label} | {row.data} | {row.levels()} | {_mib(row.plain / run.wall_s)} | "
+            f"| {row.label} | {row.data} | {row.levels} | {_mib(row.plain / run.wall_s)} | "
             f"{run.cpu_s:.1f} | {run.cpu_s / gib:.0f} | {_mib(run.rss)} | {row.wire:,} | "
             f"{row.wire / row.plain:.1%} | {vs} | {minutes:.1f} |")
     lines += ["", "What auto chose (the daemon logs the same line as `compression_level`):", ""]
@@ -369,13 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="ingest threads (default 2)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/skyferry-bench"))
     ap.add_argument("--skyferry-only", action="store_true", help="do not run restic")
-    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    add_output_options(ap)
     args = ap.parse_args(argv)
     r = run(args.workdir, parse_size(args.size), args.seed, args.subset, args.levels,
             args.workers, peers=not args.skyferry_only)
-    from benchmarks.run import publish
-
-    return publish(SECTION, render(r, argv), not args.no_write, r.verdicts)
+    write_report(r, args.report_json)
+    return publish(SECTION, render(r, argv), not args.no_write, r.verdicts, args.results)
 
 
 if __name__ == "__main__":

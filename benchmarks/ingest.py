@@ -1,6 +1,6 @@
 """Ingest and wire bytes: skyferry vs `restic backup` vs `zstd -3 -T2`, on the same corpus.
 
-Ingest: every file of the corpus (benchmarks/corpus.py) becomes sealed chunks and a manifest in
+Ingest: every file of the corpus (tests/kits/edge_corpus.py) becomes sealed chunks and a manifest in
 a fresh skyferry store (agent.ingest.pipeline at default settings, files ingested by `--workers`
 threads, in a child process so its CPU and peak RSS are measurable: benchmarks/ingest_child.py);
 `restic backup` into a fresh local repository (default compression); `zstd -3 -T2` on a tar of
@@ -18,7 +18,7 @@ Each timed command starts after a `sync`: no run pays for writing back an earlie
 
 Wire: the sealed bytes skyferry would upload (chunk and manifest files) vs restic's repository
 size vs an `rclone copy` to a `crypt` remote over a local folder; then 1 % of the files are
-edited (benchmarks.corpus.edit) and the edited corpus is ingested again, as a new source, into
+edited (tests.kits.edge_corpus.edit) and the edited corpus is ingested again, as a new source, into
 the same store / repository: the bytes added are what a re-send costs after dedup.
 
     python -m benchmarks.ingest [--size 1GiB] [--runs 3] [--workers 2] [--workdir DIR]
@@ -47,7 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.config.units import format_size, parse_size
-from benchmarks import corpus
+from benchmarks.run import add_output_options, publish, write_report
+from tests.kits import edge_corpus as corpus
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTION = "ingest"
@@ -312,7 +313,7 @@ def render(r: Report, argv: list[str]) -> str:
     lines = [
         f"## Ingest and wire bytes (`python -m benchmarks.ingest{''.join(' ' + a for a in argv)}`)",
         "",
-        f"Corpus (benchmarks/corpus.py): {r.description}. Measured "
+        f"Corpus (tests/kits/edge_corpus.py): {r.description}. Measured "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()} ({os.cpu_count()} "
         f"cores), Python {platform.python_version()}; page cache warm; median of "
         f"{len(r.tools['skyferry'].runs)} interleaved runs, each into a folder of its own (nothing "
@@ -363,13 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/skyferry-bench"))
     ap.add_argument("--keep", action="store_true", help="keep stores and repositories")
     ap.add_argument("--skyferry-only", action="store_true", help="do not run the peers")
-    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    add_output_options(ap)
     args = ap.parse_args(argv)
     r = run(args.workdir, parse_size(args.size), args.seed, args.runs, args.workers,
             args.keep, peers=not args.skyferry_only)
-    from benchmarks.run import publish
-
-    return publish(SECTION, render(r, argv), not args.no_write, r.verdicts)
+    write_report(r, args.report_json)
+    return publish(SECTION, render(r, argv), not args.no_write, r.verdicts, args.results)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,17 @@ Usage: python -m benchmarks.run [--quick] [--only NAME ...]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import io
+import json
 import sys
 import time
 from collections.abc import Iterable
 from contextlib import redirect_stdout
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -48,13 +51,46 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
 
 
 def publish(name: str, body: str, write: bool,
-            verdicts: Iterable[tuple[str, bool | None, str]]) -> int:
-    """Print a benchmark's section, write it to RESULTS.md unless told not to, and return the
-    exit code: 1 when an acceptance line misses (None: not measured, not a miss)."""
+            verdicts: Iterable[tuple[str, bool | None, str]], path: Path = RESULTS) -> int:
+    """Print a benchmark's section, write it to RESULTS.md (or `path`) unless told not to, and
+    return the exit code: 1 when an acceptance line misses (None: not measured, not a miss)."""
     print(body)
     if write:
-        write_section(name, body)
+        write_section(name, body, path)
     return 0 if all(held is not False for _, held, _ in verdicts) else 1
+
+
+def plain(obj: Any) -> Any:
+    """A report as JSON-ready data: dataclasses become dicts of their fields and properties,
+    tuples lists, anything else not JSON its str()."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        for name in dir(type(obj)):
+            if isinstance(getattr(type(obj), name), property):
+                out[name] = plain(getattr(obj, name))
+        return out
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return str(obj)
+
+
+def write_report(report: Any, path: Path | None) -> None:
+    """`--report-json PATH`: the whole report, for scripts and the smoke tests."""
+    if path is not None:
+        path.write_text(json.dumps(plain(report), indent=1, sort_keys=True) + "\n")
+
+
+def add_output_options(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes for where its figures go."""
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the results file whose section is rewritten (default: RESULTS.md)")
+    ap.add_argument("--report-json", type=Path, default=None,
+                    help="also write every figure measured to this file, as JSON")
 
 
 def run_one(name: str, quick: bool) -> int:
@@ -85,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller runs")
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
+    ap.add_argument("--list", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
+    if args.list:
+        for name in args.only or list(BENCHMARKS):
+            module, full, small = BENCHMARKS[name]
+            print(f"{name}: {' '.join(['python', '-m', module, *(small if args.quick else full)])}")
+        return 0
     failed = [n for n in (args.only or list(BENCHMARKS)) if run_one(n, args.quick) != 0]
     if failed:
         print(f"benchmarks that missed their target or failed: {', '.join(failed)}",

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zstandard
 
 from agent.backends.registry import open_backend
@@ -189,3 +190,18 @@ def run_cli(*args: str, timeout: float = 120) -> CliRun:
                                  ) from None
         return CliRun(r.returncode, r.stdout, r.stderr, int(peak.read_text()),
                       time.monotonic() - start)
+
+
+# The fixtures the restore tests share; a test module takes them with
+# `from tests.kits.restore import cloud, keys`. One key set per test module: generating keys is
+# the slow part, and no test changes them.
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def cloud(keys: Keys, tmp_path: Path) -> Cloud:
+    return Cloud(tmp_path / "cloud", keys)

@@ -12,7 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks import corpus, ingest
+from tests.kits import edge_corpus as corpus
+from tests.kits.bench import exit_code_for, load_report, run_benchmark
 
 SIZE = 4 << 20
 
@@ -45,8 +46,12 @@ def test_corpus_is_deterministic_and_has_the_mix(tmp_path: Path) -> None:
 
 def test_ingest_benchmark_smoke(tmp_path: Path) -> None:
     started = time.monotonic()
-    r = ingest.run(tmp_path, SIZE, runs=1, workers=2)
+    done = run_benchmark("ingest", "--size", "4MiB", "--runs", "1", "--workers", "2",
+                         "--workdir", tmp_path, "--no-write",
+                         "--report-json", tmp_path / "report.json", timeout=120)
     assert time.monotonic() - started < 30
+    r = load_report(tmp_path / "report.json")
+    assert done.returncode == exit_code_for(r.verdicts), done.stderr
 
     sky = r.tools["skyferry"]
     (run,) = sky.runs
@@ -72,7 +77,8 @@ def test_ingest_benchmark_smoke(tmp_path: Path) -> None:
     if shutil.which("restic"):
         assert r.wire["restic"] > 0 and r.resend["restic"] > 0
 
-    text = ingest.render(r, ["--size", "4MiB"])
+    text = done.stdout
+    assert text.startswith("## Ingest and wire bytes (`python -m benchmarks.ingest --size 4MiB ")
     assert "| skyferry |" in text and "Acceptance" in text
     for line, held, _ in r.verdicts:
         assert held is not None or "not measured" in dict(

@@ -31,7 +31,7 @@ from agent.ingest.compression_policy import (
 )
 from agent.ingest.pipeline import Compressor, IngestRequest, Pipeline, decompress
 from agent.store.store import Store
-from benchmarks import corpus
+from tests.kits import edge_corpus as corpus
 from tests.kits.windows import JumpClock, RunningDaemon, site_settings, until
 
 GB = 10**9

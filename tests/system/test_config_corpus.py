@@ -23,9 +23,9 @@ import pytest
 from agent.backends.azure import AZURITE_KEY
 from agent.cli import main as cli
 from agent.format.crypto import generate_keys
+from tests.kits.example import EXAMPLE, example_site
 from tests.kits.site import Site
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "skyferry.toml"
 BIG = "9" * 400  # the issue's 400-digit numbers
 Change = Callable[[Site], None]
 
@@ -309,21 +309,6 @@ def test_a_missing_spool_folder_with_create_passes(
     assert not (site.root / "later").exists(), "check-config must create nothing"
     assert verdict(["run", "-c", str(site.config)], capsys) == (0, [])
     assert len(no_daemon) == 1
-
-
-def example_site(root: Path) -> Path:
-    """The documented example with its absolute paths moved under `root` and its keys made."""
-    text = EXAMPLE.read_text()
-    for old, new in (("/var/lib/skyferry-cloud", root / "cloud"),
-                     ("/var/lib/skyferry", root / "state"), ("/srv/spool", root / "spool")):
-        text = text.replace(old, str(new))
-    root.mkdir(parents=True)
-    (root / "skyferry.toml").write_text(text)
-    keys = generate_keys(root / "gen", "camp-alpha")
-    shutil.copytree(keys.edge_dir, root / "keys")  # keys/... relative to the config file
-    for name in ("sensors", "camera"):
-        (root / "spool" / name).mkdir(parents=True)
-    return root / "skyferry.toml"
 
 
 def test_the_example_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from agent.format.crypto import EdgeKeys, generate_keys, load_edge_keys
 from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline
 from agent.store.store import ChunkWork, ManifestWork, Store
 from agent.uplink.uplink import read_verified
-from benchmarks.crash_trials import TrialsSummary, run_trials
+from tests.kits.bench import run_benchmark
 
 TRIALS = int(os.environ.get("SKYFERRY_CRASH_TRIALS", "20"))
 SEED = int(os.environ.get("SKYFERRY_CRASH_SEED", "20261125"))
@@ -34,18 +36,41 @@ SMALL_CHUNKS = ChunkingSettings(min_size=64 << 10, avg_size=256 << 10, max_size=
 AGING_S = 6 * 3600.0
 
 
+@dataclass(frozen=True)
+class Trials:
+    """What `python -m benchmarks.crash_trials` printed: its summary line's counts, and every
+    line (failing and hung trials are described above the summary)."""
+
+    trials: int
+    failures: int
+    both_active_trials: int
+    hung_stops: int
+    output: str
+
+
+SUMMARY = re.compile(r"crash trials: (\d+) trials, (\d+) failures, \d+ kills, (\d+) trials "
+                     r"killed while ingest and upload were both active, (\d+) trials where a "
+                     r"clean stop hung")
+
+
 @pytest.fixture(scope="module")
-def trials(tmp_path_factory: pytest.TempPathFactory) -> TrialsSummary:
-    summary = run_trials(TRIALS, tmp_path_factory.mktemp("crash"), SEED, jobs=2)
-    print(summary.line())
+def trials(tmp_path_factory: pytest.TempPathFactory) -> Trials:
+    done = run_benchmark("crash_trials", "--trials", str(TRIALS), "--seed", str(SEED),
+                         "--jobs", "2", "--workdir", tmp_path_factory.mktemp("crash"),
+                         timeout=1200)
+    print(done.stdout)
+    match = SUMMARY.search(done.stdout)
+    assert match, f"no summary line (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+    summary = Trials(*map(int, match.groups()), output=done.stdout.strip())
+    assert done.returncode == (1 if summary.failures else 0), done.stderr
     return summary
 
 
-def test_kill9_at_random_instants_loses_and_duplicates_nothing(trials: TrialsSummary) -> None:
+def test_kill9_at_random_instants_loses_and_duplicates_nothing(trials: Trials) -> None:
     assert trials.trials >= 20
     assert not trials.failures, (
-        f"{len(trials.failures)} of {trials.trials} crash trials failed "
-        f"(rerun with SKYFERRY_CRASH_SEED={SEED}):\n{trials.report()}")
+        f"{trials.failures} of {trials.trials} crash trials failed "
+        f"(rerun with SKYFERRY_CRASH_SEED={SEED}):\n{trials.output}")
     # The point is to crash while files are being ingested AND chunks uploaded; if kills keep
     # missing that overlap, the trial timing needs recalibrating, and the test says so.
     assert trials.both_active_trials >= trials.trials // 4, (
@@ -53,13 +78,13 @@ def test_kill9_at_random_instants_loses_and_duplicates_nothing(trials: TrialsSum
         "ingest and upload were both active; adjust TrialConfig.max_delay_ms or the file mix")
 
 
-def test_clean_stop_after_crashes_does_not_hang(trials: TrialsSummary) -> None:
+def test_clean_stop_after_crashes_does_not_hang(trials: Trials) -> None:
     """SIGTERM right after a (re)start must stop the daemon: systemd would SIGKILL it."""
     assert not trials.hung_stops, (
-        f"SIGTERM hung in {len(trials.hung_stops)} of {trials.trials} trials; no data was lost "
+        f"SIGTERM hung in {trials.hung_stops} of {trials.trials} trials; no data was lost "
         "(see the other test), but a task swallowed its cancellation (on Python 3.11, "
         "asyncio.wait_for does when the awaited thing finishes as the cancel arrives; "
-        "asyncio.timeout does not):\n" + trials.hung_report())
+        "asyncio.timeout does not):\n" + trials.output)
 
 
 # ---- the crash windows of the store, one by one -------------------------------------------------

@@ -19,7 +19,8 @@ from agent.ingest.pipeline import IngestRequest, Pipeline
 from agent.store import store as store_mod
 from agent.store.fsio import write_durable
 from agent.store.store import ChunkWork, ManifestWork, Store
-from benchmarks.disk_full import MiB, SmallFs, SmallFsUnavailable, TrialConfig, run
+from tests.kits.bench import load_report, run_benchmark
+from tests.kits.smallfs import MiB, SmallFs, SmallFsUnavailable
 
 CLASSES = (ClassSettings("normal", 0, "refuse"),)
 CHUNKING = ChunkingSettings(min_size=32 << 10, avg_size=64 << 10, max_size=128 << 10,
@@ -111,8 +112,12 @@ def test_disk_full_trial_smoke(tmp_path: Path) -> None:
             pass
     except SmallFsUnavailable as e:
         pytest.skip(f"no small filesystem to fill: {e}")
-    rep = run(tmp_path / "trial", TrialConfig(fs_size=24 * MiB, quiet_s=6.0))
+    done = run_benchmark("disk_full", "--size", "24MiB", "--quiet", "6",
+                         "--workdir", tmp_path / "trial", "--no-write",
+                         "--report-json", tmp_path / "report.json", timeout=290)
+    (rep,) = load_report(tmp_path / "report.json")
     assert rep.ok, "\n".join(p[:800] for p in rep.problems)
+    assert done.returncode == 0, done.stderr
     # (1) clear refusal: once, with what/where/how, the rest left in the spool
     assert 0 < rep.accepted_files < rep.dropped_files
     assert rep.refusal_warnings == 1 and rep.quiet_warnings == 0

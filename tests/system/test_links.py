@@ -247,13 +247,13 @@ def test_black_hole_stall_is_timed_out_and_the_chunks_resent(
 
 def test_upload_left_in_tcp_backoff_by_a_black_hole_is_sent_again_when_the_link_is_back(
         make_site: Callable[..., Site], tmp_path: Path) -> None:
-    """The benchmark link (benchmarks/link.py: namespace, tbf 4 Mbit/s, nftables) black-holed
+    """The benchmark link (tests/kits/netlink.py: namespace, tbf 4 Mbit/s, nftables) black-holed
     for 17 s mid-upload: no refusal, no reset, as when a satellite is lost. The upload held
     through it would wait out TCP's retransmission backoff (its next try is due ~25-30 s
     after the loss began); with nothing else to send, it is sent again on a new connection."""
-    from benchmarks.link import Link, LinkUnavailable
     from tests.kits.emulators import start_azurite
     from tests.kits.faultproxy import FaultProxy
+    from tests.kits.netlink import Link, LinkUnavailable
 
     files = {"one.bin": random.Random(5).randbytes(3 * MIB)}  # ~6 s at 4 Mbit/s
     try:

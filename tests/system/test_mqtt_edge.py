@@ -24,7 +24,7 @@ from agent.telemetry.command_auth import (
 )
 from tests.kits.mqtt import Broker, Publisher, check_sequences, free_port, read_restored_messages
 from tests.kits.site import Site, wait_for
-from tests.system.test_service import Watcher, scrape, value
+from tests.kits.telemetry import Watcher, scrape, value
 
 TOPICS = [f"seq/t{i:02d}" for i in range(10)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -21,6 +21,8 @@ from agent.format.manifest import KIND_FILE_PACK, Manifest
 from agent.ingest.pipeline import IngestRequest, PackResult, Pipeline, _MemberChanged, _PackReader
 from agent.sources.spool_scan import Candidate, plan
 from agent.store.store import ManifestWork, Store
+from tests.kits.pipeline import Env as PipeEnv  # its way of opening a manifest
+from tests.kits.pipeline import Keys
 from tests.kits.site import tree_digest
 
 SITE = "pack-site"
@@ -92,9 +94,6 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 def _manifests(env: Env) -> list[Manifest]:
-    from tests.unit.test_pipeline import Env as PipeEnv  # reuses its way of opening a manifest
-    from tests.unit.test_pipeline import Keys
-
     keys = Keys(env.pipeline.keys, env.recipient,
                 crypto.load_verify_key(env.cloud_keys / "sites" / f"{SITE}.pub"))
     pe = PipeEnv(env.store, env.pipeline, keys, env.src)

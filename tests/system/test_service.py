@@ -7,14 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import queue
-import random
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -22,17 +19,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.telemetry.command_auth import (
     generate_operator_keys,
-    load_operator_private,
-    sign_command,
 )
 from tests.kits.mqtt import Broker, free_port
 from tests.kits.site import PYTHON, Site, drop_file, render_toml, wait_for
+from tests.kits.telemetry import Watcher, scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -211,20 +205,6 @@ def test_sighup_applies_windows_and_spools_and_keeps_the_queue(
 # ---- acceptance 5: metrics move, the status page renders ---------------------------------------
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(body):  # the Prometheus text parser
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-          **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 SERIES = [
     "skyferry_queue_items", "skyferry_queue_bytes", "skyferry_oldest_queued_age_seconds",
     "skyferry_ingested_bytes_total", "skyferry_sent_bytes_total", "skyferry_resent_bytes_total",
@@ -234,67 +214,6 @@ SERIES = [
     "skyferry_errors_total", "skyferry_evictions_total", "skyferry_quota_refusals_total",
     "skyferry_quota_used_bytes", "skyferry_forecast_hit_ratio", "skyferry_gate_open",
 ]
-
-
-class Watcher:
-    """A plain MQTT client that records status and events and can send commands."""
-
-    def __init__(self, port: int, site_id: str, key: Path | None = None) -> None:
-        self.base = f"skyferry/{site_id}"
-        self.site_id = site_id
-        # Commands are signed with this operator key (the site trusts its public half).
-        self.key = None if key is None else load_operator_private(key)
-        self.status: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
-        self.events: list[tuple[float, dict[str, Any]]] = []
-        self.last_status: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"watcher-{random.randrange(1 << 30)}")
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe([(f"{self.base}/status", 1), (f"{self.base}/events", 1)])
-        self.client.loop_start()
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        data = json.loads(msg.payload)
-        with self._lock:
-            if msg.topic.endswith("/status"):
-                self.last_status = data
-                self.status.put((time.monotonic(), data))
-            else:
-                self.events.append((time.monotonic(), data))
-
-    def send(self, command: dict[str, Any] | str) -> float:
-        body = {"cmd": command} if isinstance(command, str) else command
-        assert self.key is not None, "a Watcher made without an operator key cannot send"
-        payload = sign_command(self.key, self.site_id, body)
-        self.client.publish(f"{self.base}/cmd", payload, qos=1).wait_for_publish(5)
-        return time.monotonic()
-
-    def wait_status(self, pred: Callable[[dict[str, Any]], bool], since: float,
-                    timeout: float) -> float:
-        """When a status matching pred arrived (after `since`)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                t, data = self.status.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if t >= since and pred(data):
-                return t
-        raise AssertionError(f"no matching status in {timeout}s; last {self.last_status}")
-
-    def event_names(self, obj: str | None = None) -> list[str]:
-        with self._lock:
-            return [e["event"] for _, e in self.events if obj is None or e.get("object") == obj]
-
-    def command_answers(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for _, e in self.events if e["event"] == "command"]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def mqtt_status_site(make_site: Callable[..., Site], broker: Broker, port: int,

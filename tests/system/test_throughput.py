@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.backend_throughput import TARGET, measure
 from tests.kits.emulators import Emulator
+from tests.kits.throughput import TARGET, measure
 
 
 def test_upload_fills_a_40ms_20mbit_link(moto: Emulator, tmp_path: Path) -> None:

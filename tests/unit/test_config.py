@@ -17,6 +17,7 @@ from agent.config.settings import ClassSettings, CycleWindow, DailyWindow, Inter
 from agent.daemon.preflight import check_config_main
 from agent.daemon.site_config import load_settings, validate
 from agent.errors import ConfigError
+from tests.kits.example import example_site
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "skyferry.toml"
 MIB = 1 << 20
@@ -124,9 +125,7 @@ def test_example_schedule_windows_are_valid(tmp_path: Path) -> None:
 def test_check_config_prints_ok_and_summary(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     # check-config also checks what the file points at (keys, folders): the example with its
-    # paths moved under tmp_path and its keys made (tests/system/test_config_corpus.py).
-    from tests.system.test_config_corpus import example_site
-
+    # paths moved under tmp_path and its keys made.
     example = example_site(tmp_path / "example")
     assert check_config_main(example) == 0
     out = capsys.readouterr().out.splitlines()

@@ -8,35 +8,25 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pyfastcdc import FastCDC
 
 from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
 from agent.errors import DiskFullError, SourceError
 from agent.format import crypto
-from agent.format.manifest import ChunkRef, Manifest
 from agent.ingest import pipeline as pipeline_mod
-from agent.ingest.pipeline import Compressor, IngestRequest, IngestResult, Pipeline, decompress
+from agent.ingest.pipeline import Compressor, IngestRequest, Pipeline, decompress
 from agent.store.store import ManifestWork, Store
+from tests.kits.pipeline import Env, Keys
 
 SITE = "pipe-site"
 # Small chunks keep the files small; the buffer the pipeline cuts over is 2 * max_size.
 CHUNKING = ChunkingSettings(min_size=4 << 10, avg_size=16 << 10, max_size=64 << 10)
 SEAL_OVERHEAD = crypto.HEADER_SIZE + crypto.TAG_SIZE
-
-
-@dataclass(frozen=True)
-class Keys:
-    edge: crypto.EdgeKeys
-    recipient: X25519PrivateKey
-    verify: Ed25519PublicKey
 
 
 @pytest.fixture(scope="module")
@@ -46,50 +36,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
                                  gen.edge_dir / "dedup.key")
     return Keys(edge, crypto.load_recipient_private(gen.cloud_dir / "recipient.key"),
                 crypto.load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub"))
-
-
-@dataclass
-class Env:
-    store: Store
-    pipeline: Pipeline
-    keys: Keys
-    src: Path
-
-    def write(self, name: str, data: bytes) -> Path:
-        path = self.src / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return path
-
-    def ingest(self, name: str, data: bytes | None = None, priority: str = "normal",
-               **meta: str) -> IngestResult:
-        path = self.write(name, data) if data is not None else self.src / name
-        return self.pipeline.ingest_file(IngestRequest(path, "files", name, priority, meta))
-
-    def manifest(self, object_id: str) -> Manifest:
-        """Open, verify and parse a queued manifest the way restore does."""
-        blob = self.store.manifest_path(object_id).read_bytes()
-        header, payload = crypto.open_sealed(blob, self.keys.recipient)
-        assert header.kind == crypto.KIND_MANIFEST
-        signed = decompress(header.compression, payload, header.plaintext_len)
-        assert len(signed) == header.plaintext_len
-        return Manifest.from_json(crypto.verify_manifest(signed, self.keys.verify))
-
-    def chunk(self, ref: ChunkRef) -> bytes:
-        blob = self.store.chunk_path(ref.id).read_bytes()
-        header, payload = crypto.open_sealed(blob, self.keys.recipient)
-        assert header.kind == crypto.KIND_CHUNK
-        data = decompress(header.compression, payload, header.plaintext_len)
-        assert len(data) == header.plaintext_len == ref.length
-        assert crypto.content_hash(data) == ref.hash
-        assert crypto.chunk_id(self.keys.edge.dedup_key, data) == ref.id
-        return data
-
-    def restore(self, object_id: str) -> bytes:
-        m = self.manifest(object_id)
-        data = b"".join(self.chunk(ref) for ref in m.chunks)
-        assert blake3.blake3(data).hexdigest() == m.hash
-        return data
 
 
 @pytest.fixture

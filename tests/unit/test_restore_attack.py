@@ -15,21 +15,16 @@ import pytest
 
 from agent.format import crypto
 from agent.uplink import tips
-from tests.kits.restore import SITE, Cloud, Keys, Published, make_keys, run_cli
+from tests.kits import restore
+from tests.kits.restore import SITE, Cloud, Published, run_cli
+
+# Fixtures shared by the restore tests (tests/kits/restore.py).
+keys = restore.keys
+cloud = restore.cloud
 
 MIB = 1 << 20
 RSS_LIMIT = 256 * MIB
 STREAM = "ab" * 16
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture
-def cloud(keys: Keys, tmp_path: Path) -> Cloud:
-    return Cloud(tmp_path / "cloud", keys)
 
 
 def cli(cloud: Cloud, verb: str, out: Path | None = None) -> object:

@@ -17,19 +17,14 @@ from agent.cloud.restore_io import MAX_CHUNK_PLAINTEXT
 from agent.errors import UnsafePathError
 from agent.format import layout
 from agent.format.manifest import KIND_MQTT_BATCH, NAME_MAX, validate_name
-from tests.kits.restore import SITE, Cloud, Keys, make_keys, run_cli
+from tests.kits import restore
+from tests.kits.restore import SITE, Cloud, run_cli
+
+# Fixtures shared by the restore tests (tests/kits/restore.py).
+keys = restore.keys
+cloud = restore.cloud
 
 FILES = Path(SITE) / "files"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture
-def cloud(keys: Keys, tmp_path: Path) -> Cloud:
-    return Cloud(tmp_path / "cloud", keys)
 
 
 def files_below(root: Path) -> dict[str, bytes]:

@@ -39,7 +39,11 @@ from agent.errors import RestoreError
 from agent.format import layout
 from agent.format.manifest import KIND_FILE, KIND_MQTT_BATCH
 from agent.uplink import tips
-from tests.kits.restore import SITE, Cloud, Keys, Published, make_keys
+from tests.kits import restore
+from tests.kits.restore import SITE, Cloud, Keys, Published
+
+# Fixtures shared by the restore tests (tests/kits/restore.py).
+keys = restore.keys
 
 settings.register_profile("ci", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -279,11 +283,6 @@ def in_conflict(wanted: list[Wanted]) -> bool:
 def named(rep: RestoreReport, x: Wanted) -> bool:
     label = f"{SITE}/{x.file.source}/{x.file.name} (object {x.object_id}"
     return any(p.what.startswith(label) for p in rep.problems)
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def build(keys: Keys, root: Path, objs: list[ObjSpec], dmg: list[Damage],
