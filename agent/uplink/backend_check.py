@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from agent.backends.protocol import Backend
@@ -42,10 +43,10 @@ class BackendView:
     checked_at: float | None  # wall-clock time of the last check (None: not yet)
 
     def to_json(self) -> dict[str, Any]:
-        from agent.telemetry.snapshot import iso
-
+        checked = self.checked_at
         return {"state": self.state, "reason": self.reason,
-                "checked_at": None if self.checked_at is None else iso(self.checked_at)}
+                "checked_at": None if checked is None
+                else datetime.fromtimestamp(checked, UTC).isoformat(timespec="seconds")}
 
 
 class BackendHealth:
