@@ -26,8 +26,8 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from agent.config.units import format_duration, format_size
 from agent.host.blocking import Serve
-from agent.obs.logs import Throttled
-from agent.telemetry.snapshot import Snapshot, WindowView, iso
+from agent.obs.logs import Throttled, iso
+from agent.telemetry.snapshot import Snapshot, WindowView
 
 REFRESH_S = 5
 HTTP_MAX_CONNECTIONS = 16

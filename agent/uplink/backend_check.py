@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from agent.backends.core import Backend
 from agent.errors import BackendError, PermanentBackendError
-from agent.obs.logs import log_event
+from agent.obs.logs import iso, log_event
 from agent.obs.metrics import Metrics
 from agent.uplink.gate import Clock, Gate
 
@@ -42,8 +42,6 @@ class BackendView:
     checked_at: float | None  # wall-clock time of the last check (None: not yet)
 
     def to_json(self) -> dict[str, Any]:
-        from agent.telemetry.snapshot import iso
-
         return {"state": self.state, "reason": self.reason,
                 "checked_at": None if self.checked_at is None else iso(self.checked_at)}
 
