@@ -29,7 +29,7 @@ from agent.daemon.tasks import TaskSet
 from agent.daemon.window_runtime import WindowRuntime
 from agent.format.crypto import load_edge_keys
 from agent.host.blocking import Executors
-from agent.ingest.pipeline import BatchRequest, IngestRequest, IngestResult, PackResult, Pipeline
+from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.sources import spool_lease
@@ -123,15 +123,9 @@ class Daemon:
             run_blocking=self.run_blocking, count_evictions=self.intake.count_evictions,
             retune=retune)
 
-    # The sources' entry points (tests and benchmarks ingest through the daemon).
     async def ingest(self, req: IngestRequest) -> IngestResult:
+        """One file, as `skyferry put` sends it (in-process harnesses ingest through this)."""
         return await self.intake.ingest(req)
-
-    async def ingest_pack(self, reqs: list[IngestRequest]) -> PackResult:
-        return await self.intake.ingest_pack(reqs)
-
-    async def ingest_batch(self, req: BatchRequest) -> IngestResult:
-        return await self.intake.ingest_batch(req)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
