@@ -50,6 +50,11 @@ def _json_escape(m: re.Match[str]) -> str:
     return f"\\u{c:04x}"  # a JSON escape: the value is unchanged, the line stays printable
 
 
+def iso(t: float) -> str:
+    """A timestamp as operators read it in the status, MQTT answers and the backend check."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
 def safe_text(value: object) -> str:
     """`value` as one line of printable text: control characters and undecodable bytes are
     shown as backslash escapes."""

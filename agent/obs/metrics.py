@@ -6,8 +6,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class Metrics:
+    """Every series the daemon exports, declared in groups by who sets them."""
+
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._declare_flow(self.registry)
+        self._declare_service_view(self.registry)
+        self._declare_mqtt(self.registry)
+        self._declare_windows(self.registry)
+
+    def _declare_flow(self, r: CollectorRegistry) -> None:
+        """Counted as data moves: ingest, store, uplink, gate, compression."""
         self.ingested_bytes = Counter("skyferry_ingested_bytes", "Plaintext bytes accepted",
                                       ["class"], registry=r)
         self.ingested_objects = Counter("skyferry_ingested_objects", "Objects accepted",
@@ -46,7 +55,9 @@ class Metrics:
             "1 while zstd long-distance matching is on", registry=r)
         self.quota_used = Gauge("skyferry_quota_used_bytes", "Bytes used in state_dir",
                                 registry=r)
-        # ---- service view (issue 5): set from telemetry snapshots every second ----
+
+    def _declare_service_view(self, r: CollectorRegistry) -> None:
+        """Set from telemetry snapshots every second, and operator commands."""
         self.quota_limit = Gauge("skyferry_quota_limit_bytes",
                                  "Configured state_dir quota (0: none)", registry=r)
         self.queue_items = Gauge("skyferry_queue_items", "Objects by class and state",
@@ -86,6 +97,9 @@ class Metrics:
         self.commands_refused = Counter("skyferry_commands_refused",
                                         "Commands over MQTT refused (unsigned, bad signature, "
                                         "stale, replay...)", ["reason"], registry=r)
+
+    def _declare_mqtt(self, r: CollectorRegistry) -> None:
+        """The MQTT source (agent/sources/mqtt.py)."""
         self.mqtt_refused = Counter("skyferry_mqtt_refused",
                                     "MQTT messages refused (larger than max_message_size)",
                                     ["reason"], registry=r)
@@ -103,7 +117,9 @@ class Metrics:
                                   registry=r)
         self.mqtt_pending = Gauge("skyferry_mqtt_pending_messages",
                                   "MQTT messages received and not yet durable", registry=r)
-        # ---- windows (issue 4): set by agent/windows/tle.py ----
+
+    def _declare_windows(self, r: CollectorRegistry) -> None:
+        """Set by agent/windows/tle.py."""
         self.tle_age_days = Gauge("skyferry_tle_age_days",
                                   "Age of the oldest orbital elements in use", registry=r)
         self.tle_stale = Gauge("skyferry_tle_stale_satellites",

@@ -27,9 +27,9 @@ from agent.broker.paho_adapter import fix_write_watch
 from agent.broker.reconnect import keep_connected
 from agent.config.settings import MqttSettings
 from agent.obs.events import EventTap
-from agent.obs.logs import log_event
+from agent.obs.logs import iso, log_event
 from agent.telemetry.commands import Commands
-from agent.telemetry.snapshot import Snapshot, iso
+from agent.telemetry.snapshot import Snapshot
 
 log = logging.getLogger("skyferry.mqtt.status")
 _EVENT_BACKLOG = 10_000

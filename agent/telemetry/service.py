@@ -1,6 +1,9 @@
 """What an operator sees from far away, in one object the daemon wires in: the service
 manager (sd_notify), the metrics port and status page, MQTT status and commands, and the
 snapshot they all read.
+
+Telemetry sits beside the sources, not above them: what it shows of the MQTT source comes in
+through `MqttIngestView`, a callable the daemon hands over, so this room never imports sources.
 """
 
 from __future__ import annotations
@@ -11,14 +14,13 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config.settings import Settings
-from agent.host.blocking import RunBlocking
+from agent.host.blocking import Blocking
 from agent.obs.events import EventTap
 from agent.obs.logs import attach_tap, detach_tap, log_event
 from agent.obs.metrics import Metrics
-from agent.sources.mqtt import MqttSource
 from agent.store.store import Store
 from agent.telemetry.command_auth import verifier_for
 from agent.telemetry.commands import Commands
@@ -42,26 +44,43 @@ SAVINGS_EVERY = 10  # snapshots between the (heavier) compression/dedup sums
 STATUS_EVERY_S = 5.0  # sd_notify STATUS refresh
 
 
+class MqttIngestView(Protocol):
+    """What the status shows of the MQTT source (agent/sources/mqtt.py)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+
 class ServiceTelemetry:
     def __init__(self, settings: Settings, *, store: Store, gate: Gate,
-                 wake_uplink: Callable[[], None], run_blocking: RunBlocking, metrics: Metrics,
-                 notifier: Notifier, environ: Mapping[str, str], clock: Clock) -> None:
+                 wake_uplink: Callable[[], None], blocking: Blocking, metrics: Metrics,
+                 notifier: Notifier, environ: Mapping[str, str], clock: Clock,
+                 backend_health: BackendHealth | None = None,
+                 mqtt_ingest: Callable[[], MqttIngestView | None] = lambda: None) -> None:
         self.settings = settings
         self.store = store
         self.gate = gate
-        self.run_blocking = run_blocking
+        self.blocking = blocking
+        self.run_blocking = blocking.run
         self.metrics = metrics
         self.notifier = notifier
         self.clock = clock
         self.environ = environ
-        self.mqtt_source: MqttSource | None = None  # set by the daemon (and on reload)
-        self.backend_health: BackendHealth | None = None  # set by the daemon
+        # A callable: the daemon replaces the MQTT source on reload.
+        self.mqtt_ingest = mqtt_ingest
+        self.backend_health = backend_health
         self.snapshot: Snapshot | None = None
         self.server: StatusServer | None = None
         self.tap = EventTap()
         attach_tap(self.tap)
         mqtt = settings.mqtt
-        self.commands = Commands(gate, store, wake_uplink, run_blocking, metrics,
+        self.commands = Commands(gate, store, wake_uplink, blocking.run, metrics,
                                  enabled=mqtt is not None and mqtt.status.commands)
         self.commands.verifier = verifier_for(settings)
         self.mqtt_status: MqttStatus | None = None
@@ -104,7 +123,7 @@ class ServiceTelemetry:
                       f"{e.strerror}; set [telemetry] metrics_listen to a free port",
                       listen=f"{listen[0]}:{listen[1]}")
             return
-        self.server.start()
+        self.server.start(self.blocking.serve)
         log_event(log, logging.INFO, "metrics_listening",
                   f"metrics on http://{listen[0]}:{self.server.port}/metrics, status page at /",
                   listen=f"{listen[0]}:{self.server.port}")
@@ -141,9 +160,11 @@ class ServiceTelemetry:
         if self.mqtt_status is not None:
             await self.mqtt_status.stop()
 
-    def close(self) -> None:
+    def stop_server(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+    def close(self) -> None:
         detach_tap(self.tap)
         self.notifier.close()
 
@@ -156,7 +177,7 @@ class ServiceTelemetry:
         state = self.gate.state()
         mqtt = None
         if self.settings.mqtt is not None:
-            src = self.mqtt_source
+            src = self.mqtt_ingest()
             mqtt = {"ingest": src is not None, "connected": bool(src and src.connected),
                     "pending": src.pending if src else 0,
                     "last_error": src.last_error if src else None,
@@ -187,9 +208,9 @@ class ServiceTelemetry:
         if snap is None:
             return {"pid": os.getpid(), "starting": True}
         now = self.clock()
-        # A thread of its own, not the daemon's I/O pool: the answer must not wait behind
-        # ingests (the store is read concurrently with them).
-        classes = await asyncio.to_thread(collect_store, self.store, now)
+        # Not the I/O pool: the answer must not wait behind ingests (the store is read
+        # concurrently with them).
+        classes = await self.blocking.answer(collect_store, self.store, now)
         state = self.gate.state()
         live = dataclasses.replace(
             snap, time=now, classes=classes, gate_open=state.open, paused=state.paused,

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from agent.config.units import format_duration, format_size
+from agent.obs.logs import iso
 from agent.obs.metrics import Metrics
 from agent.store.store import Store
 from agent.uplink.gate import Gate
@@ -99,10 +99,6 @@ class Snapshot:
         data["time_iso"] = iso(self.time)
         data["next_change_iso"] = None if self.next_change is None else iso(self.next_change)
         return data
-
-
-def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def collect_store(store: Store, now: float) -> tuple[ClassView, ...]:

@@ -25,8 +25,9 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from agent.config.units import format_duration, format_size
-from agent.obs.logs import Throttled
-from agent.telemetry.snapshot import Snapshot, WindowView, iso
+from agent.host.blocking import Serve
+from agent.obs.logs import Throttled, iso
+from agent.telemetry.snapshot import Snapshot, WindowView
 
 REFRESH_S = 5
 HTTP_MAX_CONNECTIONS = 16
@@ -121,7 +122,7 @@ class _V6Server(_BoundedServer):
 
 
 class StatusServer:
-    """Serves /metrics, / and /status.json on one port in a background thread."""
+    """Serves /metrics, / and /status.json on one port, from a thread the daemon gives it."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
         self.snapshot: Snapshot | None = None
@@ -129,11 +130,9 @@ class StatusServer:
         server_class = _V6Server if ":" in host else _BoundedServer
         self._server = make_server(host, port, self._app, server_class, handler_class=_QuietHandler)
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="skyferry-http",
-                                        daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, serve: Serve) -> None:
+        serve("skyferry-http", self._server.serve_forever)
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -213,6 +212,32 @@ def render_page(snap: Snapshot | None) -> str:
             f"<style>{_CSS}</style></head><body>")
     if snap is None:
         return head + "<h1>skyferry</h1><p>starting…</p></body></html>"
+    rows = "".join(
+        f"<tr><td>{_e(c.name)}</td><td>{c.queued_items}</td><td>{format_size(c.queued_bytes)}</td>"
+        f"<td>{_age(c.oldest_queued_age_s)}</td><td>{c.committed_items}</td></tr>"
+        for c in snap.classes)
+    table = ("<table><tr><th>class</th><th>queued</th><th>bytes</th><th>oldest</th>"
+             f"<th>delivered</th></tr>{rows}</table>")
+    upcoming = "".join(f"<li>{_e(_window_text(w))}</li>" for w in snap.timeline[:6])
+    problems = "".join(
+        f'<li><span class="{"bad" if p.get("level") == "error" else "warn"}">{_e(p.get("ts"))}'
+        f" {_e(p.get('event'))}</span>: {_e(p.get('msg'))}</li>"
+        for p in reversed(snap.problems)) or '<li class="muted">none</li>'
+    return (
+        head
+        + f"<h1>skyferry · {_e(snap.site)}</h1>"
+        + f'<div class="muted">as of {iso(snap.time)} UTC · refreshes every {REFRESH_S}s · '
+        + '<a href="/metrics">metrics</a> · <a href="/status.json">json</a></div>'
+        + "<h2>Now</h2>" + _cards(snap)
+        + "<h2>Queue by class</h2>" + table
+        + "<h2>Windows, next 24 h</h2>" + _timeline(snap)
+        + f"<ul>{upcoming or '<li class=muted>none</li>'}</ul>"
+        + f"<h2>Last problems</h2><ul>{problems}</ul></body></html>"
+    )
+
+
+def _cards(snap: Snapshot) -> str:
+    """The "Now" row: queue, gate and window, link, disk, and MQTT when configured."""
     gate_cls = "ok" if snap.gate_open else ("warn" if snap.paused else "muted")
     nxt = snap.seconds_to_next()
     if snap.window is not None:
@@ -233,7 +258,7 @@ def render_page(snap: Snapshot | None) -> str:
                      f"{'connected' if up else 'disconnected'}</b>{detail}</div>")
     quota = (f"{format_size(snap.quota_used)} of {format_size(snap.quota_limit)}"
              if snap.quota_limit else f"{format_size(snap.quota_used)} (no quota)")
-    cards = (
+    return (
         f'<div class="cards">'
         f'<div class="card">Queue<b>{snap.queued_items} objects</b>'
         f"{format_size(snap.queued_bytes)}</div>"
@@ -243,26 +268,4 @@ def render_page(snap: Snapshot | None) -> str:
         f"{'up' if snap.link_up else 'down'}</b>"
         f"{format_size(int(snap.throughput_bps))}/s sent</div>"
         f'<div class="card">Disk<b>{_e(quota)}</b>state_dir</div>{mqtt_card}</div>'
-    )
-    rows = "".join(
-        f"<tr><td>{_e(c.name)}</td><td>{c.queued_items}</td><td>{format_size(c.queued_bytes)}</td>"
-        f"<td>{_age(c.oldest_queued_age_s)}</td><td>{c.committed_items}</td></tr>"
-        for c in snap.classes)
-    table = ("<table><tr><th>class</th><th>queued</th><th>bytes</th><th>oldest</th>"
-             f"<th>delivered</th></tr>{rows}</table>")
-    upcoming = "".join(f"<li>{_e(_window_text(w))}</li>" for w in snap.timeline[:6])
-    problems = "".join(
-        f'<li><span class="{"bad" if p.get("level") == "error" else "warn"}">{_e(p.get("ts"))}'
-        f" {_e(p.get('event'))}</span>: {_e(p.get('msg'))}</li>"
-        for p in reversed(snap.problems)) or '<li class="muted">none</li>'
-    return (
-        head
-        + f"<h1>skyferry · {_e(snap.site)}</h1>"
-        + f'<div class="muted">as of {iso(snap.time)} UTC · refreshes every {REFRESH_S}s · '
-        + '<a href="/metrics">metrics</a> · <a href="/status.json">json</a></div>'
-        + "<h2>Now</h2>" + cards
-        + "<h2>Queue by class</h2>" + table
-        + "<h2>Windows, next 24 h</h2>" + _timeline(snap)
-        + f"<ul>{upcoming or '<li class=muted>none</li>'}</ul>"
-        + f"<h2>Last problems</h2><ul>{problems}</ul></body></html>"
     )

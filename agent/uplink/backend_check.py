@@ -21,12 +21,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from agent.backends.protocol import Backend
 from agent.errors import BackendError, PermanentBackendError
-from agent.obs.logs import log_event
+from agent.obs.logs import iso, log_event
 from agent.obs.metrics import Metrics
 from agent.uplink.gate import Clock, Gate
 
@@ -43,10 +42,8 @@ class BackendView:
     checked_at: float | None  # wall-clock time of the last check (None: not yet)
 
     def to_json(self) -> dict[str, Any]:
-        checked = self.checked_at
         return {"state": self.state, "reason": self.reason,
-                "checked_at": None if checked is None
-                else datetime.fromtimestamp(checked, UTC).isoformat(timespec="seconds")}
+                "checked_at": None if self.checked_at is None else iso(self.checked_at)}
 
 
 class BackendHealth:

@@ -66,7 +66,7 @@ def test_unit_has_what_the_service_needs() -> None:
         assert f"\n{line}\n" in text, line
     watchdog = int(re.search(r"\nWatchdogSec=(\d+)\n", text)[1])  # type: ignore[index]
     stop = int(re.search(r"\nTimeoutStopSec=(\d+)\n", text)[1])  # type: ignore[index]
-    from agent.daemon.wiring import MQTT_DRAIN_S
+    from agent.daemon.source_set import MQTT_DRAIN_S
 
     assert watchdog >= 10 and stop > MQTT_DRAIN_S + 10
 
