@@ -13,7 +13,7 @@ closed, and a request is never retried for minutes out of sight inside the libra
 
 obstore does not show its connections, so `Backend.connections` asks the kernel (Linux /proc)
 about this process's TCP connections to the service: whether one waits out TCP's
-retransmission backoff after a silent outage (agent/uplink/uplink.py acts on that).
+retransmission backoff after a silent outage (agent/uplink/link_watch.py acts on that).
 """
 
 from __future__ import annotations

@@ -37,13 +37,13 @@ from agent.config.settings import (
 from agent.errors import RestoreError
 from agent.format import crypto, layout
 from agent.format.manifest import Manifest, uuid7
+from agent.format.tips import Tip, coarsen, open_tip, parse_tip_key
 from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline, decompress
 from agent.obs.metrics import Metrics
 from agent.store import schema
 from agent.store.store import Store
 from agent.uplink import tips
 from agent.uplink.gate import Gate
-from agent.uplink.tips import Tip, coarsen, open_tip, parse_tip_key
 from agent.uplink.uplink import Uplink
 from agent.windows.schedule import Schedule
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.format import crypto
-from agent.uplink import tips
+from agent.format import crypto, tips
 from tests.kits.restore import SITE, Cloud, Keys, Published, make_keys, run_cli
 
 MIB = 1 << 20
