@@ -59,8 +59,8 @@ class LinkWatch:
         rtt = self.admission.rtt()
         if rtt is not None and rtt >= LONG_PATH_S:
             # A lone stream leaves the link idle between two chunks for several round trips
-            # (the answer, the read-back, the index, the next claim): ~10 % of the time at
-            # 15 Mbit/s and 40 ms (benchmarks/link.py). A second stream keeps the link busy.
+            # (the answer, the read-back, the index, the next claim), a share of the link's
+            # time that grows with the path's delay. A second stream keeps the link busy.
             wanted = max(wanted, min(2, self.max_streams))
         # Uploads kept open through a lost link do not hold back fresh ones once it is back.
         return wanted + self.riding
