@@ -65,8 +65,10 @@ from agent.format.crypto import generate_keys, load_edge_keys
 from agent.ingest.pipeline import IngestRequest, Pipeline
 from agent.sources.spool_report import REFUSED_BACKOFF_MAX_S
 from agent.sources.spool_scan import scan
-from agent.store import store as store_mod
-from agent.store.store import DISK_HEADROOM_BYTES, SPARE_BYTES, Store
+from agent.store import room
+from agent.store.records import StagedObject
+from agent.store.room import DISK_HEADROOM_BYTES, SPARE_BYTES
+from agent.store.store import Store
 from benchmarks.run import add_output_options, write_report, write_section
 from tests.kits.site import Site, drop_file, tree_digest
 from tests.kits.smallfs import SmallFs, SmallFsUnavailable
@@ -669,12 +671,12 @@ class DiskFullTrial:
 @contextlib.contextmanager
 def _no_commit_room_check() -> Iterator[None]:
     """Let a commit reach SQLite on a full disk (the store normally refuses just before)."""
-    saved = store_mod._COMMIT_ROOM_BYTES
-    store_mod._COMMIT_ROOM_BYTES = 0
+    saved = room.COMMIT_ROOM_BYTES
+    room.COMMIT_ROOM_BYTES = 0
     try:
         yield
     finally:
-        store_mod._COMMIT_ROOM_BYTES = saved
+        room.COMMIT_ROOM_BYTES = saved
 
 
 def commit_trial(root: Path, fs_kind: str = "auto") -> tuple[str, list[str]]:
@@ -703,12 +705,12 @@ def commit_trial(root: Path, fs_kind: str = "auto") -> tuple[str, list[str]]:
         victim.write_bytes(rng.randbytes(4 * MiB))  # ~30 chunks: a commit of several pages
         used_before = store.used_bytes
         # The commit must grow the WAL: empty it first, then let another program take the rest.
-        store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store._index.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         ballast = Ballast(fs.mountpoint / "ballast.bin")
         real_commit = store.commit_object
         seen: dict[str, Any] = {}
 
-        def commit_on_full_disk(staged: store_mod.StagedObject) -> None:
+        def commit_on_full_disk(staged: StagedObject) -> None:
             for cid in staged.new_chunks:  # so the disk runs out in SQLite, not in a mkdir
                 store.chunk_path(cid).parent.mkdir(exist_ok=True)
             ballast.fill()
@@ -728,11 +730,11 @@ def commit_trial(root: Path, fs_kind: str = "auto") -> tuple[str, list[str]]:
         cause = raised.__cause__ if raised is not None else None
         if raised is not None and not isinstance(cause, sqlite3.OperationalError):
             problems.append(f"the refusal did not come from SQLite: {cause!r}")
-        if store._db.in_transaction:
+        if store._index.db.in_transaction:
             problems.append("the connection was left inside a transaction")
         if store.used_bytes != used_before:
             problems.append(f"used bytes moved from {used_before} to {store.used_bytes}")
-        rows = store._db.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+        rows = store._index.db.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
         if rows != 1:
             problems.append(f"{rows} objects in the index after the failed commit, expected 1")
         if any((store.staging_dir).iterdir()):
@@ -742,7 +744,8 @@ def commit_trial(root: Path, fs_kind: str = "auto") -> tuple[str, list[str]]:
         ballast.release()
         # The same Store, same connection: space is back, the same ingest now succeeds.
         result = pipeline.ingest_file(IngestRequest(victim, "t", "victim.bin", "normal"))
-        rows = store._db.execute("SELECT COUNT(*) FROM objects WHERE state='queued'").fetchone()[0]
+        rows = store._index.db.execute(
+            "SELECT COUNT(*) FROM objects WHERE state='queued'").fetchone()[0]
         if rows != 2:
             problems.append(f"{rows} queued objects after space returned, expected 2")
         store.close()

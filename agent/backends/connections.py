@@ -1,7 +1,7 @@
 """This process's TCP connections to a service, as the Linux kernel sees them.
 
 obstore does not show its connections, so `Backend.connections` asks /proc: whether one waits
-out TCP's retransmission backoff after a silent outage (agent/uplink/uplink.py acts on that).
+out TCP's retransmission backoff after a silent outage (agent/uplink/link_watch.py acts on that).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The cloud side's check of each site's history (docs/FORMAT.md, "History checks").
 
 Version 2 manifests are numbered: `seq` 1, 2, 3, ... within a `stream` (agent/store/seqbook.py), and
-the site's tips (agent/uplink/tips.py) say how far the numbering went and which seqs are still
+the site's tips (agent/format/tips.py) say how far the numbering went and which seqs are still
 queued
 at the site or void. From these, `verify` and `restore` name what the bucket lost or had put
 back: gaps (`camp-alpha: manifests 1041–1043 missing`), replays (one seq on two manifests, a
@@ -35,7 +35,7 @@ from agent.backends.protocol import Backend
 from agent.backends.retry import retrying
 from agent.errors import BackendError, CryptoError, FormatError, KeyFileError, RestoreError
 from agent.format.manifest import KIND_MQTT_BATCH, Manifest
-from agent.uplink.tips import MAX_TIP_BYTES, Tip, open_tip, parse_tip_key, tips_prefix
+from agent.format.tips import MAX_TIP_BYTES, Tip, open_tip, parse_tip_key, tips_prefix
 
 Finding = tuple[str, str]  # (what, why): a problem line of the report
 MAX_GAP_LINES = 100  # per stream, gaps (and repeated seqs) named one by one; then a sum

@@ -7,7 +7,7 @@ durably before its manifest is signed; if the ingest then never commits (source 
 full, shutdown, crash) or the object is dropped before upload (quota, ttl, damage), the seq is
 *void*: the site's tip object says so, and the cloud never reports it as a gap.
 
-Functions here take the store's connection inside its transaction (agent/store/store.py calls them);
+Functions here take the store's connection inside its transaction (the store's parts call them);
 nothing here opens files.
 """
 

@@ -240,8 +240,7 @@ class Admission:
         chunk = self._avg_chunk or DEFAULT_CHUNK
         # Between two chunks a stream idles for about PER_CHUNK_RTTS round trips: the answer
         # to its PUT, the next request's first bytes, and claiming and reading the next chunk
-        # (~100-130 ms at 40 ms in benchmarks/link.py; the read-back runs beside the next
-        # chunk). Tolerated up to a tenth of a chunk.
+        # (the read-back runs beside the next chunk). Tolerated up to a tenth of a chunk.
         idle_s = PER_CHUNK_RTTS * rtt
         in_flight = max(0, math.ceil(idle_s * rate / chunk - 0.1))
         return max(1, min(self.max_streams, 1 + in_flight))

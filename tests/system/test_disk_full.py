@@ -16,7 +16,7 @@ from agent.config.settings import ChunkingSettings, ClassSettings, CompressionSe
 from agent.errors import DiskFullError, QuotaExceededError
 from agent.format import crypto
 from agent.ingest.pipeline import IngestRequest, Pipeline
-from agent.store import store as store_mod
+from agent.store import room as store_mod
 from agent.store.fsio import write_durable
 from agent.store.store import ChunkWork, ManifestWork, Store
 from tests.kits.bench import load_report, run_benchmark

@@ -37,13 +37,13 @@ from agent.config.settings import (
 from agent.errors import RestoreError
 from agent.format import crypto, layout
 from agent.format.manifest import Manifest, uuid7
+from agent.format.tips import Tip, coarsen, open_tip, parse_tip_key
 from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline, decompress
 from agent.obs.metrics import Metrics
-from agent.store import store as store_mod
+from agent.store import schema
 from agent.store.store import Store
 from agent.uplink import tips
 from agent.uplink.gate import Gate
-from agent.uplink.tips import Tip, coarsen, open_tip, parse_tip_key
 from agent.uplink.uplink import Uplink
 from agent.windows.schedule import Schedule
 
@@ -372,7 +372,7 @@ def test_a_schema_1_store_is_migrated_and_numbers_from_1(tmp_path: Path) -> None
     state = tmp_path / "state"
     state.mkdir()
     db = sqlite3.connect(state / "index.sqlite")
-    db.executescript(store_mod._SCHEMA)  # what schema 1 created; it has not changed
+    db.executescript(schema.SCHEMA)  # what schema 1 created; it has not changed
     db.execute("INSERT INTO meta VALUES ('schema', '1')")
     db.execute("INSERT INTO objects (id, source, class, rank, size, manifest_bytes, created, "
                "state, chunks_left) VALUES ('old', 'files', 'normal', 2, 1, 1, 0, 'committed', "

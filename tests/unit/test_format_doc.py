@@ -385,7 +385,7 @@ def test_a_version_2_manifest_has_the_documented_fields() -> None:
 
 
 def test_independent_reader_opens_a_tip(reader: DocReader, recipient: X25519PrivateKey) -> None:
-    from agent.uplink.tips import Tip, seal_tip, tip_key
+    from agent.format.tips import Tip, seal_tip, tip_key
 
     signer = Ed25519PrivateKey.generate()
     edge = crypto.EdgeKeys(recipient.public_key(), signer, bytes(32))

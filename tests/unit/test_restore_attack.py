@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.format import crypto
-from agent.uplink import tips
+from agent.format import crypto, tips
 from tests.kits import restore
 from tests.kits.restore import SITE, Cloud, Published, run_cli
 

@@ -50,7 +50,7 @@ async def test_transient_errors_are_retried_counted_by_kind_and_wait_for_the_gat
             raise TransientBackendError("slow", "timeout")
         return "stored"
 
-    assert await uplink._with_retries(flaky) == "stored"
+    assert await uplink.attempts.with_retries(flaky) == "stored"
     assert [a[0] for a in attempts] == [1, 2, 3, 4]
     assert all(is_open for _, is_open, _ in attempts), "no attempt while the gate is closed"
     assert attempts[2][2] - attempts[1][2] >= 0.5, "the retry waited for the gate to reopen"
@@ -69,6 +69,6 @@ async def test_permanent_errors_are_not_retried() -> None:
         raise PermanentBackendError("403", "auth")
 
     with pytest.raises(PermanentBackendError):
-        await uplink._with_retries(refused)
+        await uplink.attempts.with_retries(refused)
     assert calls == 1
     assert errors(metrics) == {"backend_auth": 1}
