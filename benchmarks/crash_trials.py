@@ -45,7 +45,7 @@ from typing import Any
 from agent.backends.core import open_backend
 from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
 from agent.format import crypto
-from agent.format.crypto import load_dedup_key, load_recipient_private
+from agent.format.keys import load_dedup_key, load_recipient_private
 from agent.sources.spool_scan import scan
 from tests.kits.site import Site, drop_file, tree_digest
 

@@ -192,7 +192,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from agent.format.crypto import generate_keys
+    from agent.format.keys import generate_keys
 
     if args.operator:
         from agent.telemetry.command_auth import generate_operator_keys
@@ -288,7 +288,7 @@ class _DirectIngest:
     """No daemon runs: write into the store ourselves; the daemon uploads it when it starts."""
 
     def __init__(self, settings: Any) -> None:
-        from agent.format.crypto import load_edge_keys
+        from agent.format.keys import load_edge_keys
         from agent.ingest.pipeline import Pipeline
         from agent.store.store import Store
 
@@ -307,7 +307,7 @@ class _DirectIngest:
 
     def put(self, fd: int, path: Path, name: str, priority: str,
             source: str) -> dict[str, Any]:
-        from agent.ingest.pipeline import IngestRequest
+        from agent.ingest.requests import IngestRequest
         from agent.sources.put_client import reader_of
 
         req = IngestRequest(path, source, name, priority, opener=reader_of(fd),
@@ -442,7 +442,7 @@ def _check_backend_folder(url: str) -> None:
 def cmd_restore(args: argparse.Namespace) -> int:
     from agent.backends.core import open_backend
     from agent.cloud.restore import Restorer, site_key_loader
-    from agent.format.crypto import load_recipient_private
+    from agent.format.keys import load_recipient_private
     from agent.host.memory import fix_malloc_thresholds
 
     if not 1 <= args.parallel <= MAX_PARALLEL:

@@ -19,9 +19,10 @@ from agent.config.settings import Settings, SpoolSettings
 from agent.daemon.reload import plan_reload
 from agent.daemon.window_runtime import WindowRuntime
 from agent.errors import DiskFullError, QuotaExceededError, SkyferryError
-from agent.format.crypto import load_edge_keys
+from agent.format.keys import load_edge_keys
 from agent.ingest.compression_policy import HORIZON_S, RETUNE_EVERY_S, AutoLevel
-from agent.ingest.pipeline import BatchRequest, IngestRequest, IngestResult, PackResult, Pipeline
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import BatchRequest, IngestRequest, IngestResult, PackResult
 from agent.obs.logs import log_event, set_log_level
 from agent.obs.metrics import Metrics
 from agent.sources import spool_lease

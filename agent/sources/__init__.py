@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from agent.ingest.pipeline import IngestRequest, IngestResult, PackResult
+from agent.ingest.requests import IngestRequest, IngestResult, PackResult
 
 Ingest = Callable[[IngestRequest], Awaitable[IngestResult]]
 IngestPack = Callable[[list[IngestRequest]], Awaitable[PackResult]]

@@ -158,7 +158,7 @@ def seal_tip(tip: Tip, keys: EdgeKeys) -> bytes:
 def open_tip(key: str, blob: bytes, recipient: X25519PrivateKey,
              site_key: Ed25519PublicKey) -> Tip:
     """Decrypt, bound, check the signature and parse; the tip must be the one its key names."""
-    from agent.ingest.pipeline import decompress  # the one bounded decompression of this package
+    from agent.format.codec import decompress  # the one bounded decompression of this package
 
     where = parse_tip_key(key)
     if where is None:
@@ -170,7 +170,7 @@ def open_tip(key: str, blob: bytes, recipient: X25519PrivateKey,
         raise FormatError(f"{key} holds sealed kind {header.kind}, not a tip")
     if header.plaintext_len > MAX_TIP_BYTES:
         raise FormatError(f"{key} claims a {header.plaintext_len}-byte tip: over the cap")
-    signed = decompress(header.compression, payload, header.plaintext_len)
+    signed = bytes(decompress(header.compression, payload, header.plaintext_len))
     signature, body = signed[:crypto.SIGNATURE_SIZE], signed[crypto.SIGNATURE_SIZE:]
     try:
         site_key.verify(signature, TIP_CONTEXT + body)

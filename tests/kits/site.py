@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.format.crypto import generate_keys
+from agent.format.keys import generate_keys
 
 PYTHON = sys.executable
 

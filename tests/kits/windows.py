@@ -21,8 +21,8 @@ from typing import Any
 from agent.config.reader import validate
 from agent.config.settings import Settings
 from agent.daemon.wiring import Daemon
-from agent.format.crypto import generate_keys
-from agent.ingest.pipeline import IngestRequest
+from agent.format.keys import generate_keys
+from agent.ingest.requests import IngestRequest
 
 SMALL_CHUNKS = {"min_size": "64KiB", "avg_size": "256KiB", "max_size": "1MiB"}
 
