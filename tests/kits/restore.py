@@ -22,7 +22,8 @@ from typing import Any
 import zstandard
 
 from agent.backends.core import open_backend
-from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.cloud.restore import Restorer, site_key_loader
+from agent.cloud.restore_read import RestoreReport
 from agent.format import crypto, layout
 from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private
 from agent.format.manifest import KIND_FILE, KIND_FILE_PACK, ChunkRef, Manifest, PackEntry, uuid7

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from agent.backends.core import open_backend
-from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.cloud.restore import Restorer, site_key_loader
+from agent.cloud.restore_read import RestoreReport
 from agent.config.reader import DEFAULT_CLASSES
 from agent.config.settings import (
     ChunkingSettings,

@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.backends.core import open_backend
-from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.cloud.restore import Restorer, site_key_loader
+from agent.cloud.restore_read import RestoreReport
 from agent.config.reader import DEFAULT_CLASSES
 from agent.config.settings import ChunkingSettings, CompressionSettings
 from agent.format import layout

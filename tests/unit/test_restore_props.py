@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.cloud.restore import RestoreReport
+from agent.cloud.restore_read import RestoreReport
 from agent.errors import RestoreError
 from agent.format import layout
 from agent.format.limits import MAX_SEALED_MANIFEST, sealed_max
