@@ -104,7 +104,7 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
     from benchmarks.ingest_child import seal_batch
 
     keys = load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
-                                 keys_dir / "dedup.key")
+                          keys_dir / "dedup.key")
     store = Store(state_dir, DEFAULT_CLASSES)
     chunking = ChunkingSettings()
     if mode.startswith("level:"):

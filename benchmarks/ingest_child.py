@@ -45,7 +45,7 @@ def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, site: str, source: 
     does.
     """
     keys = load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
-                                 keys_dir / "dedup.key")
+                          keys_dir / "dedup.key")
     store = Store(state_dir, DEFAULT_CLASSES)
     chunking = ChunkingSettings()
     pipeline = Pipeline(site, keys, store, chunking, CompressionSettings())

@@ -34,13 +34,6 @@ def private_mode_problem(path: Path, mode: int) -> str | None:
     return None
 
 
-def check_private_permissions(path: Path, what: str = "private key") -> None:
-    """Refuse a private file that other users can access."""
-    problem = private_mode_problem(path, path.stat().st_mode)
-    if problem is not None:
-        raise KeyFileError(f"{what} {problem}")
-
-
 def read_private(path: Path, what: str, *, private: bool = True, missing: str = "") -> bytes:
     """The bytes of a key or secret file; with `private`, refused when others can access it.
 

@@ -213,7 +213,7 @@ class Pipeline:
 
         try:
             # Capped: a batch comes whole from memory and is never abandoned at a stop, so
-            # its compression must stay cheap (level 19 took a core for a minute on 143 MiB,
+            # its compression must stay cheap (level 19 takes a core about a minute for 143 MiB,
             # and its context alone holds ~80 MiB).
             with self.compressor.capped(BATCH_MAX_LEVEL):
                 refs = self._seal(staged, lambda _settle: self.cutter.memory_pieces(req.data),

@@ -48,7 +48,7 @@ def make_keys(folder: Path, site: str = SITE) -> Keys:
     gen = generate_keys(folder, site)
     e = gen.edge_dir
     return Keys(folder, load_edge_keys(e / "recipient.pub", e / "site.key",
-                                              e / "dedup.key"),
+                                       e / "dedup.key"),
                 load_recipient_private(gen.cloud_dir / "recipient.key"))
 
 

@@ -240,7 +240,7 @@ def test_fixed_level_is_kept() -> None:
 def test_pipeline_with_auto_seals_smaller_when_link_bound(tmp_path: Path) -> None:
     gen = generate_keys(tmp_path / "keys", "auto-site")
     keys = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+                          gen.edge_dir / "dedup.key")
     recipient = load_recipient_private(gen.cloud_dir / "recipient.key")
     src = tmp_path / "sensors.csv"
     data = csv_bytes(3 << 20, 7)

@@ -31,7 +31,7 @@ CHUNKING = ChunkingSettings(min_size=32 << 10, avg_size=64 << 10, max_size=128 <
 def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
     gen = generate_keys(tmp_path / "keys", "disk-site")
     keys = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+                          gen.edge_dir / "dedup.key")
     store = Store(tmp_path / "state", CLASSES, None)
     yield Pipeline("disk-site", keys, store, CHUNKING, CompressionSettings())
     store.close()

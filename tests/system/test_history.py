@@ -151,7 +151,7 @@ def open_manifest(rig: Rig, blob: bytes) -> Manifest:
 def make_rig(root: Path) -> Rig:
     keys = generate_keys(root / "keys", SITE)
     edge = load_edge_keys(keys.edge_dir / "recipient.pub", keys.edge_dir / "site.key",
-                                 keys.edge_dir / "dedup.key")
+                          keys.edge_dir / "dedup.key")
     store = Store(root / "state", DEFAULT_CLASSES)
     return Rig(root, keys, edge, store, Pipeline(SITE, edge, store, CHUNKING,
                                                  CompressionSettings()))
@@ -250,7 +250,7 @@ from agent.config.settings import ChunkingSettings, CompressionSettings
 from agent.store.store import Store
 root, edge_dir = Path(sys.argv[1]), Path(sys.argv[2])
 edge = load_edge_keys(edge_dir / "recipient.pub", edge_dir / "site.key",
-                             edge_dir / "dedup.key")
+                      edge_dir / "dedup.key")
 store = Store(root / "state", DEFAULT_CLASSES)
 pipe = Pipeline("camp-alpha", edge, store, ChunkingSettings(min_size=4096, avg_size=16384,
                 max_size=65536), CompressionSettings())

@@ -86,7 +86,7 @@ class Env:
 def env(tmp_path: Path) -> Iterator[Env]:
     gen = generate_keys(tmp_path / "keys", SITE)
     edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+                          gen.edge_dir / "dedup.key")
     store = Store(tmp_path / "state", DEFAULT_CLASSES)
     chunking = ChunkingSettings(pack_avg_size=128 << 10)
     e = Env(tmp_path, Pipeline(SITE, edge, store, chunking, CompressionSettings()), store,

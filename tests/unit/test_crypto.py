@@ -1,4 +1,5 @@
-"""agent.format.crypto: sealing, opening, signatures, key files and keyed chunk ids."""
+"""agent.format.crypto and agent.format.keys: sealing, opening, signatures, key files and keyed
+chunk ids."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class Keys:
 def load_keys(out: Path, site: str = SITE) -> Keys:
     gen = generate_keys(out, site)
     edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+                          gen.edge_dir / "dedup.key")
     return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"),
                 load_verify_key(gen.cloud_dir / "sites" / f"{site}.pub"), gen)
 

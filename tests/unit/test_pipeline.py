@@ -1,5 +1,5 @@
-"""agent.ingest.pipeline: chunking, compression, sealing and signing, with a real store and real
-keys."""
+"""agent.ingest (pipeline, cutting, compressor, sealing): chunking, compression, sealing and
+signing, with a real store and real keys."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Keys:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     gen = generate_keys(tmp_path_factory.mktemp("keys"), SITE)
     edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+                          gen.edge_dir / "dedup.key")
     return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"),
                 load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub"))
 

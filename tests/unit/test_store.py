@@ -43,7 +43,7 @@ class Keys:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     gen = generate_keys(tmp_path_factory.mktemp("keys"), SITE)
     edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+                          gen.edge_dir / "dedup.key")
     return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"))
 
 
