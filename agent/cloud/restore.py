@@ -45,8 +45,9 @@ def site_key_loader(key_dir: Path) -> SiteKeys:
     return load
 
 
-
 class Restorer(CloudReader):
+    """Verify everything a site sent, or restore the newest version of each file into a folder."""
+
     def __init__(self, backend: Backend, recipient: X25519PrivateKey, site_keys: SiteKeys,
                  parallel: int = 8) -> None:
         super().__init__(backend, recipient, site_keys, parallel)

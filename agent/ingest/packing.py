@@ -1,17 +1,60 @@
-"""Reading the small files of a pack as one stream (`Pipeline.ingest_pack` seals it)."""
+"""Packs of small files: which offered files go into one (`plan_pack`), and reading them as one
+stream (`PackReader`); `Pipeline.ingest_pack` seals it."""
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import blake3
 
 from agent.errors import SourceError
-from agent.ingest.opening import open_source, same_content
-from agent.ingest.requests import IngestRequest
+from agent.ingest.opening import open_source, same_content, stat_source
+from agent.ingest.requests import IngestRequest, IngestResult
 
 Member = tuple[IngestRequest, os.stat_result]
+
+
+@dataclass
+class PackPlan:
+    """The files to seal into a pack (by name, each once, with its source key), and the
+    offered files that are not: accepted before, or left at their source with the reason."""
+
+    members: list[Member] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # name -> source key
+    accepted: dict[str, IngestResult] = field(default_factory=dict)
+    failed: dict[str, SourceError] = field(default_factory=dict)
+
+
+def plan_pack(reqs: list[IngestRequest], source_key: Callable[[IngestRequest, os.stat_result], str],
+              accepted_keys: Callable[[list[str]], dict[str, str]]) -> PackPlan:
+    """Sort the offered files: unusable ones fail, ones accepted before are answered with
+    their object, the rest become members in name order (the same files give the same content
+    and cuts)."""
+    plan = PackPlan()
+    offered: list[tuple[IngestRequest, os.stat_result, str]] = []
+    for req in reqs:
+        try:
+            st = stat_source(req)
+        except SourceError as e:
+            plan.failed[req.name] = e
+            continue
+        offered.append((req, st, source_key(req, st)))
+    known = accepted_keys([k for _, _, k in offered])
+    for req, st, key in offered:
+        previous = known.get(key)
+        if previous is not None:
+            plan.accepted[req.name] = IngestResult(previous, st.st_size, 0, 0, 0,
+                                                   duplicate_of=previous)
+        elif req.name not in plan.keys:
+            plan.keys[req.name] = key
+            plan.members.append((req, st))
+    if len({(r.source, r.priority) for r, _ in plan.members}) > 1:
+        raise ValueError("a pack holds files of one source and one class")
+    plan.members.sort(key=lambda m: m[0].name)
+    return plan
 
 
 class MemberChanged(Exception):

@@ -41,7 +41,7 @@ from agent.ingest.opening import (
     same_content,
     stat_source,
 )
-from agent.ingest.packing import MemberChanged, PackReader
+from agent.ingest.packing import Member, MemberChanged, PackReader, plan_pack
 from agent.ingest.requests import BatchRequest, IngestRequest, IngestResult, PackResult
 from agent.ingest.sealing import (
     BATCH_MAX_LEVEL,
@@ -102,8 +102,8 @@ class Pipeline:
                 spare_cpu() and self.compressor.level <= SECOND_THREAD_MAX_LEVEL))
             try:
                 folder = StagingFolder(stage)
-                refs = self._stage_chunks(staged, pieces(writers.settle), writers, sealing,
-                                          stoppable)
+                refs = self._stage_chunks(stage, staged, pieces(writers.settle), writers,
+                                          sealing, stoppable)
                 writers.settle()
                 m = self._numbered(staged, manifest(refs))
                 staged.manifest_bytes, staged.manifest_hash = stage_manifest(
@@ -121,11 +121,10 @@ class Pipeline:
                     folder.close()
         return refs
 
-    def _stage_chunks(self, staged: StagedObject, pieces: Iterable[memoryview],
+    def _stage_chunks(self, stage: Path, staged: StagedObject, pieces: Iterable[memoryview],
                       writers: ChunkWriters, sealing: crypto.SealingKey, stoppable: str | None
                       ) -> tuple[ChunkRef, ...]:
         """The object's chunk references; each chunk not in the store yet is written."""
-        stage = self.store.staging_path(staged.object_id)
         refs: list[ChunkRef] = []
         fresh: set[str] = set()
         offset = 0
@@ -231,31 +230,9 @@ class Pipeline:
         is unsafe, gone or changing is left at its source and named in `failed`; the rest are
         sealed without it. Returns only after the pack is durable.
         """
-        accepted: dict[str, IngestResult] = {}
-        failed: dict[str, SourceError] = {}
-        offered: list[tuple[IngestRequest, os.stat_result, str]] = []
-        for req in reqs:
-            try:
-                st = stat_source(req)
-            except SourceError as e:
-                failed[req.name] = e
-                continue
-            offered.append((req, st, self.source_key(req.source, req.name, st.st_size,
-                                                     st.st_mtime_ns)))
-        known = self.store.accepted_source_keys([k for _, _, k in offered])
-        members: list[tuple[IngestRequest, os.stat_result]] = []
-        keys: dict[str, str] = {}
-        for req, st, key in offered:
-            previous = known.get(key)
-            if previous is not None:
-                accepted[req.name] = IngestResult(previous, st.st_size, 0, 0, 0,
-                                                  duplicate_of=previous)
-            elif req.name not in keys:
-                keys[req.name] = key
-                members.append((req, st))
-        if len({(r.source, r.priority) for r, _ in members}) > 1:
-            raise ValueError("a pack holds files of one source and one class")
-        members.sort(key=lambda m: m[0].name)  # the same files give the same content and cuts
+        plan = plan_pack(reqs, lambda req, st: self.source_key(
+            req.source, req.name, st.st_size, st.st_mtime_ns), self.store.accepted_source_keys)
+        members, keys, accepted, failed = plan.members, plan.keys, plan.accepted, plan.failed
         while members:
             try:
                 return self._seal_pack(members, keys, accepted, failed)
@@ -264,7 +241,7 @@ class Pipeline:
                 failed[req.name] = SourceError(f"{req.path} {e}; {NOT_STORED}")
         return PackResult(None, accepted, failed)
 
-    def _seal_pack(self, members: list[tuple[IngestRequest, os.stat_result]],
+    def _seal_pack(self, members: list[Member],
                    keys: dict[str, str], accepted: dict[str, IngestResult],
                    failed: dict[str, SourceError]) -> PackResult:
         first = members[0][0]
@@ -308,5 +285,7 @@ class Pipeline:
 
     def _write_chunk(self, stage: Path, cid: str, data: memoryview,
                      sealing: crypto.SealingKey) -> StagedChunk:
+        """One chunk sealed with this pipeline's keys and compressor, through this thread's
+        buffer (agent/ingest/sealing.py)."""
         return write_chunk(stage, cid, data, sealing, self.keys, self.compressor,
                            self.buffers.get(PIECE + 64))
