@@ -106,8 +106,7 @@ class Pipeline:
                                           sealing, stoppable)
                 writers.settle()
                 m = self._numbered(staged, manifest(refs))
-                staged.manifest_bytes, staged.manifest_hash = stage_manifest(
-                    stage, m, self.keys, self.compressor)
+                staged.manifest_bytes, staged.manifest_hash = self._stage_manifest(stage, m)
                 folder.sync([*staged.new_chunks, "manifest"])
                 self.store.commit_object(staged)
             except BaseException as e:
@@ -289,3 +288,6 @@ class Pipeline:
         buffer (agent/ingest/sealing.py)."""
         return write_chunk(stage, cid, data, sealing, self.keys, self.compressor,
                            self.buffers.get(PIECE + 64))
+
+    def _stage_manifest(self, stage: Path, manifest: Manifest) -> tuple[int, str]:
+        return stage_manifest(stage, manifest, self.keys, self.compressor)
