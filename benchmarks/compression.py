@@ -96,15 +96,15 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
     """Seal every file below root into a fresh store; mode is "default", "level:N[+ldm]" or
     "auto:SCENARIO". Returns counts and, for auto, every level the policy chose."""
     from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
-    from agent.format import crypto
+    from agent.format.keys import load_edge_keys
     from agent.ingest.compression_policy import RETUNE_EVERY_S, AutoLevel
     from agent.ingest.pipeline import Pipeline
     from agent.sources.spool_scan import plan, scan
     from agent.store.store import Store
     from benchmarks.ingest_child import seal_batch
 
-    keys = crypto.load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
-                                 keys_dir / "dedup.key")
+    keys = load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
+                          keys_dir / "dedup.key")
     store = Store(state_dir, DEFAULT_CLASSES)
     chunking = ChunkingSettings()
     if mode.startswith("level:"):

@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends.registry import open_backend
-from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.cloud.restore import Restorer, site_key_loader
+from agent.cloud.restore_read import RestoreReport
 from agent.format import crypto
-from agent.format.crypto import load_dedup_key, load_recipient_private
+from agent.format.keys import load_dedup_key, load_recipient_private
 from agent.sources.spool_scan import scan
 from tests.kits.site import Site, drop_file, tree_digest
 

@@ -61,8 +61,9 @@ import blake3
 from agent.config.settings import ChunkingSettings, ClassSettings, CompressionSettings
 from agent.config.units import parse_size
 from agent.errors import DiskFullError
-from agent.format.crypto import generate_keys, load_edge_keys
-from agent.ingest.pipeline import IngestRequest, Pipeline
+from agent.format.keys import generate_keys, load_edge_keys
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest
 from agent.sources.spool_report import REFUSED_BACKOFF_MAX_S
 from agent.sources.spool_scan import scan
 from agent.store import room

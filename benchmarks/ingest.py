@@ -151,8 +151,8 @@ class Bench:
         self.keys = workdir / "keys"
         if not (self.keys / "edge" / "dedup.key").exists():
             fresh(self.keys)
-            from agent.format import crypto
-            crypto.generate_keys(self.keys, SITE)
+            from agent.format.keys import generate_keys
+            generate_keys(self.keys, SITE)
         self.restic = shutil.which("restic")
         self.zstd = shutil.which("zstd")
         self.rclone = shutil.which("rclone")

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
-from agent.format import crypto
-from agent.ingest.pipeline import IngestRequest, Pipeline
+from agent.format.keys import load_edge_keys
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest
 from agent.sources.spool_scan import Candidate, plan, scan
 from agent.store.store import Store
 
@@ -43,8 +44,8 @@ def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, site: str, source: 
     large files alone, small ones in packs) and sealed by `workers` threads, as the daemon
     does.
     """
-    keys = crypto.load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
-                                 keys_dir / "dedup.key")
+    keys = load_edge_keys(keys_dir / "recipient.pub", keys_dir / "site.key",
+                          keys_dir / "dedup.key")
     store = Store(state_dir, DEFAULT_CLASSES)
     chunking = ChunkingSettings()
     pipeline = Pipeline(site, keys, store, chunking, CompressionSettings())

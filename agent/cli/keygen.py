@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.format.crypto import generate_keys
+    from agent.format.keys import generate_keys
 
     if args.operator:
         from agent.telemetry.command_auth import generate_operator_keys

@@ -108,7 +108,7 @@ class _DirectIngest:
     """
 
     def __init__(self, settings: Settings) -> None:
-        from agent.format.crypto import load_edge_keys
+        from agent.format.keys import load_edge_keys
         from agent.ingest.pipeline import Pipeline
         from agent.store.store import Store
 
@@ -127,7 +127,7 @@ class _DirectIngest:
 
     def put(self, fd: int, path: Path, name: str, priority: str,
             source: str) -> dict[str, Any]:
-        from agent.ingest.pipeline import IngestRequest
+        from agent.ingest.requests import IngestRequest
         from agent.sources.put_client import reader_of
 
         req = IngestRequest(path, source, name, priority, opener=reader_of(fd),

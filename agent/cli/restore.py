@@ -70,7 +70,7 @@ def restore_or_verify(args: argparse.Namespace, target: Path | None) -> int:
     """Restore into `target`, or with None verify; 0 when every object was sound."""
     from agent.backends.registry import open_backend
     from agent.cloud.restore import Restorer, site_key_loader
-    from agent.format.crypto import load_recipient_private
+    from agent.format.keys import load_recipient_private
     from agent.host.memory import fix_malloc_thresholds
 
     if not 1 <= args.parallel <= MAX_PARALLEL:

@@ -14,20 +14,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
-import zstandard
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.config.intake import CDC_MAX_CEILING
 from agent.errors import CryptoError, FormatError
 from agent.format import crypto
+from agent.format.codec import decompress
+from agent.format.limits import MAX_MANIFEST_OBJECTS, MAX_MANIFEST_PLAINTEXT
 from agent.format.manifest import ChunkRef
 
-MAX_CHUNK_PLAINTEXT = CDC_MAX_CEILING  # 16 MiB: no edge cuts a larger chunk
-MAX_MANIFEST_PLAINTEXT = 16 << 20  # signature and JSON body of one manifest
-# JSON objects ('{' bytes, a bound on chunk references plus pack entries) in one manifest body:
-# about 100,000 honest chunk references fit in 16 MiB; tiny forged ones would cost far more
-# memory as Python objects than as bytes.
-MAX_MANIFEST_OBJECTS = 1 << 17
 # Bytes of memory one manifest may cost per byte of its plaintext while it is checked and
 # parsed (measured: ~7 for a body of chunk references at the peak, ~5 once parsed).
 MANIFEST_COST_FACTOR = 8
@@ -36,16 +30,6 @@ CHUNK_BUDGET = 64 << 20  # chunk bytes (sealed, opened, decompressed) held at on
 MANIFEST_BUDGET = 112 << 20  # parsed manifests held at once (one at the maximum size)
 SEALED_MANIFEST_BUDGET = 20 << 20  # sealed manifests fetched and not yet parsed
 T = TypeVar("T")
-
-
-def sealed_max(plaintext_len: int) -> int:
-    """The largest sealed object a plaintext of this length can give (zstd's worst case)."""
-    small = (128 << 10) - plaintext_len >> 11 if plaintext_len < 128 << 10 else 0
-    return (crypto.HEADER_SIZE + crypto.TAG_SIZE + plaintext_len + (plaintext_len >> 8)
-            + small + 64)
-
-
-MAX_SEALED_MANIFEST = sealed_max(MAX_MANIFEST_PLAINTEXT)
 
 
 def chunk_cost(length: int) -> int:
@@ -86,30 +70,6 @@ class Budget:
                 fut.set_result(None)
 
 
-def bounded_decompress(compression: int, payload: bytes, plaintext_len: int
-                       ) -> bytes | bytearray:
-    """Undo compression into at most `plaintext_len` bytes, whatever the frame declares."""
-    if compression == crypto.COMPRESSION_NONE:
-        if len(payload) != plaintext_len:
-            raise FormatError(f"payload is {len(payload)} bytes, header says {plaintext_len}")
-        return payload
-    out = bytearray(plaintext_len)
-    view, got = memoryview(out), 0
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
-            while got < plaintext_len and (n := reader.readinto(view[got:])):
-                got += n
-            more = reader.read(1)
-    except zstandard.ZstdError as e:
-        raise FormatError(f"compressed payload is damaged: {e}") from None
-    finally:
-        view.release()
-    if got != plaintext_len or more:
-        raise FormatError(f"payload decompresses to {'more than ' if more else ''}{got} bytes, "
-                          f"header says {plaintext_len}")
-    return out
-
-
 def open_chunk(blob: bytes, recipient: X25519PrivateKey, ref: ChunkRef) -> bytes | bytearray:
     """A chunk's plaintext, its header checked against the signed reference before anything
     is decrypted or allocated."""
@@ -118,7 +78,7 @@ def open_chunk(blob: bytes, recipient: X25519PrivateKey, ref: ChunkRef) -> bytes
         raise FormatError(f"header (kind {header.kind}, {header.plaintext_len} bytes) does not "
                           f"match the manifest's chunk of {ref.length} bytes")
     _, payload = crypto.open_sealed(blob, recipient)
-    data = bounded_decompress(header.compression, payload, header.plaintext_len)
+    data = decompress(header.compression, payload, header.plaintext_len)
     if crypto.content_hash(data) != ref.hash:
         raise CryptoError("does not match the manifest's hash")
     return data
@@ -133,7 +93,7 @@ def open_manifest(blob: bytes, recipient: X25519PrivateKey) -> bytes | bytearray
         raise FormatError(f"claims a {header.plaintext_len}-byte manifest, more than the "
                           f"format's maximum of {MAX_MANIFEST_PLAINTEXT}")
     _, payload = crypto.open_sealed(blob, recipient)
-    return bounded_decompress(header.compression, payload, header.plaintext_len)
+    return decompress(header.compression, payload, header.plaintext_len)
 
 
 def check_manifest_body(body: bytes) -> None:

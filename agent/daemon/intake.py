@@ -11,7 +11,8 @@ from typing import TypeVar
 from agent.errors import DiskFullError, QuotaExceededError
 from agent.host.blocking import RunBlocking
 from agent.ingest.compression_policy import AutoLevel
-from agent.ingest.pipeline import BatchRequest, IngestRequest, IngestResult, PackResult, Pipeline
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import BatchRequest, IngestRequest, IngestResult, PackResult
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.store.store import Eviction

@@ -25,7 +25,7 @@ from agent.config.settings import BackendSettings, KeySettings, MqttSettings, Se
 from agent.config.table import short
 from agent.daemon.site_config import load_settings, summarize
 from agent.errors import ConfigError, KeyFileError, SkyferryError
-from agent.format import crypto
+from agent.format.keys import load_dedup_key, load_recipient_public, load_signing_key
 
 # Kernel and device file systems: nothing skyferry keeps or watches belongs there.
 PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
@@ -91,9 +91,9 @@ def print_problems(error: ConfigError, prefix: str = "") -> None:
 # ---- key files -------------------------------------------------------------------------------
 
 _KEYS: tuple[tuple[str, bool, Callable[[Path], object], str], ...] = (
-    ("recipient_public", False, crypto.load_recipient_public, "DIR/edge/recipient.pub"),
-    ("signing_key", True, crypto.load_signing_key, "DIR/edge/site.key"),
-    ("dedup_key", True, crypto.load_dedup_key, "DIR/edge/dedup.key"),
+    ("recipient_public", False, load_recipient_public, "DIR/edge/recipient.pub"),
+    ("signing_key", True, load_signing_key, "DIR/edge/site.key"),
+    ("dedup_key", True, load_dedup_key, "DIR/edge/dedup.key"),
 )
 
 

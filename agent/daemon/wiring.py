@@ -27,9 +27,10 @@ from agent.daemon.retune import CompressionRetune, auto_level
 from agent.daemon.source_set import INGEST_WORKERS, SourceSet
 from agent.daemon.tasks import TaskSet
 from agent.daemon.window_runtime import WindowRuntime
-from agent.format.crypto import load_edge_keys
+from agent.format.keys import load_edge_keys
 from agent.host.blocking import Executors
-from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.sources import spool_lease

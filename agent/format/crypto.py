@@ -1,18 +1,15 @@
-"""Keys, sealing and opening of chunks and manifests, manifest signatures, keyed chunk ids.
+"""The sealed format: sealing and opening of chunks, manifests and tips, manifest signatures,
+keyed chunk ids and content hashes, and the keys these take (`EdgeKeys`).
 
-The sealed format is specified in docs/FORMAT.md; keep the two in step.
+Specified in docs/FORMAT.md; keep the two in step. Key files on disk (reading, permission
+checks, generation) are agent/format/keys.py's.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import secrets
-import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
-from typing import cast
 
 import blake3
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -23,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.errors import CryptoError, FormatError, KeyFileError
+from agent.errors import CryptoError, FormatError
 
 MAGIC = b"SKYF"
 FORMAT_VERSION = 1
@@ -40,7 +37,6 @@ TAG_SIZE = 16
 _HKDF_INFO = b"skyferry/v1/seal"
 _SIGN_CONTEXT = b"skyferry/v1/manifest\x00"
 SIGNATURE_SIZE = 64
-SITE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -241,151 +237,3 @@ def content_hash(*parts: bytes | bytearray | memoryview) -> str:
     for part in parts:
         h.update(part)
     return h.hexdigest()
-
-
-# ---- key files -------------------------------------------------------------------------------
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@dataclass(frozen=True)
-class GeneratedKeys:
-    edge_dir: Path
-    cloud_dir: Path
-    files: tuple[Path, ...]
-
-
-def generate_keys(out_dir: Path, site: str) -> GeneratedKeys:
-    """Create the recipient pair, the site signing key and the dedup key, split edge/cloud."""
-    if not SITE_ID.fullmatch(site):
-        raise KeyFileError(
-            f"site id {site!r} is not valid: use 1-63 lowercase letters, digits and '-', "
-            "starting with a letter or digit (it becomes part of cloud object keys)")
-    edge, cloud = out_dir / "edge", out_dir / "cloud"
-    targets = [
-        edge / "recipient.pub", edge / "site.key", edge / "dedup.key",
-        cloud / "recipient.key", cloud / "sites" / f"{site}.pub",
-    ]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        raise KeyFileError(
-            f"refusing to overwrite existing key files: {', '.join(existing)}; "
-            "choose another --out folder or move them away first"
-        )
-    recipient = X25519PrivateKey.generate()
-    signer = Ed25519PrivateKey.generate()
-    pem = serialization.Encoding.PEM
-    _write_private(
-        cloud / "recipient.key",
-        recipient.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()),
-    )
-    _write_public(
-        edge / "recipient.pub",
-        recipient.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo),
-    )
-    _write_private(
-        edge / "site.key",
-        signer.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()),
-    )
-    _write_public(
-        cloud / "sites" / f"{site}.pub",
-        signer.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo),
-    )
-    _write_private(edge / "dedup.key", secrets.token_hex(32).encode() + b"\n")
-    return GeneratedKeys(edge, cloud, tuple(targets))
-
-
-def check_private_permissions(path: Path) -> None:
-    """Refuse a private key that other users can read, as ssh does."""
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
-            f"run: chmod 600 {path}"
-        )
-
-
-def _read_key_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"{what} {path} does not exist; create keys with `skyferry keygen --out DIR` "
-            "and point the config at them"
-        ) from None
-    except OSError as e:
-        raise KeyFileError(f"cannot read {what} {path}: {e.strerror}") from None
-
-
-def _load_pem(path: Path, what: str, expected: type, label: str, *, private: bool) -> object:
-    """Read a PEM key that must be an instance of `expected`; private ones must be 0600."""
-    data = _read_key_file(path, what)
-    if private:
-        check_private_permissions(path)
-    try:
-        key: object = (serialization.load_pem_private_key(data, password=None) if private
-                       else serialization.load_pem_public_key(data))
-    except (ValueError, TypeError):
-        form = "an unencrypted PEM private key" if private else "a PEM public key"
-        raise KeyFileError(f"{path} is not {form}") from None
-    if not isinstance(key, expected):
-        raise KeyFileError(f"{path} is not an {label} (wrong file?)")
-    return key
-
-
-def load_recipient_public(path: Path) -> X25519PublicKey:
-    return cast(X25519PublicKey, _load_pem(path, "recipient public key", X25519PublicKey,
-                                           "X25519 public key", private=False))
-
-
-def load_recipient_private(path: Path) -> X25519PrivateKey:
-    return cast(X25519PrivateKey, _load_pem(path, "recipient private key", X25519PrivateKey,
-                                            "X25519 private key", private=True))
-
-
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    return cast(Ed25519PrivateKey, _load_pem(path, "site signing key", Ed25519PrivateKey,
-                                             "Ed25519 private key", private=True))
-
-
-def load_verify_key(path: Path) -> Ed25519PublicKey:
-    return cast(Ed25519PublicKey, _load_pem(path, "site public key", Ed25519PublicKey,
-                                            "Ed25519 public key", private=False))
-
-
-def load_dedup_key(path: Path) -> bytes:
-    data = _read_key_file(path, "dedup key")
-    check_private_permissions(path)
-    try:
-        key = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise KeyFileError(f"{path} must hold 64 hex digits") from None
-    if len(key) != 32:
-        raise KeyFileError(f"{path} must hold 64 hex digits (32 bytes), found {len(key)} bytes")
-    return key
-
-
-def load_edge_keys(recipient_public: Path, signing_key: Path, dedup_key: Path) -> EdgeKeys:
-    return EdgeKeys(
-        load_recipient_public(recipient_public),
-        load_signing_key(signing_key),
-        load_dedup_key(dedup_key),
-    )

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.errors import CryptoError, FormatError
 from agent.format import crypto
+from agent.format.codec import decompress
 from agent.format.crypto import EdgeKeys
 from agent.format.manifest import STREAM_ID
 
@@ -142,10 +143,6 @@ def seal_tip(tip: Tip, keys: EdgeKeys) -> bytes:
 def open_tip(key: str, blob: bytes, recipient: X25519PrivateKey,
              site_key: Ed25519PublicKey) -> Tip:
     """Decrypt, bound, check the signature and parse; the tip must be the one its key names."""
-    # The package's one bounded decompression. Imported on use: loading agent.ingest at import
-    # time would bring the edge store and the cutter into the cloud side.
-    from agent.ingest.pipeline import decompress
-
     where = parse_tip_key(key)
     if where is None:
         raise FormatError(f"{key} is not a tip key (<site>/tips/<stream>/<20-digit number>)")
@@ -156,7 +153,7 @@ def open_tip(key: str, blob: bytes, recipient: X25519PrivateKey,
         raise FormatError(f"{key} holds sealed kind {header.kind}, not a tip")
     if header.plaintext_len > MAX_TIP_BYTES:
         raise FormatError(f"{key} claims a {header.plaintext_len}-byte tip: over the cap")
-    signed = decompress(header.compression, payload, header.plaintext_len)
+    signed = bytes(decompress(header.compression, payload, header.plaintext_len))
     signature, body = signed[:crypto.SIGNATURE_SIZE], signed[crypto.SIGNATURE_SIZE:]
     try:
         site_key.verify(signature, TIP_CONTEXT + body)

@@ -21,7 +21,7 @@ from agent.broker.paho_adapter import PahoAccess
 from agent.config.settings import MqttSettings
 from agent.errors import QuotaExceededError, SkyferryError
 from agent.host.blocking import RunBlocking
-from agent.ingest.pipeline import BatchRequest, IngestResult
+from agent.ingest.requests import BatchRequest, IngestResult
 from agent.obs.logs import Throttled, log_event
 from agent.obs.metrics import Metrics
 from agent.sources.mqtt_records import Received, batch_name_prefix, encode_jsonl

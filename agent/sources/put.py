@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SkyferryError
-from agent.ingest.pipeline import IngestRequest
+from agent.ingest.requests import IngestRequest
 from agent.obs.logs import Throttled, log_event
 from agent.sources import Ingest
 from agent.sources.put_client import reader_of

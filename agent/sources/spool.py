@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent.config.settings import ChunkingSettings, SpoolSettings
 from agent.errors import QuotaExceededError, SkyferryError, SourceError
-from agent.ingest.pipeline import IngestRequest, IngestResult
+from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.sources import Ingest, IngestPack, spool_lease

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.ingest.pipeline import same_content, same_file
+from agent.ingest.opening import same_content, same_file
 from agent.sources import spool_lease
 from agent.sources.spool_lease import Lease
 from agent.sources.spool_scan import ASIDE_SUFFIX, DIR_FLAGS, Candidate, open_folder

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.config.settings import Settings
 from agent.errors import KeyFileError, SkyferryError
-from agent.format.crypto import _load_pem, _write_private, _write_public
+from agent.format.keys import load_pem, write_private, write_public
 from agent.obs.logs import log_event
 
 log = logging.getLogger("skyferry.commands")
@@ -72,20 +72,20 @@ def generate_operator_keys(out_dir: Path, name: str = "operator") -> tuple[Path,
                            "choose another --out folder or move them away first")
     key = Ed25519PrivateKey.generate()
     pem = serialization.Encoding.PEM
-    _write_private(private, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+    write_private(private, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()))
-    _write_public(public, key.public_key().public_bytes(
+    write_public(public, key.public_key().public_bytes(
         pem, serialization.PublicFormat.SubjectPublicKeyInfo))
     return private, public
 
 
 def load_operator_key(path: Path) -> Ed25519PublicKey:
-    return cast(Ed25519PublicKey, _load_pem(path, "operator public key", Ed25519PublicKey,
+    return cast(Ed25519PublicKey, load_pem(path, "operator public key", Ed25519PublicKey,
                                             "Ed25519 public key", private=False))
 
 
 def load_operator_private(path: Path) -> Ed25519PrivateKey:
-    return cast(Ed25519PrivateKey, _load_pem(path, "operator private key", Ed25519PrivateKey,
+    return cast(Ed25519PrivateKey, load_pem(path, "operator private key", Ed25519PrivateKey,
                                              "Ed25519 private key", private=True))
 
 

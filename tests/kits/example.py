@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from agent.format.crypto import generate_keys
+from agent.format.keys import generate_keys
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "skyferry.toml"
 

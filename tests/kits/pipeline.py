@@ -10,8 +10,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.format import crypto
+from agent.format.codec import decompress
 from agent.format.manifest import ChunkRef, Manifest
-from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline, decompress
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest, IngestResult
 from agent.store.store import Store
 
 

@@ -23,8 +23,10 @@ import pytest
 import zstandard
 
 from agent.backends.registry import open_backend
-from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.cloud.restore import Restorer, site_key_loader
+from agent.cloud.restore_read import RestoreReport
 from agent.format import crypto, layout
+from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private
 from agent.format.manifest import KIND_FILE, KIND_FILE_PACK, ChunkRef, Manifest, PackEntry, uuid7
 
 SITE = "camp-alpha"
@@ -44,11 +46,11 @@ class Keys:
 
 
 def make_keys(folder: Path, site: str = SITE) -> Keys:
-    gen = crypto.generate_keys(folder, site)
+    gen = generate_keys(folder, site)
     e = gen.edge_dir
-    return Keys(folder, crypto.load_edge_keys(e / "recipient.pub", e / "site.key",
-                                              e / "dedup.key"),
-                crypto.load_recipient_private(gen.cloud_dir / "recipient.key"))
+    return Keys(folder, load_edge_keys(e / "recipient.pub", e / "site.key",
+                                       e / "dedup.key"),
+                load_recipient_private(gen.cloud_dir / "recipient.key"))
 
 
 @dataclass

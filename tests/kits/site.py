@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.format.crypto import GeneratedKeys, generate_keys
+from agent.format.keys import GeneratedKeys, generate_keys
 
 PYTHON = sys.executable
 

@@ -22,8 +22,8 @@ from typing import Any
 from agent.config.settings import Settings
 from agent.daemon.site_config import validate
 from agent.daemon.wiring import Daemon
-from agent.format.crypto import generate_keys
-from agent.ingest.pipeline import IngestRequest
+from agent.format.keys import generate_keys
+from agent.ingest.requests import IngestRequest
 from tests.kits.site import site_tables
 
 SMALL_CHUNKS = {"min_size": "64KiB", "avg_size": "256KiB", "max_size": "1MiB"}

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from agent.format import crypto, layout
+from agent.format.codec import decompress
+from agent.format.keys import load_edge_keys, load_recipient_private, load_verify_key
 from agent.format.manifest import ChunkRef, Manifest, now_iso, uuid7
-from agent.ingest.pipeline import decompress
 from tests.kits.site import Site, drop_file, render_toml, tree_digest
 
 MakeSite = Callable[..., Site]
@@ -213,7 +214,7 @@ class Publisher:
     def __init__(self, site: Site) -> None:
         e = site.keys.edge_dir
         self.site = site
-        self.keys = crypto.load_edge_keys(e / "recipient.pub", e / "site.key", e / "dedup.key")
+        self.keys = load_edge_keys(e / "recipient.pub", e / "site.key", e / "dedup.key")
 
     def publish(self, name: str, data: bytes, *, source: str = "files") -> tuple[str, Manifest]:
         cid = crypto.chunk_id(self.keys.dedup_key, data)
@@ -340,8 +341,8 @@ def test_truncated_or_missing_cloud_objects_are_named(
     site.wait_drained(expect_objects=len(files))
     site.stop()
 
-    recipient = crypto.load_recipient_private(site.recipient_key)
-    verify_key = crypto.load_verify_key(site.keys.cloud_dir / "sites" / f"{site.site_id}.pub")
+    recipient = load_recipient_private(site.recipient_key)
+    verify_key = load_verify_key(site.keys.cloud_dir / "sites" / f"{site.site_id}.pub")
     manifests: dict[str, tuple[str, Manifest]] = {}
     for p in (site.cloud / site.site_id / "manifests").rglob("*"):
         if p.is_file():

@@ -17,6 +17,8 @@ from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, Compression
 from agent.daemon.site_config import validate
 from agent.errors import ConfigError
 from agent.format import crypto
+from agent.format.codec import decompress
+from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private
 from agent.ingest.compression_policy import (
     FAST,
     HIGH,
@@ -29,7 +31,9 @@ from agent.ingest.compression_policy import (
     Load,
     choose,
 )
-from agent.ingest.pipeline import Compressor, IngestRequest, Pipeline, decompress
+from agent.ingest.compressor import Compressor
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest
 from agent.store.store import Store
 from tests.kits import edge_corpus as corpus
 from tests.kits.windows import JumpClock, RunningDaemon, site_settings, until
@@ -234,10 +238,10 @@ def test_fixed_level_is_kept() -> None:
 # ---- a pipeline and a daemon under a link-bound budget ------------------------------------------
 
 def test_pipeline_with_auto_seals_smaller_when_link_bound(tmp_path: Path) -> None:
-    gen = crypto.generate_keys(tmp_path / "keys", "auto-site")
-    keys = crypto.load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
-    recipient = crypto.load_recipient_private(gen.cloud_dir / "recipient.key")
+    gen = generate_keys(tmp_path / "keys", "auto-site")
+    keys = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
+    recipient = load_recipient_private(gen.cloud_dir / "recipient.key")
     src = tmp_path / "sensors.csv"
     data = csv_bytes(3 << 20, 7)
     src.write_bytes(data)

@@ -22,7 +22,7 @@ import pytest
 
 from agent.backends.azure import AZURITE_KEY
 from agent.cli import main as cli
-from agent.format.crypto import generate_keys
+from agent.format.keys import generate_keys
 from tests.kits.example import EXAMPLE, example_site
 from tests.kits.site import Site
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from agent.config.settings import ChunkingSettings, ClassSettings, CompressionSettings
-from agent.format.crypto import EdgeKeys, generate_keys, load_edge_keys
-from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline
+from agent.format.crypto import EdgeKeys
+from agent.format.keys import generate_keys, load_edge_keys
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest, IngestResult
 from agent.store.store import ChunkWork, ManifestWork, Store
 from agent.uplink.uplink import read_verified
 from tests.kits.bench import run_benchmark

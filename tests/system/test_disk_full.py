@@ -14,8 +14,9 @@ import pytest
 
 from agent.config.settings import ChunkingSettings, ClassSettings, CompressionSettings
 from agent.errors import DiskFullError, QuotaExceededError
-from agent.format import crypto
-from agent.ingest.pipeline import IngestRequest, Pipeline
+from agent.format.keys import generate_keys, load_edge_keys
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest
 from agent.store import room as store_mod
 from agent.store.fsio import write_durable
 from agent.store.store import ChunkWork, ManifestWork, Store
@@ -29,9 +30,9 @@ CHUNKING = ChunkingSettings(min_size=32 << 10, avg_size=64 << 10, max_size=128 <
 
 @pytest.fixture
 def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
-    gen = crypto.generate_keys(tmp_path / "keys", "disk-site")
-    keys = crypto.load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+    gen = generate_keys(tmp_path / "keys", "disk-site")
+    keys = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
     store = Store(tmp_path / "state", CLASSES, None)
     yield Pipeline("disk-site", keys, store, CHUNKING, CompressionSettings())
     store.close()

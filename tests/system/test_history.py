@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from agent.backends.registry import open_backend
-from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.cloud.restore import Restorer, site_key_loader
+from agent.cloud.restore_read import RestoreReport
 from agent.config.settings import (
     DEFAULT_CLASSES,
     ChunkingSettings,
@@ -36,9 +37,18 @@ from agent.config.settings import (
 )
 from agent.errors import RestoreError
 from agent.format import crypto, layout
+from agent.format.codec import decompress
+from agent.format.keys import (
+    GeneratedKeys,
+    generate_keys,
+    load_edge_keys,
+    load_recipient_private,
+    load_verify_key,
+)
 from agent.format.manifest import Manifest, uuid7
 from agent.format.tips import Tip, coarsen, open_tip, parse_tip_key
-from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline, decompress
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.metrics import Metrics
 from agent.store import schema
 from agent.store.store import Store
@@ -56,7 +66,7 @@ class Rig:
     """One site (store, pipeline, uplink) and its cloud folder."""
 
     root: Path
-    keys: crypto.GeneratedKeys
+    keys: GeneratedKeys
     edge: crypto.EdgeKeys
     store: Store
     pipeline: Pipeline
@@ -105,7 +115,7 @@ class Rig:
 
     def restorer(self) -> Restorer:
         return Restorer(open_backend(f"file://{self.cloud}"),
-                        crypto.load_recipient_private(self.keys.cloud_dir / "recipient.key"),
+                        load_recipient_private(self.keys.cloud_dir / "recipient.key"),
                         site_key_loader(self.keys.cloud_dir), parallel=4)
 
     def verify(self, since: datetime | None = None) -> RestoreReport:
@@ -121,7 +131,7 @@ class Rig:
         return out
 
     def tips(self) -> list[Tip]:
-        recipient = crypto.load_recipient_private(self.keys.cloud_dir / "recipient.key")
+        recipient = load_recipient_private(self.keys.cloud_dir / "recipient.key")
         out = []
         for path in sorted((self.cloud / SITE / "tips").rglob("*")):
             if path.is_file():
@@ -132,16 +142,16 @@ class Rig:
 
 
 def open_manifest(rig: Rig, blob: bytes) -> Manifest:
-    recipient = crypto.load_recipient_private(rig.keys.cloud_dir / "recipient.key")
+    recipient = load_recipient_private(rig.keys.cloud_dir / "recipient.key")
     header, payload = crypto.open_sealed(blob, recipient)
     signed = decompress(header.compression, payload, header.plaintext_len)
     return Manifest.from_json(crypto.verify_manifest(signed, rig.edge.signing_key.public_key()))
 
 
 def make_rig(root: Path) -> Rig:
-    keys = crypto.generate_keys(root / "keys", SITE)
-    edge = crypto.load_edge_keys(keys.edge_dir / "recipient.pub", keys.edge_dir / "site.key",
-                                 keys.edge_dir / "dedup.key")
+    keys = generate_keys(root / "keys", SITE)
+    edge = load_edge_keys(keys.edge_dir / "recipient.pub", keys.edge_dir / "site.key",
+                          keys.edge_dir / "dedup.key")
     store = Store(root / "state", DEFAULT_CLASSES)
     return Rig(root, keys, edge, store, Pipeline(SITE, edge, store, CHUNKING,
                                                  CompressionSettings()))
@@ -233,13 +243,15 @@ import os, sys
 from pathlib import Path
 from agent.format import crypto
 from agent.config.settings import DEFAULT_CLASSES
+from agent.format.keys import load_edge_keys
 from agent.errors import RestoreError
-from agent.ingest.pipeline import IngestRequest, Pipeline
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest
 from agent.config.settings import ChunkingSettings, CompressionSettings
 from agent.store.store import Store
 root, edge_dir = Path(sys.argv[1]), Path(sys.argv[2])
-edge = crypto.load_edge_keys(edge_dir / "recipient.pub", edge_dir / "site.key",
-                             edge_dir / "dedup.key")
+edge = load_edge_keys(edge_dir / "recipient.pub", edge_dir / "site.key",
+                      edge_dir / "dedup.key")
 store = Store(root / "state", DEFAULT_CLASSES)
 pipe = Pipeline("camp-alpha", edge, store, ChunkingSettings(min_size=4096, avg_size=16384,
                 max_size=65536), CompressionSettings())
@@ -429,8 +441,8 @@ async def test_the_daemon_sends_a_tip_after_its_manifests(tmp_path: Path) -> Non
 
     settings = site_settings(tmp_path, {"mode": "always"}, site_id=SITE)
     cloud = tmp_path / "cloud"
-    recipient = crypto.load_recipient_private(tmp_path / "keys" / "cloud" / "recipient.key")
-    site_key = crypto.load_verify_key(tmp_path / "keys" / "cloud" / "sites" / f"{SITE}.pub")
+    recipient = load_recipient_private(tmp_path / "keys" / "cloud" / "recipient.key")
+    site_key = load_verify_key(tmp_path / "keys" / "cloud" / "sites" / f"{SITE}.pub")
 
     def newest_tip() -> Tip | None:
         files = sorted(p for p in (cloud / SITE / "tips").rglob("*") if p.is_file())

@@ -398,8 +398,10 @@ def test_batches_are_compressed_at_level_9_at_most(tmp_path: Path) -> None:
     """With the link closed `auto` can choose level 19 (a minute of CPU for 143 MiB, ~80 MiB of
     context): an in-memory batch is compressed at BATCH_MAX_LEVEL at most; files are not."""
     from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
-    from agent.format.crypto import generate_keys, load_edge_keys
-    from agent.ingest.pipeline import BATCH_MAX_LEVEL, BatchRequest, Pipeline
+    from agent.format.keys import generate_keys, load_edge_keys
+    from agent.ingest.pipeline import Pipeline
+    from agent.ingest.requests import BatchRequest
+    from agent.ingest.sealing import BATCH_MAX_LEVEL
     from agent.store.store import Store
 
     gen = generate_keys(tmp_path / "keys", "s1")

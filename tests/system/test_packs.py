@@ -14,11 +14,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.backends.registry import open_backend
-from agent.cloud.restore import Restorer, RestoreReport, site_key_loader
+from agent.cloud.restore import Restorer, site_key_loader
+from agent.cloud.restore_read import RestoreReport
 from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
-from agent.format import crypto, layout
+from agent.format import layout
+from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private, load_verify_key
 from agent.format.manifest import KIND_FILE_PACK, Manifest
-from agent.ingest.pipeline import IngestRequest, PackResult, Pipeline, _MemberChanged, _PackReader
+from agent.ingest.packing import MemberChanged, PackReader
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest, PackResult
 from agent.sources.spool_scan import Candidate, plan
 from agent.store.store import ManifestWork, Store
 from tests.kits.pipeline import Env as PipeEnv  # its way of opening a manifest
@@ -81,13 +85,13 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    gen = crypto.generate_keys(tmp_path / "keys", SITE)
-    edge = crypto.load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
+    gen = generate_keys(tmp_path / "keys", SITE)
+    edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
     store = Store(tmp_path / "state", DEFAULT_CLASSES)
     chunking = ChunkingSettings(pack_avg_size=128 << 10)
     e = Env(tmp_path, Pipeline(SITE, edge, store, chunking, CompressionSettings()), store,
-            crypto.load_recipient_private(gen.cloud_dir / "recipient.key"), gen.cloud_dir,
+            load_recipient_private(gen.cloud_dir / "recipient.key"), gen.cloud_dir,
             tmp_path / "src")
     yield e
     store.close()
@@ -95,7 +99,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 def _manifests(env: Env) -> list[Manifest]:
     keys = Keys(env.pipeline.keys, env.recipient,
-                crypto.load_verify_key(env.cloud_keys / "sites" / f"{SITE}.pub"))
+                load_verify_key(env.cloud_keys / "sites" / f"{SITE}.pub"))
     pe = PipeEnv(env.store, env.pipeline, keys, env.src)
     return [pe.manifest(p.name) for p in env.store.manifests_dir.iterdir()
             if not p.name.startswith(".")]
@@ -157,9 +161,9 @@ def test_pack_reader_notices_a_file_that_changed_after_planning(env: Env) -> Non
     reqs = env.files(3)
     members = [(r, os.stat(r.path)) for r in reqs]
     reqs[1].path.write_bytes(reqs[1].path.read_bytes() + b"more")
-    reader = _PackReader(members)
+    reader = PackReader(members)
     buf = memoryview(bytearray(1 << 20))
-    with pytest.raises(_MemberChanged) as info:
+    with pytest.raises(MemberChanged) as info:
         while reader.readinto(buf):
             pass
     assert info.value.index == 1

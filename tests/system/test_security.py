@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.errors import CryptoError, FormatError
 from agent.format import crypto, layout
+from agent.format.codec import decompress
+from agent.format.keys import load_recipient_private, load_recipient_public, load_verify_key
 from agent.format.manifest import Manifest
-from agent.ingest.pipeline import decompress
 from tests.kits.site import Site, drop_file, tree_digest
 
 # Small chunks so a test file of a few hundred KiB spans several chunks.
@@ -51,10 +52,10 @@ def cloud_objects(site: Site) -> dict[str, Path]:
 
 def open_manifest(site: Site, blob: bytes) -> Manifest:
     """What restore does, with the cloud-side private key: open, check signature, parse."""
-    recipient = crypto.load_recipient_private(site.recipient_key)
+    recipient = load_recipient_private(site.recipient_key)
     header, payload = crypto.open_sealed(blob, recipient)
     signed = decompress(header.compression, payload, header.plaintext_len)
-    verify_key = crypto.load_verify_key(site.keys.cloud_dir / "sites" / f"{site.site_id}.pub")
+    verify_key = load_verify_key(site.keys.cloud_dir / "sites" / f"{site.site_id}.pub")
     return Manifest.from_json(crypto.verify_manifest(signed, verify_key))
 
 
@@ -354,7 +355,7 @@ def test_forged_or_moved_manifest_is_rejected(make_site: MakeSite, tmp_path: Pat
     # Forge: a manifest for a.txt pointing at b's data, signed with a key that is not the site's.
     forged = Manifest(**{**m_a.__dict__, "chunks": manifests["b.txt"][1].chunks})
     body = crypto.sign_manifest(forged.to_json(), Ed25519PrivateKey.generate())
-    recipient_pub = crypto.load_recipient_public(site.keys.edge_dir / "recipient.pub")
+    recipient_pub = load_recipient_public(site.keys.edge_dir / "recipient.pub")
     (site.cloud / key_a).write_bytes(crypto.seal(
         body, recipient_pub, kind=crypto.KIND_MANIFEST, compression=crypto.COMPRESSION_NONE,
         plaintext_len=len(body)))

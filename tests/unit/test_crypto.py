@@ -1,4 +1,5 @@
-"""agent.format.crypto: sealing, opening, signatures, key files and keyed chunk ids."""
+"""agent.format.crypto and agent.format.keys: sealing, opening, signatures, key files and keyed
+chunk ids."""
 
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.errors import CryptoError, FormatError, KeyFileError
 from agent.format import crypto
+from agent.format.keys import (
+    GeneratedKeys,
+    generate_keys,
+    load_dedup_key,
+    load_edge_keys,
+    load_recipient_private,
+    load_recipient_public,
+    load_signing_key,
+    load_verify_key,
+)
 
 SITE = "unit-site"
 
@@ -23,15 +34,15 @@ class Keys:
     edge: crypto.EdgeKeys
     recipient: X25519PrivateKey
     verify: Ed25519PublicKey
-    generated: crypto.GeneratedKeys
+    generated: GeneratedKeys
 
 
 def load_keys(out: Path, site: str = SITE) -> Keys:
-    gen = crypto.generate_keys(out, site)
-    edge = crypto.load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
-    return Keys(edge, crypto.load_recipient_private(gen.cloud_dir / "recipient.key"),
-                crypto.load_verify_key(gen.cloud_dir / "sites" / f"{site}.pub"), gen)
+    gen = generate_keys(out, site)
+    edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
+    return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"),
+                load_verify_key(gen.cloud_dir / "sites" / f"{site}.pub"), gen)
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +201,10 @@ def test_keygen_layout_and_private_modes(keys: Keys) -> None:
 
 
 def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
-    gen = crypto.generate_keys(tmp_path, SITE)
+    gen = generate_keys(tmp_path, SITE)
     before = {p: p.read_bytes() for p in gen.files}
     with pytest.raises(KeyFileError, match="refusing to overwrite"):
-        crypto.generate_keys(tmp_path, SITE)
+        generate_keys(tmp_path, SITE)
     assert {p: p.read_bytes() for p in gen.files} == before
 
 
@@ -201,19 +212,19 @@ def test_keygen_refuses_when_any_one_target_exists(tmp_path: Path) -> None:
     (tmp_path / "cloud" / "sites").mkdir(parents=True)
     (tmp_path / "cloud" / "sites" / f"{SITE}.pub").write_text("keep me")
     with pytest.raises(KeyFileError, match=f"{SITE}.pub"):
-        crypto.generate_keys(tmp_path, SITE)
+        generate_keys(tmp_path, SITE)
     assert (tmp_path / "cloud" / "sites" / f"{SITE}.pub").read_text() == "keep me"
     assert not (tmp_path / "edge").exists()
 
 
 @pytest.mark.parametrize(("name", "loader"), [
-    ("edge/site.key", crypto.load_signing_key),
-    ("edge/dedup.key", crypto.load_dedup_key),
-    ("cloud/recipient.key", crypto.load_recipient_private),
+    ("edge/site.key", load_signing_key),
+    ("edge/dedup.key", load_dedup_key),
+    ("cloud/recipient.key", load_recipient_private),
 ])
 def test_readable_private_key_is_refused(tmp_path: Path, name: str,
                                          loader: Callable[[Path], object]) -> None:
-    crypto.generate_keys(tmp_path, SITE)
+    generate_keys(tmp_path, SITE)
     path = tmp_path / name
     for mode in (0o644, 0o640, 0o604, 0o700):
         os.chmod(path, mode)
@@ -229,15 +240,15 @@ def test_readable_private_key_is_refused(tmp_path: Path, name: str,
 
 def test_missing_and_wrong_key_files_are_named(keys: Keys, tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="skyferry keygen"):
-        crypto.load_signing_key(tmp_path / "nope.key")
+        load_signing_key(tmp_path / "nope.key")
     gen = keys.generated
     with pytest.raises(KeyFileError, match="not an X25519 public key"):
-        crypto.load_recipient_public(gen.cloud_dir / "sites" / f"{SITE}.pub")
+        load_recipient_public(gen.cloud_dir / "sites" / f"{SITE}.pub")
     bad = tmp_path / "dedup.key"
     bad.write_text("abcd\n")
     bad.chmod(0o600)
     with pytest.raises(KeyFileError, match="64 hex digits"):
-        crypto.load_dedup_key(bad)
+        load_dedup_key(bad)
 
 
 def test_chunk_id_is_keyed(keys: Keys, other_keys: Keys) -> None:

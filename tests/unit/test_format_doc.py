@@ -30,7 +30,7 @@ from agent.config.settings import CompressionSettings
 from agent.errors import FormatError
 from agent.format import crypto, layout
 from agent.format.manifest import KIND_FILE_PACK, ChunkRef, Manifest, PackEntry, now_iso, uuid7
-from agent.ingest.pipeline import Compressor
+from agent.ingest.compressor import Compressor
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw

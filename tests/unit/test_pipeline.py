@@ -1,5 +1,5 @@
-"""agent.ingest.pipeline: chunking, compression, sealing and signing, with a real store and real
-keys."""
+"""agent.ingest (pipeline, cutting, compressor, sealing): chunking, compression, sealing and
+signing, with a real store and real keys."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from pyfastcdc import FastCDC
 from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
 from agent.errors import DiskFullError, SourceError
 from agent.format import crypto
-from agent.ingest import pipeline as pipeline_mod
-from agent.ingest.pipeline import Compressor, IngestRequest, Pipeline, decompress
+from agent.format.codec import decompress
+from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private, load_verify_key
+from agent.ingest import sealing
+from agent.ingest.compressor import Compressor
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest
 from agent.store.store import ManifestWork, Store
 from tests.kits.pipeline import Env, Keys
 
@@ -31,11 +35,11 @@ SEAL_OVERHEAD = crypto.HEADER_SIZE + crypto.TAG_SIZE
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    gen = crypto.generate_keys(tmp_path_factory.mktemp("keys"), SITE)
-    edge = crypto.load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
-    return Keys(edge, crypto.load_recipient_private(gen.cloud_dir / "recipient.key"),
-                crypto.load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub"))
+    gen = generate_keys(tmp_path_factory.mktemp("keys"), SITE)
+    edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
+    return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"),
+                load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub"))
 
 
 @pytest.fixture
@@ -265,7 +269,7 @@ def _writers(env: Env, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_a_lone_object_is_sealed_by_two_threads_and_restores(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_mod, "_CPUS", 2)  # a CPU to spare, on any machine
+    monkeypatch.setattr(sealing, "_CPUS", 2)  # a CPU to spare, on any machine
     writers = _writers(env, monkeypatch)
     data = random.Random(3).randbytes(1 << 20) + text_data(40_000)
     r = env.ingest("lone.bin", data)
@@ -278,7 +282,7 @@ def test_a_lone_object_is_sealed_by_two_threads_and_restores(
 
 def test_no_second_thread_without_a_spare_cpu(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_mod, "_CPUS", 1)
+    monkeypatch.setattr(sealing, "_CPUS", 1)
     writers = _writers(env, monkeypatch)
     data = random.Random(4).randbytes(1 << 20)
     r = env.ingest("alone.bin", data)
@@ -289,8 +293,8 @@ def test_no_second_thread_without_a_spare_cpu(
 
 def test_no_second_thread_at_high_levels(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its zstd context would cost ~50-80 MiB more at level 19."""
-    monkeypatch.setattr(pipeline_mod, "_CPUS", 2)
-    env.pipeline.compressor.set_level(pipeline_mod.SECOND_THREAD_MAX_LEVEL + 1)
+    monkeypatch.setattr(sealing, "_CPUS", 2)
+    env.pipeline.compressor.set_level(sealing.SECOND_THREAD_MAX_LEVEL + 1)
     writers = _writers(env, monkeypatch)
     data = text_data(60_000)
     r = env.ingest("text.csv", data)
@@ -301,7 +305,7 @@ def test_no_second_thread_at_high_levels(env: Env, monkeypatch: pytest.MonkeyPat
 
 def test_a_failure_in_the_second_thread_abandons_the_object(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_mod, "_CPUS", 2)
+    monkeypatch.setattr(sealing, "_CPUS", 2)
     write = env.pipeline._write_chunk
 
     def full_in_helper(*args: Any) -> Any:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.cloud.restore_io import MAX_CHUNK_PLAINTEXT
 from agent.errors import UnsafePathError
 from agent.format import layout
+from agent.format.limits import MAX_CHUNK_PLAINTEXT
 from agent.format.manifest import KIND_MQTT_BATCH, NAME_MAX, validate_name
 from tests.kits import restore
 from tests.kits.restore import SITE, Cloud, run_cli
@@ -279,8 +279,8 @@ def test_forged_plaintext_lengths_cost_no_memory(cloud: Cloud, tmp_path: Path) -
 def test_many_largest_forged_manifests_are_read_one_at_a_time(cloud: Cloud,
                                                                tmp_path: Path) -> None:
     """Only recipient.pub needed: eight manifests at the size cap, uncompressed, unsigned."""
-    from agent.cloud.restore_io import MAX_MANIFEST_PLAINTEXT
     from agent.format import crypto
+    from agent.format.limits import MAX_MANIFEST_PLAINTEXT
 
     good = cloud.publish("good.bin", b"good" * 1000)
     plain = os.urandom(MAX_MANIFEST_PLAINTEXT)

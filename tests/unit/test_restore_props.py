@@ -33,10 +33,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.cloud.restore import RestoreReport
-from agent.cloud.restore_io import MAX_SEALED_MANIFEST, sealed_max
+from agent.cloud.restore_read import RestoreReport
 from agent.errors import RestoreError
 from agent.format import layout, tips
+from agent.format.limits import MAX_SEALED_MANIFEST, sealed_max
 from agent.format.manifest import KIND_FILE, KIND_MQTT_BATCH
 from tests.kits import restore
 from tests.kits.restore import SITE, Cloud, Keys, Published

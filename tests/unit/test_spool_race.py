@@ -28,8 +28,11 @@ from agent.config.settings import (
     SpoolSettings,
 )
 from agent.format import crypto
+from agent.format.codec import decompress
+from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private, load_verify_key
 from agent.format.manifest import KIND_FILE_PACK, Manifest
-from agent.ingest.pipeline import IngestRequest, IngestResult, PackResult, Pipeline, decompress
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest, IngestResult, PackResult
 from agent.obs.metrics import Metrics
 from agent.sources.spool import SpoolSource
 from agent.store.store import Store
@@ -223,11 +226,11 @@ async def drive(source: SpoolSource, producer: Producer, racer: Racer, spool: Pa
 
 @pytest.mark.parametrize("after", ["delete", "move"])
 def test_symlink_races_never_reach_outside_the_spool(tmp_path: Path, after: str) -> None:
-    gen = crypto.generate_keys(tmp_path / "keys", SITE)
+    gen = generate_keys(tmp_path / "keys", SITE)
     e = gen.edge_dir
-    keys = crypto.load_edge_keys(e / "recipient.pub", e / "site.key", e / "dedup.key")
-    recipient = crypto.load_recipient_private(gen.cloud_dir / "recipient.key")
-    verify = crypto.load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub")
+    keys = load_edge_keys(e / "recipient.pub", e / "site.key", e / "dedup.key")
+    recipient = load_recipient_private(gen.cloud_dir / "recipient.key")
+    verify = load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub")
     state = tmp_path / "state"
     store = Store(state, DEFAULT_CLASSES)
     pipeline = Pipeline(SITE, keys, store, CHUNKING, CompressionSettings(level=1))

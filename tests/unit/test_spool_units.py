@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.config.settings import SpoolSettings
-from agent.ingest.pipeline import IngestRequest, IngestResult
+from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.metrics import Metrics
 from agent.sources import spool_lease
 from agent.sources.spool import SpoolSource
@@ -303,14 +303,14 @@ def test_an_aside_file_left_by_a_kill_is_taken_back_once_and_stored_once(
     recognised as the version already stored (same name, size and mtime) and deleted: no
     second object, nothing left; a new file that took the name meanwhile is not replaced."""
     from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
-    from agent.format import crypto
+    from agent.format.keys import generate_keys, load_edge_keys
     from agent.ingest.pipeline import Pipeline
     from agent.sources.spool_files import ASIDE_SUFFIX
     from agent.store.store import Store
 
-    gen = crypto.generate_keys(tmp_path / "keys", "s")
+    gen = generate_keys(tmp_path / "keys", "s")
     e = gen.edge_dir
-    keys = crypto.load_edge_keys(e / "recipient.pub", e / "site.key", e / "dedup.key")
+    keys = load_edge_keys(e / "recipient.pub", e / "site.key", e / "dedup.key")
     store = Store(tmp_path / "state", DEFAULT_CLASSES)
     pipeline = Pipeline("s", keys, store, ChunkingSettings(), CompressionSettings(level=1))
     spool = tmp_path / "spool"
@@ -401,7 +401,7 @@ def test_a_pack_never_needs_more_descriptors_than_the_process_may_open(
     import resource
 
     from agent.config.settings import ChunkingSettings
-    from agent.ingest.pipeline import PackResult
+    from agent.ingest.requests import PackResult
 
     spool = tmp_path / "spool"
     spool.mkdir()

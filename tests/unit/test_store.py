@@ -24,8 +24,11 @@ from agent.config.settings import (
 )
 from agent.errors import QuotaExceededError, StoreError, StoreLockedError
 from agent.format import crypto
+from agent.format.codec import decompress
+from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private
 from agent.format.manifest import Manifest
-from agent.ingest.pipeline import IngestRequest, IngestResult, Pipeline, decompress
+from agent.ingest.pipeline import Pipeline
+from agent.ingest.requests import IngestRequest, IngestResult
 from agent.store.store import ChunkWork, Eviction, ManifestWork, Store
 
 SITE = "store-site"
@@ -42,10 +45,10 @@ class Keys:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    gen = crypto.generate_keys(tmp_path_factory.mktemp("keys"), SITE)
-    edge = crypto.load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                                 gen.edge_dir / "dedup.key")
-    return Keys(edge, crypto.load_recipient_private(gen.cloud_dir / "recipient.key"))
+    gen = generate_keys(tmp_path_factory.mktemp("keys"), SITE)
+    edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
+    return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"))
 
 
 @dataclass
