@@ -107,13 +107,17 @@ def seal_tree(root: Path, state_dir: Path, keys_dir: Path, mode: str, workers: i
                           keys_dir / "dedup.key")
     store = Store(state_dir, DEFAULT_CLASSES)
     chunking = ChunkingSettings()
+    # The daemon's second sealing thread (agent/host/blocking.py Executors.seal).
+    seal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal")
     if mode.startswith("level:"):
         spec = mode.removeprefix("level:")
         level = int(spec.removesuffix("+ldm"))
-        pipeline = Pipeline(SITE, keys, store, chunking, CompressionSettings(level=level))
+        pipeline = Pipeline(SITE, keys, store, chunking, CompressionSettings(level=level),
+                            seal_thread=seal)
         pipeline.compressor.set_level(level, spec.endswith("+ldm"))
     else:
-        pipeline = Pipeline(SITE, keys, store, chunking, CompressionSettings())
+        pipeline = Pipeline(SITE, keys, store, chunking, CompressionSettings(),
+                            seal_thread=seal)
     batches = plan(scan(root, None), chunking)
     total = sum(c.size for b in batches for c in b)
     waiting = [total]

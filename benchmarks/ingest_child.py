@@ -48,7 +48,9 @@ def ingest_tree(root: Path, state_dir: Path, keys_dir: Path, site: str, source: 
                           keys_dir / "dedup.key")
     store = Store(state_dir, DEFAULT_CLASSES)
     chunking = ChunkingSettings()
-    pipeline = Pipeline(site, keys, store, chunking, CompressionSettings())
+    # The daemon's second sealing thread (agent/host/blocking.py Executors.seal).
+    seal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal")
+    pipeline = Pipeline(site, keys, store, chunking, CompressionSettings(), seal_thread=seal)
     batches = plan(scan(root, None), chunking)
 
     try:

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,8 +123,10 @@ class _DirectIngest:
             raise StoreLockedError(
                 f"the daemon holds {settings.site.state_dir} but does not answer on "
                 f"{settings.put.socket}; check `[put] socket` and the daemon's log") from None
+        # The same second sealing thread the daemon gives its pipeline (agent/host/blocking.py).
+        self.seal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal")
         self.pipeline = Pipeline(settings.site.id, keys, self.store, settings.chunking,
-                                 settings.compression)
+                                 settings.compression, seal_thread=self.seal)
 
     def put(self, fd: int, path: Path, name: str, priority: str,
             source: str) -> dict[str, Any]:
@@ -139,4 +142,5 @@ class _DirectIngest:
         return {"ok": True, "object": r.object_id, "duplicate": r.duplicate_of is not None}
 
     def close(self) -> None:
+        self.seal.shutdown(wait=True)
         self.store.close()

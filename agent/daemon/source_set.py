@@ -11,7 +11,7 @@ from pathlib import Path
 from agent.config.settings import Settings, SpoolSettings
 from agent.daemon.intake import Intake
 from agent.daemon.tasks import TaskSet
-from agent.host.blocking import RunBlocking
+from agent.host.blocking import Blocking
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.sources.mqtt import MqttSource
@@ -24,11 +24,12 @@ MQTT_DRAIN_S = 20.0  # at most this long making received messages durable at SIG
 
 class SourceSet:
     def __init__(self, settings: Settings, intake: Intake, tasks: TaskSet,
-                 run_blocking: RunBlocking, metrics: Metrics, environ: Mapping[str, str]) -> None:
+                 blocking: Blocking, metrics: Metrics, environ: Mapping[str, str]) -> None:
         self.settings = settings
         self.intake = intake
         self.tasks = tasks
-        self.run_blocking = run_blocking
+        self.blocking = blocking
+        self.run_blocking = blocking.run
         self.metrics = metrics
         self.environ = environ
         self.spools = [self._spool(s) for s in settings.spools]
@@ -93,7 +94,8 @@ class SourceSet:
         return SpoolSource(spool, self.intake.ingest, self.intake.ingest_pack,
                            self.settings.chunking, workers=INGEST_WORKERS,
                            protected=self._key_paths(), metrics=self.metrics,
-                           state_dir=self.settings.site.state_dir)
+                           state_dir=self.settings.site.state_dir,
+                           run_side=self.blocking.side)
 
     def _key_paths(self) -> tuple[Path, ...]:
         """What no spool may ever read besides the state_dir: the keys and their folders."""

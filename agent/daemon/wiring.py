@@ -72,7 +72,7 @@ class Daemon:
         self.blocking = self.executors.policy
         self.run_blocking = self.executors.run_blocking
         self.pipeline = Pipeline(settings.site.id, self.keys, self.store, settings.chunking,
-                                 settings.compression)
+                                 settings.compression, seal_thread=self.executors.seal)
         self.metrics.compression_level.set(self.pipeline.compressor.level)
         anchor = self.anchor = clock()
         # `skyferry status` needs the anchor to tell where a simulated cycle stands.
@@ -113,7 +113,7 @@ class Daemon:
             auto = auto_level(self.pipeline.compressor, INGEST_WORKERS, len(settings.spools))
         self.intake = Intake(self.pipeline, self.run_blocking, self.metrics, self.uplink.notify,
                              auto)
-        self.sources = SourceSet(settings, self.intake, self.tasks, self.run_blocking,
+        self.sources = SourceSet(settings, self.intake, self.tasks, self.blocking,
                                  self.metrics, self.environ)
         retune = None if auto is None else CompressionRetune(
             auto, link_budget=self.windows.link_budget, waiting_bytes=self.sources.waiting_bytes,

@@ -28,6 +28,7 @@ thread of its own named `name`."""
 
 IO_WORKERS = 4  # ingests (sealing), store queries, saves: at most this many at once
 ANSWER_WORKERS = 2  # short reads that answer a waiting caller (`skyferry status`)
+SIDE_WORKERS = 2  # spool folder scans and disposals
 SERVE_JOIN_S = 5.0  # at shutdown, how long a stopped server's thread may take to return
 
 
@@ -37,6 +38,7 @@ class Blocking:
 
     run: RunBlocking  # the I/O pool: everything that may queue behind ingests
     answer: RunBlocking  # a pool of its own: replies that must not wait behind ingests
+    side: RunBlocking  # another: folder scans and disposals, which must not wait either
     serve: Serve  # a long-lived server loop (the metrics port)
 
 
@@ -48,8 +50,14 @@ class Executors:
         self._io = ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="skyferry-io")
         self._answer = ThreadPoolExecutor(max_workers=ANSWER_WORKERS,
                                           thread_name_prefix="skyferry-answer")
+        # Folder scans and disposals: short, but they must not wait behind an ingest.
+        self._side = ThreadPoolExecutor(max_workers=SIDE_WORKERS,
+                                        thread_name_prefix="skyferry-side")
+        # Seals a chunk of an object while the ingesting thread cuts the next (agent/ingest).
+        self.seal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal")
         self._servers: list[threading.Thread] = []
-        self.policy = Blocking(run=self.run_blocking, answer=self.run_answer, serve=self.serve)
+        self.policy = Blocking(run=self.run_blocking, answer=self.run_answer,
+                               side=self.run_side, serve=self.serve)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """The one way blocking work leaves the event loop."""
@@ -60,6 +68,10 @@ class Executors:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._answer, functools.partial(fn, *args))
 
+    async def run_side(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._side, functools.partial(fn, *args))
+
     def serve(self, name: str, loop: Callable[[], None]) -> None:
         # A daemon thread: a server that was never shut down must not keep the process alive.
         thread = threading.Thread(target=loop, name=name, daemon=True)
@@ -69,6 +81,8 @@ class Executors:
     def close(self) -> None:
         self._io.shutdown(wait=True)
         self._answer.shutdown(wait=True)
+        self._side.shutdown(wait=True)
+        self.seal.shutdown(wait=True)
         for thread in self._servers:
             thread.join(SERVE_JOIN_S)
 

@@ -13,6 +13,7 @@ import io
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from datetime import datetime
 from pathlib import Path
 
@@ -59,8 +60,12 @@ from agent.store.store import Eviction, StagedChunk, StagedObject, Store
 
 class Pipeline:
     def __init__(self, site: str, keys: EdgeKeys, store: Store, chunking: ChunkingSettings,
-                 compression: CompressionSettings) -> None:
+                 compression: CompressionSettings, *, seal_thread: Executor | None = None) -> None:
+        """`seal_thread`: one thread that seals a chunk while the calling thread cuts the next,
+        owned by the caller (the daemon's `Executors`); without it each chunk is sealed by the
+        thread that ingests."""
         self.site = site
+        self.seal_thread = seal_thread
         self.keys = keys
         self.store = store
         self.chunking = chunking
@@ -99,7 +104,8 @@ class Pipeline:
         folder: StagingFolder | None = None
         with sealing_now() as spare_cpu:
             writers = ChunkWriters(self._write_chunk, staged.new_chunks, lambda: (
-                spare_cpu() and self.compressor.level <= SECOND_THREAD_MAX_LEVEL))
+                spare_cpu() and self.compressor.level <= SECOND_THREAD_MAX_LEVEL),
+                self.seal_thread)
             try:
                 folder = StagingFolder(stage)
                 refs = self._stage_chunks(stage, staged, pieces(writers.settle), writers,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, wait
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,19 +30,8 @@ BATCH_MAX_LEVEL = 9  # in-memory batches (MQTT): ~40 MB/s a core, a ~10 MiB cont
 _CPUS = len(os.sched_getaffinity(0))
 _computing = 0  # objects of this process being sealed now, from cutting to commit
 _computing_lock = threading.Lock()
-_second: ThreadPoolExecutor | None = None
 
 WriteChunk = Callable[[Path, str, memoryview, crypto.SealingKey], StagedChunk]
-
-
-def _second_thread() -> ThreadPoolExecutor:
-    """The thread that seals chunks of an object sealed while a CPU is spare (one for all
-    pipelines of the process: it is about the CPUs, not the store)."""
-    global _second
-    with _computing_lock:
-        if _second is None:
-            _second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal")
-        return _second
 
 
 @contextmanager
@@ -68,10 +57,11 @@ class ChunkWriters:
     sealing thread while this one cuts and seals the next."""
 
     def __init__(self, write: WriteChunk, done: dict[str, StagedChunk],
-                 may_hand_off: Callable[[], bool]) -> None:
+                 may_hand_off: Callable[[], bool], hand_off: Executor | None) -> None:
         self._write = write
         self._done = done
         self._may_hand_off = may_hand_off
+        self._hand_off = hand_off  # the sealing thread, given by whoever owns the threads
         self._pending: Future[StagedChunk] | None = None
 
     def settle(self) -> None:
@@ -83,8 +73,8 @@ class ChunkWriters:
     def write(self, stage: Path, cid: str, data: memoryview, key: crypto.SealingKey) -> None:
         if self._pending is not None and self._pending.done():
             self.settle()
-        if self._pending is None and self._may_hand_off():
-            self._pending = _second_thread().submit(self._write, stage, cid, data, key)
+        if self._hand_off is not None and self._pending is None and self._may_hand_off():
+            self._pending = self._hand_off.submit(self._write, stage, cid, data, key)
         else:
             chunk = self._write(stage, cid, data, key)
             self._done[chunk.id] = chunk

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agent.config.settings import ChunkingSettings, SpoolSettings
 from agent.errors import QuotaExceededError, SkyferryError, SourceError
+from agent.host.blocking import RunBlocking
 from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
@@ -67,8 +68,12 @@ class SpoolSource:
     def __init__(self, settings: SpoolSettings, ingest: Ingest,
                  ingest_pack: IngestPack | None = None, chunking: ChunkingSettings | None = None,
                  workers: int = 2, protected: tuple[Path, ...] = (),
-                 metrics: Metrics | None = None, state_dir: Path | None = None) -> None:
+                 metrics: Metrics | None = None, state_dir: Path | None = None,
+                 run_side: RunBlocking | None = None) -> None:
+        """`run_side`: how folder scans and disposals leave the event loop (the daemon's side
+        pool); without it, asyncio's default executor (tests, tools)."""
         self.settings = settings
+        self.run_side: RunBlocking = run_side or asyncio.to_thread
         self.ingest = ingest
         self.ingest_pack = ingest_pack
         self.chunking = chunking if ingest_pack is not None else None
@@ -106,17 +111,17 @@ class SpoolSource:
         # leases are taken only once a handler is in place (the event loop's thread is the
         # main thread in the daemon; elsewhere leases are not used).
         spool_lease.install_sigio_handler()
-        p = await asyncio.to_thread(self.root.open_pass)
+        p = await self.run_side(self.root.open_pass)
         if p is None:
             return
         try:
-            result = await asyncio.to_thread(scan_fd, p.root_fd, self.settings.path,
+            result = await self.run_side(scan_fd, p.root_fd, self.settings.path,
                                              self.root.fence(p))
             self._forget_gone(result)
             for s in result.skipped:
                 self.report.tell(s.name, s.reason, s.why)
             if result.asides:
-                await asyncio.to_thread(self._take_back, p, result.asides)
+                await self.run_side(self._take_back, p, result.asides)
             await self._ingest_ready(p, await self._retry_kept(p, result.files))
         finally:
             p.close()
@@ -159,7 +164,7 @@ class SpoolSource:
             if c.name in self._kept and c not in retry:
                 del self._kept[c.name]  # changed since it was accepted: a new version
         if retry:
-            await asyncio.to_thread(self._dispose_again, p, retry)
+            await self.run_side(self._dispose_again, p, retry)
         return [c for c in files if c not in retry]
 
     def _dispose_again(self, p: Pass, retry: list[Candidate]) -> None:
@@ -295,7 +300,7 @@ class SpoolSource:
     async def _accepted(self, p: Pass, done: list[tuple[Candidate, Hold, IngestResult]]
                         ) -> None:
         """Only now, after the store committed them, may the producer's copies go."""
-        kept = await asyncio.to_thread(self._dispose_all, p, [(c, h) for c, h, _ in done])
+        kept = await self.run_side(self._dispose_all, p, [(c, h) for c, h, _ in done])
         if done:
             self.report.backoff_s = 0.0  # progress: space is coming back, retry promptly
         for c, _, result in done:

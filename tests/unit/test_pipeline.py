@@ -8,6 +8,7 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 @pytest.fixture
 def env(tmp_path: Path, keys: Keys) -> Iterator[Env]:
     store = Store(tmp_path / "state", DEFAULT_CLASSES)
-    pipeline = Pipeline(SITE, keys.edge, store, CHUNKING, CompressionSettings())
-    yield Env(store, pipeline, keys, tmp_path / "src")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal") as seal:
+        pipeline = Pipeline(SITE, keys.edge, store, CHUNKING, CompressionSettings(),
+                            seal_thread=seal)
+        yield Env(store, pipeline, keys, tmp_path / "src")
     store.close()
 
 
