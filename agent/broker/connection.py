@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from pathlib import Path
 
+from agent.config import secrets
 from agent.config.settings import MqttSettings, SecretRef
-from agent.errors import SourceError
+from agent.errors import KeyFileError, SourceError
 
 
 def read_secret(ref: SecretRef, environ: Mapping[str, str]) -> str:
-    """The secret a SecretRef points at: a file's first line, or an environment variable."""
-    if ref.source == "env":
-        value = environ.get(ref.where)
-        if value is None:
-            raise SourceError(f"environment variable {ref.where} (the MQTT password) is not "
-                              "set; set it in the unit's environment or use password_file")
-        return value
-    path = Path(ref.where)
+    """The MQTT password a SecretRef points at: a variable, or a private file's first line."""
     try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except OSError as e:
-        raise SourceError(f"cannot read the MQTT password file {path}: {e.strerror}") from None
-    if mode & 0o077:
-        raise SourceError(f"{path} (the MQTT password) is readable by other users; "
-                          f"chmod 600 {path}")
-    return text.splitlines()[0] if text else ""
+        return secrets.read_secret(ref, environ, "MQTT password", first_line=True,
+                                   allow_empty=True)
+    except KeyFileError as e:
+        raise SourceError(str(e)) from None
 
 
 def tls_context(s: MqttSettings) -> ssl.SSLContext | None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from agent.config.secrets import others_can_access
 from agent.config.settings import BackendSettings, KeySettings, MqttSettings, SecretRef, Settings
 from agent.config.table import short
 from agent.daemon.site_config import load_settings, summarize
@@ -134,7 +135,7 @@ def _key_file_problem(key: str, path: Path, private: bool, made: str) -> str | N
     if not private and b"PRIVATE KEY" in head:
         return (f"{key}: holds a private key (got {got}); the site needs only the public "
                 f"recipient key {made}: the recipient's private key must never be on the site")
-    if private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if private and others_can_access(st.st_mode):
         return (f"{key}: other users can access this private key (got mode "
                 f"{stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path} (owned by the user "
                 "skyferry runs as)")
@@ -347,7 +348,7 @@ def _check_mqtt(mqtt: MqttSettings, environ: Mapping[str, str], problems: list[s
                 problems.append(f"{key}: cannot be read: {e.strerror} (got {_got(path)}); "
                                 f"{SECRET_FIX['file']}")
             else:
-                if mode & 0o077:
+                if others_can_access(mode):
                     problems.append(f"{key}: other users can access the password file (got "
                                     f"mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")
     if mqtt.tls is not None:

@@ -1,7 +1,7 @@
 """Key files: generating a site's keys, reading them, and the one rule for private files.
 
-`read_private` is the single place that reads a file holding a secret (a private key, the dedup
-key, a password or credential file) and refuses it when other users can access it, as ssh does.
+Key files are read through agent/config/secrets.py `read_private`, the one rule for files that
+hold a secret.
 The keys themselves are used by agent/format/crypto.py (docs/FORMAT.md, "Keys").
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -19,40 +18,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from agent.config.secrets import read_private
 from agent.errors import KeyFileError
 from agent.format.crypto import EdgeKeys
 
 SITE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 KEYGEN_HINT = "create keys with `skyferry keygen --out DIR` and point the config at them"
-
-
-def private_mode_problem(path: Path, mode: int) -> str | None:
-    """Why a file of this mode may not hold a secret (group or others may access it), or None."""
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return (f"{path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
-                f"run: chmod 600 {path}")
-    return None
-
-
-def read_private(path: Path, what: str, *, private: bool = True, missing: str = "") -> bytes:
-    """The bytes of a key or secret file; with `private`, refused when others can access it.
-
-    The mode checked is the one of the file read (same descriptor), not of whatever the name
-    points at afterwards. `missing` is the fix shown when the file does not exist.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-            mode = os.fstat(f.fileno()).st_mode
-    except FileNotFoundError:
-        raise KeyFileError(f"{what} {path} does not exist" + (f"; {missing}" if missing else "")
-                           ) from None
-    except OSError as e:
-        raise KeyFileError(f"cannot read {what} {path}: {e.strerror}") from None
-    problem = private_mode_problem(path, mode) if private else None
-    if problem is not None:
-        raise KeyFileError(f"{what} {problem}")
-    return data
 
 
 def write_private(path: Path, data: bytes) -> None:
