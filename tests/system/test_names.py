@@ -49,6 +49,11 @@ def test_non_utf8_spool_name_is_skipped_once_and_others_flow(make_site: Callable
     while time.monotonic() < deadline and (site.spool() / "good.txt").exists():
         time.sleep(0.1)
     time.sleep(1.0)  # several scans: the bad file must be reported once, not every scan
+    # Gone from the spool means queued, not yet sent: wait for the upload (the bad file stays,
+    # so the spool never empties and `wait_drained` does not apply).
+    while time.monotonic() < deadline + 30 and not sum(
+            c["items"].get("committed", 0) for c in site.status()["classes"].values()):
+        time.sleep(0.2)
     site.stop()
     failures = [e for e in site.log_events() if e.get("event") == "spool_skipped"]
     assert len(failures) == 1 and "not valid UTF-8" in failures[0]["msg"], failures
