@@ -22,13 +22,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Stamps: the venv is (re)installed only when pyproject.toml is newer than the stamp.
+# --no-compile: Python compiles what is imported when it is first imported; compiling every
+# installed file up front took a third of the install (63 s -> 43 s for the dev extra).
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install $(PIP_Q) -e .
+	$(PIP) install $(PIP_Q) --no-compile -e .
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) install $(PIP_Q) -e '.[dev]'
-	@touch $@
+# The dev extra holds everything `.installed` does: one resolver pass, not two.
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP) install $(PIP_Q) --no-compile -e '.[dev]'
+	@touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
