@@ -10,6 +10,7 @@ emulator to KINDS and must pass all of it. The emulators start once per session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -325,6 +326,49 @@ def test_transient_failures_are_retried(make_cloud: MakeCloud, backend_kind: str
     assert attempts[:2] == ["throttled", "connection"], attempts
     assert proxy.error_responses >= 1
     assert cloud.objects() == {f"{PREFIX}/r/k": 5000}
+
+
+@pytest.mark.parametrize("backend_kind", REMOTE)
+def test_put_plain_cut_mid_upload_is_retried_whole(make_cloud: MakeCloud, backend_kind: str,
+                                                   tmp_path: Path) -> None:
+    """Every connection cut 10 MiB into a 12 MiB multipart upload: the attempt fails transient,
+    no lister sees a partial object, and the retry lands it whole with its metadata."""
+    cloud = make_cloud(backend_kind, proxy=True, prefix=PREFIX)
+    assert cloud.proxy is not None
+    b = open_backend(load_backend_settings(cloud.write_config()))
+    direct = cloud.backend()
+    data = random.Random(10).randbytes(12 << 20)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    attempts: list[str] = []
+    seen: set[int] = set()
+
+    async def put() -> None:
+        try:
+            await b.put_plain("s/cut.bin", source, metadata={"sha256": "ef"})
+        except TransientBackendError as e:
+            attempts.append(e.kind)
+            raise
+
+    async def scenario() -> None:
+        async def lister() -> None:
+            while True:
+                seen.update([i.size async for i in direct.list(PREFIX + "/s/")])
+                await asyncio.sleep(0.005)
+
+        polling = asyncio.create_task(lister())
+        await retrying(put, attempts=4, initial_s=0.05, max_s=0.1)
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        assert await b.head("s/cut.bin") == (len(data), {"sha256": "ef"})
+        assert await b.get("s/cut.bin") == data
+
+    cloud.proxy.cut_at_totals([10 << 20])
+    asyncio.run(scenario())
+    assert attempts and set(attempts) <= {"connection", "timeout", "server_error"}, attempts
+    assert seen <= {len(data)}, f"a lister saw a partial object: sizes {seen}"
+    assert cloud.objects() == {f"{PREFIX}/s/cut.bin": len(data)}
 
 
 def test_permanent_failures_are_not_retried(make_cloud: MakeCloud, backend_kind: str) -> None:
