@@ -185,6 +185,10 @@ def test_put_plain_bytes_head_and_replace(make_cloud: MakeCloud, backend_kind: s
             await b.put_plain("s/cam/x", b"x", metadata={"Content-Type": "text/plain"})
         assert info.value.kind == "rejected"
         assert await b.head("s/cam/x") is None, "refused before anything was sent"
+        if backend_kind == "file":  # a file where a folder must go, a folder where a file
+            for key in ("s/cam/a b.txt/under", "s/cam"):
+                with pytest.raises(PermanentBackendError, match="move it away"):
+                    await b.put_plain(key, b"x", metadata={})
 
     asyncio.run(scenario())
 
