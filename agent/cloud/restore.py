@@ -82,15 +82,14 @@ class Restorer(CloudReader):
         if target is None:
             await self._verify(names, since, report, show_progress)
         else:
-            dir_ = TargetDir(target)
-            try:
-                self._journal = RestoreJournal(target, dir_.fd)  # opened through dir_ (seam)
-                await self._restore(dir_, names, since, report, show_progress)
-            finally:
-                dir_.close()
-                if self._journal is not None:
-                    self._journal.close()
-                self._journal = None
+            with TargetDir(target) as dir_:
+                try:
+                    self._journal = RestoreJournal(target, dir_.fd)  # opened through dir_
+                    await self._restore(dir_, names, since, report, show_progress)
+                finally:
+                    if self._journal is not None:
+                        self._journal.close()
+                    self._journal = None
         report.problems += [Problem(what, why) for what, why in self.history.finish()]
         for p in report.problems:  # gaps an unreadable manifest may account for
             p.reason += self.history.note(p.what)

@@ -67,6 +67,12 @@ class TargetDir:
     def close(self) -> None:
         os.close(self.fd)
 
+    def __enter__(self) -> TargetDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def open_folder(self, parts: Sequence[str]) -> int:
         """A descriptor of <root>/<parts...>, created as needed, never reached through a link."""
         fd = os.dup(self.fd)

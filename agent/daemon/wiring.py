@@ -64,9 +64,9 @@ class Daemon:
                                    settings.keys.dedup_key)
         self.backend = open_backend(settings.backend)
         # A `skyferry put` writing directly (it found no daemon) holds the store a moment.
-        self.store = Store(settings.site.state_dir, settings.classes,
-                           settings.store.quota_bytes, lock_wait_s=STORE_LOCK_WAIT_S)
-        lifetimes.callback(self.store.close)
+        self.store = lifetimes.enter_context(Store(
+            settings.site.state_dir, settings.classes, settings.store.quota_bytes,
+            lock_wait_s=STORE_LOCK_WAIT_S))
         # Entered after the store: no thread that uses the store outlives it.
         self.executors = lifetimes.enter_context(Executors())
         self.blocking = self.executors.policy

@@ -71,6 +71,12 @@ class Store:
     def close(self) -> None:
         self._index.close()
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def give_up_spare(self) -> None:
         """The index cannot be written for lack of room: free the spare blocks (the uplink
         does, so recording uploads, which frees space, goes on)."""
