@@ -6,9 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import SplitResult, unquote
 
-from obstore.store import LocalStore
-
-from agent.backends.objstore import ObstoreBackend
+from agent.backends.folder import FolderBackend
 from agent.backends.service import Service
 from agent.config.settings import BackendSettings
 from agent.config.table import Table
@@ -24,7 +22,7 @@ def _check_url(t: Table, parts: SplitResult) -> bool:
 
 
 def _open(settings: BackendSettings, parts: SplitResult,
-          environ: Mapping[str, str]) -> ObstoreBackend:
+          environ: Mapping[str, str]) -> FolderBackend:
     url = settings.url
     if parts.netloc not in ("", "localhost"):
         raise PermanentBackendError(f"{url}: file URLs take an absolute path: file:///path",
@@ -35,8 +33,7 @@ def _open(settings: BackendSettings, parts: SplitResult,
     except OSError as e:
         raise PermanentBackendError(f"{url}: cannot create {root}: {e.strerror}",
                                     "config") from None
-    return ObstoreBackend(LocalStore(root, mkdir=True), url, where=f"folder {root}",
-                          credentials="file permissions")
+    return FolderBackend(root, url)
 
 
 def _probe_target(settings: BackendSettings) -> str | None:

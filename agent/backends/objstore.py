@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -21,7 +22,7 @@ from obstore.store import ObjectStore
 
 from agent.backends.connections import Connection, connections_to
 from agent.backends.failures import Failures, detail
-from agent.backends.protocol import CHECK_PREFIX, ObjectInfo, PutResult
+from agent.backends.protocol import CHECK_PREFIX, ObjectInfo, PutResult, check_metadata
 from agent.config.settings import BackendSettings
 from agent.errors import (
     BackendError,
@@ -33,6 +34,7 @@ from agent.errors import (
 )
 
 if TYPE_CHECKING:
+    from obstore import Attributes
     from obstore.store import ClientConfig, RetryConfig
 
 # A service's store: (the obstore store, where its credentials came from).
@@ -45,6 +47,14 @@ T = TypeVar("T")
 # at most 16 MiB sealed, manifests far smaller.
 _LARGEST_GET = 32 << 20
 CONNECTIONS_TTL_S = 0.1  # `connections` reads the kernel's table at most this often
+# A plain object larger than this goes as a multipart upload of parts this size (S3's smallest
+# part is 5 MiB; 10,000 parts of 8 MiB make 78 GiB), PART_STREAMS parts at a time: at most
+# 32 MiB of it in memory.
+PART_SIZE = 8 << 20
+PART_STREAMS = 4
+# What obstore reads back as attributes but are HTTP headers, not user metadata.
+_STANDARD_ATTRIBUTES = frozenset({"Content-Disposition", "Content-Encoding", "Content-Language",
+                                  "Content-Type", "Cache-Control", "Storage-Class"})
 
 
 class ObstoreBackend:
@@ -56,8 +66,9 @@ class ObstoreBackend:
                  timeout_s: float = 30.0, min_rate_bps: float = 8000.0,
                  put_store: ObjectStore | None = None,
                  rebuild: Callable[[], tuple[ObjectStore, ObjectStore]] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, part_size: int = PART_SIZE) -> None:
         self._store = store
+        self.part_size = part_size
         self.port = port  # the service's TCP port (None: a folder), for `connections`
         self._conns: list[Connection] | None = None
         self._conns_at = -CONNECTIONS_TTL_S
@@ -251,6 +262,45 @@ class ObstoreBackend:
             await obstore.delete_async(self._store, self._full(key))
         except Exception as e:
             raise self._fail("delete", key, e) from e
+
+    async def put_plain(self, key: str, source: Path | bytes, *, metadata: Mapping[str, str],
+                        mtime_ns: int | None = None) -> None:
+        """Write or replace a plain object; `mtime_ns` is not kept (see `Backend.put_plain`).
+
+        obstore names any attribute other than the standard HTTP ones user metadata. A source
+        over `part_size` goes as a multipart upload (S3 multipart, Azure blocks + block list,
+        GCS XML multipart), which the service makes visible only when it is complete; an
+        aborted one leaves no object (S3 and GCS may keep its parts until a lifecycle rule
+        removes them).
+        """
+        check_metadata(self.url, key, metadata)
+        attributes: Attributes = dict(metadata)
+        try:
+            size = len(source) if isinstance(source, bytes) else source.stat().st_size
+            await self._bounded(
+                obstore.put_async(self._put_store, self._full(key), source,
+                                  attributes=attributes, mode="overwrite",
+                                  use_multipart=size > self.part_size,
+                                  chunk_size=self.part_size, max_concurrency=PART_STREAMS),
+                size)
+        except Exception as e:
+            raise self._fail("put", key, e) from e
+
+    async def head(self, key: str) -> tuple[int, dict[str, str]] | None:
+        """A HEAD request (a get with `head`): obstore's `head` does not return attributes."""
+        try:
+            result = await self._bounded(
+                obstore.get_async(self._store, self._full(key), options={"head": True}), 0)
+        except (NotFoundError, FileNotFoundError):
+            return None
+        except Exception as e:
+            failure = self._fail("head", key, e)
+            if isinstance(failure, ObjectNotFoundError):
+                return None
+            raise failure from e
+        metadata = {str(k): v for k, v in result.attributes.items()
+                    if k not in _STANDARD_ATTRIBUTES}
+        return int(result.meta["size"]), metadata
 
 
 def client_options(s: BackendSettings, uploads: bool = False) -> ClientConfig:

@@ -8,13 +8,21 @@ tests/system/test_backend_conformance.py holds every implementation to this cont
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from agent.backends.connections import Connection
+from agent.errors import PermanentBackendError
 
 CHECK_PREFIX = ".skyferry-check/"  # `Backend.check` lists it; nothing is written there
+
+# User metadata every service keeps as given: Azure wants C# identifiers, S3 and GCS lower-case
+# names, HTTP headers printable ASCII values without surrounding blanks (trimmed in transit).
+_METADATA_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_METADATA_VALUE_RE = re.compile(r"(?:[!-~](?:[ -~]{0,1022}[!-~])?)?")
 
 
 @dataclass(frozen=True)
@@ -68,3 +76,29 @@ class Backend(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the object."""
+
+    async def put_plain(self, key: str, source: Path | bytes, *, metadata: Mapping[str, str],
+                        mtime_ns: int | None = None) -> None:
+        """Write or replace a plain object (what `land` delivers): all of it or nothing, never a
+        partial object visible to a lister. A source larger than the backend's part size (a
+        Path: read from disk, never whole in memory) goes as a multipart upload. `metadata` is
+        user metadata (Azure x-ms-meta-*, S3 x-amz-meta-*, GCS x-goog-meta-*; on a folder:
+        xattrs user.skyferry.<name>), names and values as `check_metadata` allows. `mtime_ns`
+        sets a folder file's modification time; object stores keep their own (the lander
+        sends the original in `metadata`). Idempotent: retry it with `retrying`."""
+
+    async def head(self, key: str) -> tuple[int, dict[str, str]] | None:
+        """Size and user metadata of an object, None when it does not exist."""
+
+
+def check_metadata(url: str, key: str, metadata: Mapping[str, str]) -> None:
+    """Refuse metadata some service would rename, mangle or reject, before anything is sent."""
+    for name, value in metadata.items():
+        if not _METADATA_NAME_RE.fullmatch(name):
+            raise PermanentBackendError(
+                f"{url}: put {key}: metadata name {name!r} is not portable: use lower-case "
+                "ASCII letters, digits and _, starting with a letter", "rejected")
+        if not _METADATA_VALUE_RE.fullmatch(value):
+            raise PermanentBackendError(
+                f"{url}: put {key}: metadata {name} = {value!r} is not portable: use printable "
+                "ASCII without leading or trailing blanks, at most 1024 characters", "rejected")
