@@ -63,6 +63,10 @@ def main(args: argparse.Namespace) -> int:
         setup_logging("info", "auto")
         asyncio.run(lander.run(settings.poll_s, settings.backfill_s))
         return 0
+    import logging
+
+    # The report below says it all: log records are not echoed to stderr a second time.
+    logging.getLogger("skyferry").addHandler(logging.NullHandler())
     report = asyncio.run(lander.land_once())
     if args.json:
         print(json.dumps({

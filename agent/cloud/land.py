@@ -25,7 +25,7 @@ from agent.backends.retry import retrying
 from agent.cloud import land_book as book
 from agent.cloud.history import History
 from agent.cloud.land_discover import Discovery
-from agent.cloud.land_stage import Stage, Staged, stage
+from agent.cloud.land_stage import Staged, stage
 from agent.cloud.restore_read import DECODE_ERRORS, CloudReader, Problem, SiteKeys
 from agent.errors import ObjectNotFoundError, SkyferryError
 from agent.format.manifest import Manifest, uuid7

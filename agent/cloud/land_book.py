@@ -122,7 +122,8 @@ class Landed:
 
 def _ascii(value: str) -> str:
     """Metadata headers carry ASCII only: anything else is percent-encoded (UTF-8)."""
-    return value if value.isascii() and value.isprintable() else quote(value, safe="")
+    plain = value.isascii() and value.isprintable() and value == value.strip()
+    return value if plain else quote(value, safe="")
 
 
 def now_iso() -> str:

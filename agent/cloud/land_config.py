@@ -55,7 +55,7 @@ def load_land_settings(path: Path | None, source_url: str | None = None,
     poll = t.duration("poll", defaults.poll_s)
     t.positive("poll", poll, 'give a duration such as "2s"')
     backfill = t.duration("backfill", defaults.backfill_s)
-    t.positive("backfill", backfill, 'give a duration such as "10min"')
+    t.positive("backfill", backfill, 'give a duration such as "10m"')
     parallel = t.integer("parallel", defaults.parallel)
     t.ensure("parallel", 1 <= parallel <= 256, f"must be 1 to 256, not {parallel}",
              "parallel = 8")

@@ -98,9 +98,10 @@ async def _stage_pack(reader: CloudReader, m: Manifest, wanted: set[int], target
     finally:
         splitter.abort()
     for i in sorted(wanted):
-        e = m.entries[i]
+        entry = m.entries[i]
         if i in splitter.ok:
-            parts = dest_parts(m, e.name)
-            out.files.append(Staged(i, parts, out.folder.joinpath(*parts), e.size, e.mtime_ns))
+            parts = dest_parts(m, entry.name)
+            out.files.append(Staged(i, parts, out.folder.joinpath(*parts), entry.size,
+                                    entry.mtime_ns))
         else:
-            out.bad[e.name] = splitter.bad.get(i) or out.failure or "did not verify"
+            out.bad[entry.name] = splitter.bad.get(i) or out.failure or "did not verify"
