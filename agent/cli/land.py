@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from agent.errors import SkyferryError
 
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
         from agent.obs.logs import setup_logging
 
         setup_logging("info", "auto")
-        asyncio.run(lander.run(settings.poll_s, settings.backfill_s))
+        asyncio.run(_until_stopped(lander.run(settings.poll_s, settings.backfill_s)))
         return 0
     import logging
 
@@ -86,6 +89,19 @@ def main(args: argparse.Namespace) -> int:
               f"manifests into {settings.dest.url}; {report.superseded} older versions skipped; "
               f"{len(report.quarantined)} quarantined")
     return 0
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` until SIGTERM or SIGINT: a file being landed is abandoned whole (nothing
+    partial is visible) and lands again at the next start."""
+    import signal
+
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _check_source_folder(url: str) -> None:

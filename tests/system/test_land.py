@@ -176,3 +176,49 @@ def test_bad_input_gets_one_clear_line(cloud: Cloud, tmp_path: Path) -> None:
     r = run_cli("land", "-c", str(cfg), "--once")
     assert r.returncode == 2 and "inline" in r.stderr and "land.poll" in r.stderr, r.stderr
     assert "\n" not in r.stderr.strip()
+
+
+def test_the_service_finds_a_new_manifest_within_a_poll_and_stops_on_sigterm(
+        cloud: Cloud, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    from datetime import UTC, datetime
+
+    from tests.kits.restore import ROOT
+
+    cloud.clock = datetime.now(UTC)  # a poll lists today's and yesterday's date folders
+    cloud.publish("before.txt", b"there at start")
+    lake = tmp_path / "lake"
+    cfg = tmp_path / "land.toml"
+    cfg.write_text(render_toml({"source": {"url": cloud.url}, "dest": {"url": f"file://{lake}"},
+                                "land": {"key": str(cloud.keys.recipient_key), "poll": "200ms",
+                                         "backfill": "1h", "work_dir": str(tmp_path)}}))
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "land", "-c", str(cfg)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = lake / cloud.site / "files" / "before.txt"
+        deadline = time.monotonic() + 20
+        while not first.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.read_bytes() == b"there at start"
+        cloud.publish("after.txt", b"sent while it runs")
+        sent = time.monotonic()
+        second = lake / cloud.site / "files" / "after.txt"
+        # Landed means its event is written (the file is visible a moment before).
+        while len(events(everything_of(lake))) < 2 and time.monotonic() < sent + 10:
+            time.sleep(0.05)
+        lag = time.monotonic() - sent
+        assert second.read_bytes() == b"sent while it runs", "found by a poll, not a backfill"
+        assert lag < 3, f"landed {lag:.1f} s after its manifest arrived (poll 200 ms)"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert '"land_file"' in out
+    assert len(events(everything_of(lake))) == 2
