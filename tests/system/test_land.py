@@ -92,8 +92,10 @@ def test_files_pack_and_batch_land_byte_identical_once_with_metadata_and_one_eve
         cloud: Cloud, make_cloud: Callable[..., Store], tmp_path: Path, kind: str) -> None:
     want = publish_corpus(cloud)
     dest, b = dest_of(kind, make_cloud, tmp_path)
-    report = land(cloud, dest).report
+    run = land(cloud, dest)
+    report = run.report
     assert report["files"] == len(want) and not report["quarantined"], report
+    assert run.peak_rss < 256 * 2**20, "the big file is staged on disk, not held in memory"
     got = everything(b)
     assert {k: v for k, v in got.items() if not k.startswith("_skyferry/")} == want
     for key, data in want.items():
@@ -176,6 +178,13 @@ def test_bad_input_gets_one_clear_line(cloud: Cloud, tmp_path: Path) -> None:
     r = run_cli("land", "-c", str(cfg), "--once")
     assert r.returncode == 2 and "inline" in r.stderr and "land.poll" in r.stderr, r.stderr
     assert "\n" not in r.stderr.strip()
+    cloud.publish("a.txt", b"a")  # an operational error: the destination cannot be written
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = run_cli("land", "--once", "--source", cloud.url, "--dest", f"file://{blocker}/lake",
+                "--key", str(cloud.keys.recipient_key))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "a-file" in r.stderr, r.stderr
 
 
 def test_the_service_finds_a_new_manifest_within_a_poll_and_stops_on_sigterm(
