@@ -10,7 +10,6 @@ quarantined with a report naming it and why, and the rest carries on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import socket
@@ -25,6 +24,7 @@ from agent.backends.retry import retrying
 from agent.cloud import land_book as book
 from agent.cloud.history import History
 from agent.cloud.land_discover import Discovery
+from agent.cloud.land_recover import recover_events
 from agent.cloud.land_stage import Staged, stage
 from agent.cloud.restore_read import DECODE_ERRORS, CloudReader, Problem, SiteKeys
 from agent.errors import ObjectNotFoundError, SkyferryError
@@ -70,6 +70,7 @@ class Lander(CloudReader):
         """A backfill listing, and everything it found landed or quarantined."""
         report = report or LandReport()
         self.history = History()
+        await recover_events(self.dest)
         for site, infos in await self.discovery.backfill():
             await self._land_site(site, infos, report)
         report.findings += [Problem(what, why) for what, why in self.history.finish()]
@@ -180,17 +181,28 @@ class Lander(CloudReader):
 
     async def _record(self, sealed_key: str, m: Manifest, landed: list[book.Landed],
                       superseded: list[str], report: LandReport) -> None:
-        """Create the landing record; the worker that created it writes the events."""
+        """Create the landing record; the worker that created it writes the events.
+
+        A pending marker is written first and removed last: a crash between the record and its
+        events leaves it, and the next backfill writes the events from the record
+        (agent/cloud/land_recover.py), so each landed file has exactly one event.
+        """
         events = self._next_events_key() if landed else None
-        record = book.landing_record(sealed_key, landed, superseded, events)
+        when = book.now_iso()
+        lines = [f.event(uuid7(), when) for f in landed]
+        record = book.landing_record(sealed_key, landed, superseded, events, lines)
+        pending = book.pending_key(m.site, m.object_id, self.worker)
+        if events is not None:
+            await retrying(lambda: self.dest.put_plain(pending, sealed_key.encode(),
+                                                       metadata={}))
         created = await retrying(lambda: self.dest.put_if_absent(
             book.landed_key(m.site, m.object_id), record))
+        if created and events is not None:
+            await retrying(lambda: self.dest.put_if_absent(events, book.event_lines(lines)))
+        if events is not None:
+            await retrying(lambda: self.dest.delete(pending))
         if not created:
             return
-        if events is not None:
-            when = book.now_iso()
-            lines = "".join(_json_line(f.event(uuid7(), when)) for f in landed)
-            await retrying(lambda: self.dest.put_if_absent(events, lines.encode()))
         for f in landed:
             report.files += 1
             report.bytes += f.size
@@ -209,10 +221,6 @@ class Lander(CloudReader):
                     extra={"event": "land_quarantined", "object": sealed_key})
         await retrying(lambda: self.dest.put_if_absent(
             book.quarantine_key(sealed_key), book.quarantine_report(sealed_key, reason, files)))
-
-
-def _json_line(event: dict[str, object]) -> str:
-    return json.dumps(event, ensure_ascii=False, sort_keys=True) + "\n"
 
 
 def _log_report(report: LandReport) -> None:

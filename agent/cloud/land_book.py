@@ -42,6 +42,16 @@ def name_key(site: str, path: str) -> str:
     return f"{BOOK}/names/{site}/{_sha(path)}"
 
 
+def pending_prefix() -> str:
+    return f"{BOOK}/pending/"
+
+
+def pending_key(site: str, object_id: str, worker: str) -> str:
+    """Written before a landing record is created, removed once its events are written: one
+    left behind names a record whose events a crash may have kept from being written."""
+    return f"{pending_prefix()}{site}/{object_id}.{worker}"
+
+
 def events_key(day: str, worker: str, n: int) -> str:
     return f"{BOOK}/events/{day}/{worker}-{n}.jsonl"
 
@@ -131,12 +141,18 @@ def now_iso() -> str:
 
 
 def landing_record(sealed_key: str, files: list[Landed], superseded: list[str],
-                   events: str | None) -> bytes:
+                   events: str | None, lines: list[dict[str, Any]]) -> bytes:
+    """The record also holds its events, so they can be written again after a crash."""
     return json.dumps({
-        "manifest": sealed_key, "when": now_iso(), "events": events,
+        "manifest": sealed_key, "when": now_iso(), "events": events, "event_lines": lines,
         "files": [{"key": f.key, "size": f.size, "sha256": f.sha256} for f in files],
         "superseded": superseded,
     }, ensure_ascii=False, indent=1).encode()
+
+
+def event_lines(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n"
+                   for e in lines).encode()
 
 
 def quarantine_report(sealed_key: str, reason: str, files: dict[str, str]) -> bytes:

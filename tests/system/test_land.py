@@ -231,3 +231,24 @@ def test_the_service_finds_a_new_manifest_within_a_poll_and_stops_on_sigterm(
     assert proc.returncode == 0, err
     assert '"land_file"' in out
     assert len(events(everything_of(lake))) == 2
+
+
+def test_a_stop_between_landing_record_and_events_loses_no_event(cloud: Cloud,
+                                                                  tmp_path: Path) -> None:
+    """What a lander killed after creating a landing record leaves: the record and its pending
+    marker, no events object. The next run writes the events once, from the record."""
+    published = cloud.publish("a.txt", b"alpha")
+    lake = tmp_path / "lake"
+    land(cloud, f"file://{lake}")
+    (event_file,) = (lake / "_skyferry" / "events").rglob("*.jsonl")
+    before = event_file.read_text()
+    event_file.unlink()
+    marker = lake / "_skyferry" / "pending" / cloud.site / f"{published.manifest.object_id}.w-1"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(published.key)
+    again = land(cloud, f"file://{lake}").report
+    assert again["files"] == 0, "landed already: not landed again"
+    assert event_file.read_text() == before, "the same events, written once"
+    assert not marker.exists()
+    land(cloud, f"file://{lake}")
+    assert len(events(everything_of(lake))) == 1
