@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true",
                    help="land what is there now and exit (0: everything landed or was "
                         "quarantined with a reason)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --once: progress line (default: when stderr is a terminal)")
     p.add_argument("--json", action="store_true", help="with --once: print the report as JSON")
 
 
@@ -70,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
 
     # The report below says it all: log records are not echoed to stderr a second time.
     logging.getLogger("skyferry").addHandler(logging.NullHandler())
-    report = asyncio.run(lander.land_once())
+    report = asyncio.run(lander.land_once(show_progress=args.progress))
     if args.json:
         print(json.dumps({
             "manifests": report.manifests, "files": report.files, "bytes": report.bytes,

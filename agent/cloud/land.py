@@ -26,6 +26,7 @@ from agent.cloud.history import History
 from agent.cloud.land_discover import Discovery
 from agent.cloud.land_recover import recover_events
 from agent.cloud.land_stage import Staged, stage
+from agent.cloud.restore_progress import Progress
 from agent.cloud.restore_read import DECODE_ERRORS, CloudReader, Problem, SiteKeys
 from agent.errors import ObjectNotFoundError, SkyferryError
 from agent.format.manifest import Manifest, uuid7
@@ -65,14 +66,22 @@ class Lander(CloudReader):
         self.worker = worker or worker_name()
         self.discovery = Discovery(source, dest)
         self._batches = 0
+        self.progress: Progress | None = None  # manifests done and bytes verified, on a terminal
 
-    async def land_once(self, report: LandReport | None = None) -> LandReport:
+    async def land_once(self, report: LandReport | None = None,
+                        show_progress: bool | None = False) -> LandReport:
         """A backfill listing, and everything it found landed or quarantined."""
         report = report or LandReport()
         self.history = History()
         await recover_events(self.dest)
-        for site, infos in await self.discovery.backfill():
-            await self._land_site(site, infos, report)
+        found = await self.discovery.backfill()
+        self.progress = Progress(sum(len(i) for _, i in found), 0, enabled=show_progress)
+        try:
+            for site, infos in found:
+                await self._land_site(site, infos, report)
+        finally:
+            self.progress.close()
+            self.progress = None
         report.findings += [Problem(what, why) for what, why in self.history.finish()]
         return report
 
@@ -105,12 +114,21 @@ class Lander(CloudReader):
         """Land one sealed manifest's files, or quarantine it; never both for one file."""
         report.manifests += 1
         try:
+            await self._land_manifest(info, report)
+        finally:
+            if self.progress is not None:
+                self.progress.advance(0, 1)
+
+    async def _land_manifest(self, info: ObjectInfo, report: LandReport) -> None:
+        try:
             m, cost = await self._load_counted(info)
         except DECODE_ERRORS as e:
             self.history.unreadable(info.key.split("/", 1)[0], info.key)
             await self._quarantine(info.key, str(e), {}, report)
             return
         self._manifest_budget.give(cost)  # one manifest at a time: held, not budgeted
+        if self.progress is not None:
+            self.progress.total_bytes += m.size
         replayed = self.history.observe(info.key, m)
         if replayed is not None:
             await self._quarantine(info.key, replayed, {}, report)
@@ -119,7 +137,7 @@ class Lander(CloudReader):
                 is not None:
             return  # landed by an earlier run (or another worker) meanwhile
         wanted, superseded = await self._newer_than_landed(m)
-        staged = await stage(self, m, wanted, self.work_dir) if wanted else None
+        staged = await stage(self, m, wanted, self.work_dir, self.progress) if wanted else None
         try:
             landed = await self._put_all(m, staged.files if staged else [])
         finally:

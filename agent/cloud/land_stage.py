@@ -18,6 +18,7 @@ from agent.cloud.land_book import dest_parts
 from agent.cloud.restore_fs import TargetDir
 from agent.cloud.restore_io import settled
 from agent.cloud.restore_pack import PackSplitter
+from agent.cloud.restore_progress import Progress
 from agent.cloud.restore_read import ITEM_ERRORS, CloudReader
 from agent.format.manifest import Manifest
 
@@ -57,16 +58,17 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-async def stage(reader: CloudReader, m: Manifest, wanted: set[int], work_dir: Path) -> Stage:
+async def stage(reader: CloudReader, m: Manifest, wanted: set[int], work_dir: Path,
+                progress: Progress | None = None) -> Stage:
     """Verify and write the `wanted` files of `m` (entry indexes; -1 the whole object) below a
     new folder in `work_dir`; the caller removes it with `Stage.cleanup`."""
     out = Stage(Path(tempfile.mkdtemp(prefix="land-", dir=work_dir)))
     target = TargetDir(out.folder)
     try:
         if m.entries:
-            await _stage_pack(reader, m, wanted, target, out)
+            await _stage_pack(reader, m, wanted, target, out, progress)
         else:
-            await _stage_whole(reader, m, target, out)
+            await _stage_whole(reader, m, target, out, progress)
     finally:
         target.close()
     for f in out.files:
@@ -74,11 +76,12 @@ async def stage(reader: CloudReader, m: Manifest, wanted: set[int], work_dir: Pa
     return out
 
 
-async def _stage_whole(reader: CloudReader, m: Manifest, target: TargetDir, out: Stage) -> None:
+async def _stage_whole(reader: CloudReader, m: Manifest, target: TargetDir, out: Stage,
+                       progress: Progress | None) -> None:
     parts = dest_parts(m, m.name)
     new = target.new_file(parts)
     try:
-        await reader.stream_object(m, new.write)
+        await reader.stream_object(m, new.write, progress)
         await settled(new.commit, m.mtime_ns)
     except ITEM_ERRORS as e:
         out.failure = str(e)
@@ -89,10 +92,10 @@ async def _stage_whole(reader: CloudReader, m: Manifest, target: TargetDir, out:
 
 
 async def _stage_pack(reader: CloudReader, m: Manifest, wanted: set[int], target: TargetDir,
-                      out: Stage) -> None:
+                      out: Stage, progress: Progress | None) -> None:
     splitter = PackSplitter(m, target, wanted)
     try:
-        await reader.stream_object(m, splitter.write)
+        await reader.stream_object(m, splitter.write, progress)
     except ITEM_ERRORS as e:
         out.failure = str(e)
     finally:
