@@ -90,6 +90,9 @@ def test_install_script_stages_venv_unit_user_and_config(tmp_path: Path) -> None
     assert r.returncode == 0, r.stdout + r.stderr
     assert (dest / "etc/systemd/system/skyferry.service").read_text() == UNIT.read_text()
     assert (dest / "usr/lib/sysusers.d/skyferry.conf").exists()
+    land_unit = (ROOT / "systemd" / "skyferry-land.service").read_text()
+    assert (dest / "etc/systemd/system/skyferry-land.service").read_text() == land_unit
+    assert (dest / "etc/skyferry/land.toml.example").exists()
     conf = dest / "etc/skyferry/skyferry.toml"
     assert conf.read_text() == (ROOT / "config/skyferry.toml").read_text()
     assert oct(conf.stat().st_mode & 0o777) == "0o640"
