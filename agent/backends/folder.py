@@ -53,16 +53,20 @@ class FolderBackend(ObstoreBackend):
         target = self._path(key)
         try:
             await asyncio.to_thread(_write_plain, target, source, metadata, mtime_ns)
+        except (OverflowError, ValueError) as e:  # os.utime: a time out of the OS's range
+            raise PermanentBackendError(
+                f"{self.url}: put {key}: modification time {mtime_ns} ns cannot be set ({e})",
+                "rejected") from None
         except OSError as e:
             if e.errno in _NO_XATTRS:
                 raise PermanentBackendError(
                     f"{self.url}: put {key}: the file system under {self.root} does not keep "
                     "extended attributes (user.*), where plain files keep their metadata: use "
                     "ext4, xfs, btrfs or tmpfs", "rejected") from None
-            if isinstance(e, IsADirectoryError | NotADirectoryError):
+            if isinstance(e, IsADirectoryError | NotADirectoryError | FileExistsError):
                 raise PermanentBackendError(
-                    f"{self.url}: put {key}: a folder is in the way of the file or of one of its "
-                    "parent folders", "conflict") from None
+                    f"{self.url}: put {key}: a folder is where the file goes, or a file where "
+                    "one of its folders goes; move it away", "conflict") from None
             raise self._fail("put", key, e) from e
 
     async def head(self, key: str) -> tuple[int, dict[str, str]] | None:

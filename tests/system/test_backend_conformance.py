@@ -10,11 +10,14 @@ emulator to KINDS and must pass all of it. The emulators start once per session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import obstore
 import pytest
 
 from agent.backends.config import load_backend_settings
@@ -155,6 +158,86 @@ def test_list_empty_many_and_by_prefix(make_cloud: MakeCloud, backend_kind: str)
             "keys are stored under the URL's prefix and listed without it")
 
 
+# ---- plain objects (what `land` delivers) ---------------------------------------------------
+
+LANDED = {"mtime": "1700000000123456789", "sha256": "9f" * 32, "site": "site-1",
+          "source": "cam_2", "object_id": "0123abcd", "manifest_created": "2026-12-05T11:00:00Z"}
+
+
+def test_put_plain_bytes_head_and_replace(make_cloud: MakeCloud, backend_kind: str) -> None:
+    cloud, b = fresh(make_cloud, backend_kind)
+    mtime_ns = 1_700_000_000_123_456_789
+
+    async def scenario() -> None:
+        assert await b.head("s/cam/a b.txt") is None, "head of a missing key is None"
+        await b.put_plain("s/cam/a b.txt", blob(1000), metadata=LANDED, mtime_ns=mtime_ns)
+        assert await b.head("s/cam/a b.txt") == (1000, LANDED)
+        assert await b.get("s/cam/a b.txt") == blob(1000)
+        if backend_kind == "file":
+            path = Path(cloud.url.removeprefix("file://"), "s", "cam", "a b.txt")
+            assert path.stat().st_mtime_ns == mtime_ns
+        # A second put_plain replaces content and metadata (none of the old names remain).
+        await b.put_plain("s/cam/a b.txt", blob(700, seed=2), metadata={"sha256": "ab"})
+        assert await b.head("s/cam/a b.txt") == (700, {"sha256": "ab"})
+        assert await b.get("s/cam/a b.txt") == blob(700, seed=2)
+        assert {i.key: i.size async for i in b.list("s/")} == {"s/cam/a b.txt": 700}
+        with pytest.raises(PermanentBackendError, match="not portable") as info:
+            await b.put_plain("s/cam/x", b"x", metadata={"Content-Type": "text/plain"})
+        assert info.value.kind == "rejected"
+        assert await b.head("s/cam/x") is None, "refused before anything was sent"
+        if backend_kind == "file":  # a file where a folder must go, a folder where a file
+            for key in ("s/cam/a b.txt/under", "s/cam"):
+                with pytest.raises(PermanentBackendError, match="move it away"):
+                    await b.put_plain(key, b"x", metadata={})
+
+    asyncio.run(scenario())
+
+
+def test_put_plain_large_file_is_never_seen_partly(make_cloud: MakeCloud, backend_kind: str,
+                                                   tmp_path: Path) -> None:
+    """12 MiB from a file: a multipart upload (8 MiB parts) on the services; a lister polling
+    all along sees the key only complete, with its metadata."""
+    cloud, b = fresh(make_cloud, backend_kind)
+    data = random.Random(12).randbytes(12 << 20)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    seen: list[int] = []
+    polls = 0
+
+    async def lister(done: asyncio.Event) -> None:
+        nonlocal polls
+        while not done.is_set():
+            seen.extend([i.size async for i in b.list("s/") if i.key == "s/big/file.bin"])
+            polls += 1
+            await asyncio.sleep(0.005)
+
+    async def scenario() -> None:
+        done = asyncio.Event()
+        polling = asyncio.create_task(lister(done))
+        await asyncio.sleep(0.02)
+        before = polls
+        await b.put_plain("s/big/file.bin", source, metadata={"sha256": "cd"}, mtime_ns=10**18)
+        during = polls - before
+        done.set()
+        await polling
+        assert set(seen) <= {len(data)}, f"a lister saw a partial object: sizes {set(seen)}"
+        if backend_kind in REMOTE:
+            assert during >= 2, f"the lister ran {during} times during the upload"
+        assert await b.head("s/big/file.bin") == (len(data), {"sha256": "cd"})
+        assert await b.get("s/big/file.bin") == data
+        assert [i.key async for i in b.list("s/")] == ["s/big/file.bin"]
+
+    asyncio.run(scenario())
+    if backend_kind == "moto":  # S3 gives a multipart object the ETag "<md5 of md5s>-<parts>"
+        etag = obstore.head(cloud.backend()._store,  # type: ignore[attr-defined]
+                            f"{PREFIX}/s/big/file.bin")["e_tag"]
+        assert etag is not None and etag.strip('"').endswith("-2"), etag
+    if backend_kind == "file":
+        root = Path(cloud.url.removeprefix("file://"))
+        assert os.listdir(root / "s" / "big") == ["file.bin"], "no temporary file is left"
+        assert (root / "s" / "big" / "file.bin").stat().st_mtime_ns == 10**18
+
+
 # ---- errors mapped ----------------------------------------------------------------------------
 
 
@@ -247,6 +330,49 @@ def test_transient_failures_are_retried(make_cloud: MakeCloud, backend_kind: str
     assert attempts[:2] == ["throttled", "connection"], attempts
     assert proxy.error_responses >= 1
     assert cloud.objects() == {f"{PREFIX}/r/k": 5000}
+
+
+@pytest.mark.parametrize("backend_kind", REMOTE)
+def test_put_plain_cut_mid_upload_is_retried_whole(make_cloud: MakeCloud, backend_kind: str,
+                                                   tmp_path: Path) -> None:
+    """Every connection cut 10 MiB into a 12 MiB multipart upload: the attempt fails transient,
+    no lister sees a partial object, and the retry lands it whole with its metadata."""
+    cloud = make_cloud(backend_kind, proxy=True, prefix=PREFIX)
+    assert cloud.proxy is not None
+    b = open_backend(load_backend_settings(cloud.write_config()))
+    direct = cloud.backend()
+    data = random.Random(10).randbytes(12 << 20)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    attempts: list[str] = []
+    seen: set[int] = set()
+
+    async def put() -> None:
+        try:
+            await b.put_plain("s/cut.bin", source, metadata={"sha256": "ef"})
+        except TransientBackendError as e:
+            attempts.append(e.kind)
+            raise
+
+    async def scenario() -> None:
+        async def lister() -> None:
+            while True:
+                seen.update([i.size async for i in direct.list(PREFIX + "/s/")])
+                await asyncio.sleep(0.005)
+
+        polling = asyncio.create_task(lister())
+        await retrying(put, attempts=4, initial_s=0.05, max_s=0.1)
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        assert await b.head("s/cut.bin") == (len(data), {"sha256": "ef"})
+        assert await b.get("s/cut.bin") == data
+
+    cloud.proxy.cut_at_totals([10 << 20])
+    asyncio.run(scenario())
+    assert attempts and set(attempts) <= {"connection", "timeout", "server_error"}, attempts
+    assert seen <= {len(data)}, f"a lister saw a partial object: sizes {seen}"
+    assert cloud.objects() == {f"{PREFIX}/s/cut.bin": len(data)}
 
 
 def test_permanent_failures_are_not_retried(make_cloud: MakeCloud, backend_kind: str) -> None:
