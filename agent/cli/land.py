@@ -78,15 +78,12 @@ def main(args: argparse.Namespace) -> int:
             "manifests": report.manifests, "files": report.files, "bytes": report.bytes,
             "superseded": report.superseded,
             "quarantined": [{"what": p.what, "reason": p.reason} for p in report.quarantined],
-            "findings": [{"what": p.what, "reason": p.reason} for p in report.findings],
         }, indent=2))
     else:
         from agent.cli.restore import _one_line
 
         for p in report.quarantined:
             print(f"QUARANTINED {_one_line(p.what)}: {_one_line(p.reason)}", file=sys.stderr)
-        for p in report.findings:
-            print(f"PROBLEM {_one_line(p.what)}: {_one_line(p.reason)}", file=sys.stderr)
         print(f"landed {report.files} files ({report.bytes} bytes) from {report.manifests} "
               f"manifests into {settings.dest.url}; {report.superseded} older versions skipped; "
               f"{len(report.quarantined)} quarantined")

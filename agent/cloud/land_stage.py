@@ -63,16 +63,20 @@ async def stage(reader: CloudReader, m: Manifest, wanted: set[int], work_dir: Pa
     """Verify and write the `wanted` files of `m` (entry indexes; -1 the whole object) below a
     new folder in `work_dir`; the caller removes it with `Stage.cleanup`."""
     out = Stage(Path(tempfile.mkdtemp(prefix="land-", dir=work_dir)))
-    target = TargetDir(out.folder)
     try:
-        if m.entries:
-            await _stage_pack(reader, m, wanted, target, out, progress)
-        else:
-            await _stage_whole(reader, m, target, out, progress)
-    finally:
-        target.close()
-    for f in out.files:
-        f.sha256 = await settled(sha256_of, f.path)
+        target = TargetDir(out.folder)
+        try:
+            if m.entries:
+                await _stage_pack(reader, m, wanted, target, out, progress)
+            else:
+                await _stage_whole(reader, m, target, out, progress)
+        finally:
+            target.close()
+        for f in out.files:
+            f.sha256 = await settled(sha256_of, f.path)
+    except BaseException:
+        out.cleanup()
+        raise
     return out
 
 
