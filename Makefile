@@ -71,6 +71,6 @@ install:
 	PYTHON=$(PYTHON) PREFIX=$(PREFIX) sh scripts/install.sh
 
 clean:
-	rm -rf $(VENV) demo-run test-artifacts build dist *.egg-info \
+	rm -rf $(VENV) demo-run demo-run-landed test-artifacts build dist *.egg-info \
 		.pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.cloud.history import JOURNAL_DIR
 from demo import CYCLE_CLOSED, CYCLE_OPEN, SITE, SPOOLS, MiB
+from demo import land as demo_land
 from demo.files import DemoFile, drop_into_spools, write_originals
 from demo.report import Sync, Timings, report, size_text, store_stats
 from tests.kits.site import CommandFailed, LogFollower, Site
@@ -204,25 +205,25 @@ def run(work: Path, total: int, seed: int) -> tuple[bool, str]:
     originals, restored = work / "originals", work / "restored"
 
     print(f"skyferry demo in {work}", flush=True)
-    print("1/4 keys and config", flush=True)
+    print("1/5 keys and config", flush=True)
     site = make_site(work)
     try:
         site.cli("check-config", str(site.config))
     except CommandFailed as e:
         raise DemoError(str(e)) from None
 
-    print(f"2/4 generating {total} files (seed {seed})", flush=True)
+    print(f"2/5 generating {total} files (seed {seed})", flush=True)
     files = write_originals(originals, total, seed)
     print(f"  {len(files)} files, {size_text(sum(f.size for f in files))}, in {originals}",
           flush=True)
     t1 = time.monotonic()
 
-    print(f"3/4 syncing through the daemon (windows: {CYCLE_OPEN} open, {CYCLE_CLOSED} closed)",
+    print(f"3/5 syncing through the daemon (windows: {CYCLE_OPEN} open, {CYCLE_CLOSED} closed)",
           flush=True)
     synced = sync(site, files, originals)
     t2 = time.monotonic()
 
-    print("4/4 restoring with `skyferry restore` and comparing", flush=True)
+    print("4/5 restoring with `skyferry restore` and comparing", flush=True)
     r = site.restore(restored, "--no-progress", check=False)
     try:
         restore_json: dict[str, Any] = json.loads(r.stdout)
@@ -234,11 +235,26 @@ def run(work: Path, total: int, seed: int) -> tuple[bool, str]:
         problems.append(f"restore exited {r.returncode}: {r.stderr.strip()}")
     problems += compare(files, originals, restored)
     t3 = time.monotonic()
+    problems += land_step(site, files, originals, work)
 
     stats = store_stats(site)
     timings = Timings(t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t0)
     return not problems, report(files, stats, site.cloud, synced, restore_json, problems,
                                 timings)
+
+
+def land_step(site: Site, files: list[DemoFile], originals: Path, work: Path) -> list[str]:
+    """5/5: `skyferry land` makes plain files of the sealed cloud; they are compared too."""
+    folder = demo_land.landed_folder(work)
+    print(f"5/5 landing with `skyferry land --once` into the plain folder {folder}", flush=True)
+    refused = demo_land.prepare(folder)
+    if refused is not None:
+        print(f"  {refused}", flush=True)
+        return []
+    out, problems = demo_land.land(site, folder)
+    problems += demo_land.without_bookkeeping(compare(files, originals, folder))
+    print(demo_land.summary(files, folder, out), flush=True)
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,4 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(removed {work}; run with --keep to look around in it)")
     else:
         print(f"work folder kept: {work}")
+    landed = demo_land.landed_folder(work)
+    if (landed / demo_land.MARKER).exists():
+        print(f"plain files landed by `skyferry land`: {landed / SITE} "
+              f"(events: {landed / demo_land.BOOK / 'events'})")
     return 0 if passed else 1

@@ -28,6 +28,8 @@ echo "skyferry: installing into $venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check $PIP_ARGS "$PACKAGE"
 
 install -D -m 0644 "$SRC/systemd/skyferry.service" "$DESTDIR$UNITDIR/skyferry.service"
+# The cloud side's service (`skyferry land`), not enabled: it runs where the recipient key is.
+install -D -m 0644 "$SRC/systemd/skyferry-land.service" "$DESTDIR$UNITDIR/skyferry-land.service"
 install -D -m 0644 "$SRC/systemd/skyferry.sysusers" "$DESTDIR$SYSUSERSDIR/skyferry.conf"
 install -D -m 0644 "$SRC/README.md" "$DESTDIR$PREFIX/share/doc/README.md"
 install -d -m 0750 "$DESTDIR$CONFDIR"
@@ -37,6 +39,7 @@ if [ -e "$DESTDIR$CONFDIR/skyferry.toml" ]; then
 else
     install -m 0640 "$SRC/config/skyferry.toml" "$DESTDIR$CONFDIR/skyferry.toml"
 fi
+install -m 0640 "$SRC/config/land.toml" "$DESTDIR$CONFDIR/land.toml.example"
 
 if [ -n "$DESTDIR" ]; then
     echo "skyferry: staged under $DESTDIR"

@@ -14,6 +14,7 @@ from agent.cli import (
     check_config,
     command,
     keygen,
+    land,
     put,
     restore,
     run,
@@ -33,4 +34,4 @@ class Verb(Protocol):
 
 
 VERBS: tuple[Verb, ...] = (run, check_config, keygen, command, put, status, windows, restore,
-                           verify)
+                           verify, land)

@@ -90,6 +90,9 @@ def test_install_script_stages_venv_unit_user_and_config(tmp_path: Path) -> None
     assert r.returncode == 0, r.stdout + r.stderr
     assert (dest / "etc/systemd/system/skyferry.service").read_text() == UNIT.read_text()
     assert (dest / "usr/lib/sysusers.d/skyferry.conf").exists()
+    land_unit = (ROOT / "systemd" / "skyferry-land.service").read_text()
+    assert (dest / "etc/systemd/system/skyferry-land.service").read_text() == land_unit
+    assert (dest / "etc/skyferry/land.toml.example").exists()
     conf = dest / "etc/skyferry/skyferry.toml"
     assert conf.read_text() == (ROOT / "config/skyferry.toml").read_text()
     assert oct(conf.stat().st_mode & 0o777) == "0o640"
@@ -103,3 +106,33 @@ def test_install_script_stages_venv_unit_user_and_config(tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     assert conf.read_text() == "# edited\n"
     assert (dest / "etc/skyferry/skyferry.toml.example").exists()
+
+
+LAND_UNIT = ROOT / "systemd" / "skyferry-land.service"
+
+
+@needs_analyze
+def test_land_unit_verifies_clean_and_is_hardened(tmp_path: Path) -> None:
+    assert ANALYZE is not None
+    skyferry = Path(sys.executable).parent / "skyferry"
+    text = LAND_UNIT.read_text()
+    assert INSTALLED_BIN in text and "skyferry land -c /etc/skyferry/land.toml" in text
+    unit = tmp_path / "skyferry-land.service"
+    unit.write_text(text.replace(INSTALLED_BIN, str(skyferry)))
+    r = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (
+        f"systemd-analyze verify is not clean:\n{r.stdout}{r.stderr}")
+    r = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", r.stdout)
+    assert match and float(match[1]) <= 2.0, f"{r.stdout}{r.stderr}"
+
+
+def test_example_land_config_reads(tmp_path: Path) -> None:
+    from agent.cloud.land_config import load_land_settings
+
+    s = load_land_settings(ROOT / "config" / "land.toml")
+    assert s.source is not None and s.dest is not None
+    assert s.source.url.startswith("azure://") and s.dest.url.startswith("s3://")
+    assert (s.poll_s, s.backfill_s) == (2.0, 600.0)
