@@ -14,7 +14,6 @@ import asyncio
 import errno
 import os
 import re
-import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -109,7 +108,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _create_temp(target: Path) -> tuple[int, Path]:
     for _ in range(8):
-        tmp = target.with_name(f"{target.name}#{secrets.randbelow(10**12)}")
+        tmp = target.with_name(f"{target.name}#{int.from_bytes(os.urandom(5)) % 10**12}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o666)
