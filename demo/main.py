@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    print(text, flush=True)
+    body, _, verdict = text.rpartition("\n\n")  # the verdict comes last, after where to look
+    print(body, flush=True)
     if passed and not args.keep:
         with contextlib.suppress(OSError):
             shutil.rmtree(work)
@@ -290,4 +291,5 @@ def main(argv: list[str] | None = None) -> int:
     if (landed / demo_land.MARKER).exists():
         print(f"plain files landed by `skyferry land`: {landed / SITE} "
               f"(events: {landed / demo_land.BOOK / 'events'})")
+    print(f"\n{verdict}", flush=True)
     return 0 if passed else 1
