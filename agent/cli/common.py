@@ -23,3 +23,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
     from agent.daemon.site_config import load_settings as read
 
     return read(args.config)
+
+
+def one_line(text: str) -> str:
+    """Names may hold control characters (a newline, an escape sequence): shown escaped, so
+    each problem stays one line and no name can write to the terminal or fake a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from agent.cli.common import one_line
 from agent.errors import SkyferryError
 
 NAME = "land"
@@ -80,10 +81,8 @@ def main(args: argparse.Namespace) -> int:
             "quarantined": [{"what": p.what, "reason": p.reason} for p in report.quarantined],
         }, indent=2))
     else:
-        from agent.cli.restore import _one_line
-
         for p in report.quarantined:
-            print(f"QUARANTINED {_one_line(p.what)}: {_one_line(p.reason)}", file=sys.stderr)
+            print(f"QUARANTINED {one_line(p.what)}: {one_line(p.reason)}", file=sys.stderr)
         print(f"landed {report.files} files ({report.bytes} bytes) from {report.manifests} "
               f"manifests into {settings.dest.url}; {report.superseded} older versions skipped; "
               f"{len(report.quarantined)} quarantined")

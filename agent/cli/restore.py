@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.cli.common import one_line
 from agent.errors import SkyferryError
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def restore_or_verify(args: argparse.Namespace, target: Path | None) -> int:
         }, indent=2))
     else:
         for p in report.problems:
-            print(f"PROBLEM {_one_line(p.what)}: {_one_line(p.reason)}", file=sys.stderr)
+            print(f"PROBLEM {one_line(p.what)}: {one_line(p.reason)}", file=sys.stderr)
         print(f"{verb} {report.objects_ok} objects ({report.bytes_ok} bytes) from "
               f"{report.manifests} manifests; {report.superseded} older versions skipped; "
               f"{len(report.problems)} problems")
@@ -108,12 +109,6 @@ def _backend_settings(args: argparse.Namespace) -> BackendSettings:
     if args.backend is None:
         raise SkyferryError("give --backend URL, or --backend-config FILE with a [backend] table")
     return BackendSettings(url=args.backend)
-
-
-def _one_line(text: str) -> str:
-    """Names may hold control characters (a newline, an escape sequence): shown escaped, so
-    each problem stays one line and no name can write to the terminal or fake a line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _check_backend_folder(url: str) -> None:
