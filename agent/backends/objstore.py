@@ -208,8 +208,16 @@ class ObstoreBackend:
                                   "allows there: not read")
 
     async def size(self, key: str) -> int | None:
+        meta = await self._unless_missing(
+            key, lambda: obstore.head_async(self._store, self._full(key)))
+        return None if meta is None else int(meta["size"])
+
+    async def _unless_missing(self, key: str,
+                              request: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
+        """A HEAD-like request's answer; None when the object does not exist. The request is
+        made inside, so a refusal raised while making it is mapped like any other."""
         try:
-            meta = await self._bounded(obstore.head_async(self._store, self._full(key)), 0)
+            return await self._bounded(request(), 0)
         except (NotFoundError, FileNotFoundError):
             return None
         except Exception as e:
@@ -217,7 +225,6 @@ class ObstoreBackend:
             if isinstance(failure, ObjectNotFoundError):
                 return None
             raise failure from e
-        return int(meta["size"])
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         try:
@@ -288,16 +295,10 @@ class ObstoreBackend:
 
     async def head(self, key: str) -> tuple[int, dict[str, str]] | None:
         """A HEAD request (a get with `head`): obstore's `head` does not return attributes."""
-        try:
-            result = await self._bounded(
-                obstore.get_async(self._store, self._full(key), options={"head": True}), 0)
-        except (NotFoundError, FileNotFoundError):
+        result = await self._unless_missing(
+            key, lambda: obstore.get_async(self._store, self._full(key), options={"head": True}))
+        if result is None:
             return None
-        except Exception as e:
-            failure = self._fail("head", key, e)
-            if isinstance(failure, ObjectNotFoundError):
-                return None
-            raise failure from e
         metadata = {str(k): v for k, v in result.attributes.items()
                     if k not in _STANDARD_ATTRIBUTES}
         return int(result.meta["size"]), metadata
