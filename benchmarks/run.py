@@ -30,10 +30,21 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "crash_trials": ("benchmarks.crash_trials", ["--trials", "200", "--seed", "13"],
                      ["--trials", "20", "--seed", "13"]),
     "link": ("benchmarks.link", [], ["--size", "64MiB", "--up", "10-20", "--down", "3-6"]),
+    # One run per backend (the section names it), so each can run beside the other.
+    **{f"link_short_outages_{b}": ("benchmarks.link",
+                                   ["--schedule", "short-outages", "--backend", b, "--size",
+                                    "128MiB"],
+                                   ["--schedule", "short-outages", "--backend", b, "--size",
+                                    "32MiB"]) for b in ("azure", "s3")},
+    "s3_parts": ("benchmarks.s3_parts", ["--trials", "3"], ["--trials", "1", "--sizes", "8MiB"]),
     "disk_full": ("benchmarks.disk_full", ["--fs", "ext4", "tmpfs"],
                   ["--size", "32MiB", "--quiet", "6"]),
     "restore_props": ("benchmarks.restore_props", ["--examples", "5000"],
                       ["--examples", "1000"]),
+    "land": ("benchmarks.land", [], ["--files", "100", "--big", "20MiB", "--lag-objects", "60"]),
+    "land_queue": ("benchmarks.land_queue", [], ["--manifests", "60", "--kills", "10"]),
+    "latency": ("benchmarks.latency", [], ["--trials", "20", "--bulk", "256MiB"]),
+    "backlog": ("benchmarks.backlog", [], ["--scales", "1", "10", "--claims", "300"]),
 }
 
 

@@ -27,7 +27,13 @@ def make_site(tmp_path: Path) -> Iterator[Callable[..., Site]]:
 
 
 # Object-store emulators (Azurite, moto), started once per session, and per-test clouds.
-from tests.kits.emulators import azurite, make_cloud, moto  # noqa: E402, F401
+from tests.kits.emulators import (  # noqa: E402, F401
+    azurite,
+    azurite_queue,
+    make_cloud,
+    make_queues,
+    moto,
+)
 
 
 @pytest.fixture

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, NotFoundError
+from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.store import ObjectStore
 
 from agent.backends.connections import Connection, connections_to
 from agent.backends.failures import Failures, detail
-from agent.backends.protocol import CHECK_PREFIX, ObjectInfo, PutResult, check_metadata
+from agent.backends.protocol import CHECK_PREFIX, ObjectInfo, PutResult, Tagged, check_metadata
+from agent.backends.resumable import ResumableUploads
 from agent.config.settings import BackendSettings
 from agent.errors import (
     BackendError,
@@ -34,7 +35,7 @@ from agent.errors import (
 )
 
 if TYPE_CHECKING:
-    from obstore import Attributes
+    from obstore import Attributes, PutMode
     from obstore.store import ClientConfig, RetryConfig
 
 # A service's store: (the obstore store, where its credentials came from).
@@ -81,6 +82,9 @@ class ObstoreBackend:
         self.where = where  # "container x", "bucket y": what a 404 on a write means is missing
         self.timeout_s = timeout_s
         self.min_rate_bps = min_rate_bps
+        # Set by a service whose API can resume an upload (agent/backends/resumable.py):
+        # larger objects go through it, in parts, sending only what the service lacks.
+        self.resumable: ResumableUploads | None = None
 
     def renew(self) -> None:
         """Drop idle pooled connections: later requests open new ones.
@@ -89,6 +93,8 @@ class ObstoreBackend:
         close getting through; the first request on it would fail. Requests under way keep
         their connections.
         """
+        if self.resumable is not None:
+            self.resumable.renew()
         if self._rebuild is None:
             return
         try:
@@ -146,6 +152,12 @@ class ObstoreBackend:
         if probe_first and await self.size(key) == len(data):
             return PutResult(False)
         full = self._full(key)
+        if self.resumable is not None and len(data) > self.resumable.threshold:
+            resumed = await self.resumable.put_new(full, key, data, self._bounded)
+            if resumed is None:
+                await self._check_existing(key, len(data))
+                return PutResult(False)
+            return resumed
         try:
             # One request, no multipart: a chunk is at most 16 MiB, create-only conditions
             # apply to a plain PUT everywhere, and an interrupted PUT leaves nothing behind.
@@ -195,17 +207,54 @@ class ObstoreBackend:
             f"(etag {etag}); removed it, will re-send", "verify")
 
     async def get(self, key: str, max_size: int | None = None) -> bytes:
-        """The object's bytes; with `max_size`, a larger object is refused before its body is
-        read (the size comes with the response's metadata)."""
+        return bytes(await self.get_buffer(key, max_size))
+
+    async def get_buffer(self, key: str, max_size: int | None = None) -> memoryview:
+        """`max_size`: a larger object is refused unread (its size comes with the response)."""
         try:
             result = await obstore.get_async(self._store, self._full(key))
             size = int(result.meta["size"])
             if max_size is None or size <= max_size:
-                return bytes(await result.bytes_async())
+                return memoryview(await result.bytes_async())
         except Exception as e:
             raise self._fail("get", key, e) from e
         raise ObjectTooLargeError(f"{key} is {size} bytes, more than the {max_size} the format "
                                   "allows there: not read")
+
+    async def get_tagged(self, key: str, max_size: int | None = None) -> Tagged | None:
+        try:
+            result = await obstore.get_async(self._store, self._full(key))
+            size, etag = int(result.meta["size"]), result.meta.get("e_tag")
+            if max_size is not None and size > max_size:
+                raise ObjectTooLargeError(f"{key} is {size} bytes, more than the {max_size} "
+                                          "allowed there: not read")
+            data = bytes(await result.bytes_async())
+        except ObjectTooLargeError:
+            raise
+        except Exception as e:
+            failure = self._fail("get", key, e)
+            if isinstance(failure, ObjectNotFoundError):
+                return None
+            raise failure from e
+        if etag is None:
+            raise PermanentBackendError(f"{self.url}: get {key}: the service gave no ETag, "
+                                        "which compare-and-swap needs", "rejected")
+        return Tagged(data, etag)
+
+    async def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+        """If-Match (If-None-Match: * for None) on one PUT: S3, Azure and GCS all keep it."""
+        mode: PutMode = "create" if etag is None else {"e_tag": etag}
+        try:
+            await self._bounded(obstore.put_async(self._put_store, self._full(key), data,
+                                                  mode=mode, use_multipart=False), len(data))
+        except (AlreadyExistsError, PreconditionError, NotFoundError):
+            return False  # changed, created or removed meanwhile (a 404 on If-Match: gone)
+        except Exception as e:
+            failure = self._fail("put", key, e)
+            if isinstance(failure, ObjectNotFoundError):
+                return False
+            raise failure from e
+        return True
 
     async def size(self, key: str) -> int | None:
         meta = await self._unless_missing(
@@ -230,9 +279,19 @@ class ObstoreBackend:
         try:
             async for batch in obstore.list(self._store, prefix=self._full(prefix)):
                 for meta in batch:
-                    yield ObjectInfo(self._strip(meta["path"]), int(meta["size"]))
+                    yield ObjectInfo(self._strip(meta["path"]), int(meta["size"]),
+                                     meta["last_modified"].timestamp())
         except Exception as e:
             raise self._fail("list", prefix, e) from e
+
+    async def list_folders(self, prefix: str) -> tuple[str, ...]:
+        full = self._full(prefix).rstrip("/")
+        try:
+            found = await obstore.list_with_delimiter_async(self._store, prefix=full or None)
+        except Exception as e:
+            raise self._fail("list", prefix, e) from e
+        return tuple(sorted(self._strip(p).rstrip("/")[len(prefix):]
+                            for p in found["common_prefixes"]))
 
     async def check(self) -> None:
         """One cheap authenticated request: list a prefix nothing is ever written under.
@@ -271,15 +330,12 @@ class ObstoreBackend:
             raise self._fail("delete", key, e) from e
 
     async def put_plain(self, key: str, source: Path | bytes, *, metadata: Mapping[str, str],
-                        mtime_ns: int | None = None) -> None:
-        """Write or replace a plain object; `mtime_ns` is not kept (see `Backend.put_plain`).
-
-        obstore names any attribute other than the standard HTTP ones user metadata. A source
-        over `part_size` goes as a multipart upload (S3 multipart, Azure blocks + block list,
-        GCS XML multipart), which the service makes visible only when it is complete; an
-        aborted one leaves no object (S3 and GCS may keep its parts until a lifecycle rule
-        removes them).
-        """
+                        mtime_ns: int | None = None, consume: bool = False) -> None:
+        """Write or replace a plain object (`Backend.put_plain`; `mtime_ns`, `consume` do not
+        apply). obstore names any attribute other than the standard HTTP ones user metadata. A
+        source over `part_size` goes as a multipart upload (S3 multipart, Azure blocks + block
+        list, GCS XML multipart), visible only when complete; an aborted one leaves no object
+        (S3 and GCS may keep its parts until a lifecycle rule removes them)."""
         check_metadata(self.url, key, metadata)
         attributes: Attributes = dict(metadata)
         try:

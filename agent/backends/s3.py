@@ -10,6 +10,7 @@ from urllib.parse import SplitResult
 
 from obstore.store import ObjectStore, S3Store
 
+from agent.backends.failures import Failures
 from agent.backends.objstore import ObstoreBackend, open_cloud
 from agent.backends.secrets import read_secret
 from agent.backends.service import Secrets, Service
@@ -20,6 +21,8 @@ from agent.errors import PermanentBackendError
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
+
+    from agent.backends.s3_multipart import S3Parts
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,34 @@ def _store(s: BackendSettings, bucket: str, env: Mapping[str, str], client: Clie
     return store, creds
 
 
+def _parts(settings: BackendSettings, bucket: str, env: Mapping[str, str],
+           backend: ObstoreBackend) -> S3Parts:
+    """Resumable multipart uploads through aiobotocore, with the same credentials."""
+    from agent.backends.s3_multipart import PART_SIZE, S3Parts  # loaded only when used
+
+    opts = settings.service if isinstance(settings.service, S3Settings) else S3Settings()
+    kw: dict[str, Any] = {}
+    if opts.secret_access_key is not None:
+        _key_pair(settings, opts, env, kw)
+    client_kw: dict[str, Any] = {
+        "region_name": opts.region or "us-east-1",
+        **{boto: kw[ours] for ours, boto in (("access_key_id", "aws_access_key_id"),
+                                             ("secret_access_key", "aws_secret_access_key"),
+                                             ("token", "aws_session_token")) if ours in kw}}
+    if settings.endpoint:
+        client_kw["endpoint_url"] = settings.endpoint
+    failures = Failures(settings.url, backend.where, backend.credentials)
+    # A renewed client's requests may run as long as the deadline of a part's upload.
+    grace_s = settings.timeout_s + PART_SIZE / settings.min_rate_bps
+    return S3Parts(bucket, client_kw, opts.profile if opts.secret_access_key is None else None,
+                   failures, settings.connect_timeout_s, settings.timeout_s, grace_s)
+
+
 def _open(settings: BackendSettings, parts: SplitResult,
           environ: Mapping[str, str]) -> ObstoreBackend:
-    return open_cloud(settings, parts, environ, _store, "bucket")
+    backend = open_cloud(settings, parts, environ, _store, "bucket")
+    backend.resumable = _parts(settings, parts.netloc, environ, backend)
+    return backend
 
 
 def _probe_target(settings: BackendSettings) -> str | None:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.errors import SkyferryError
+
 if TYPE_CHECKING:
     from agent.config.settings import Settings
 
@@ -29,3 +31,17 @@ def one_line(text: str) -> str:
     """Names may hold control characters (a newline, an escape sequence): shown escaped, so
     each problem stays one line and no name can write to the terminal or fake a line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def check_backend_folder(url: str) -> None:
+    """Reading a file:// backend that does not exist is a mistake, not an empty cloud (opening
+    one for writing creates the folder)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced [ or ]: open_backend says so
+        return
+    if parts.scheme.lower() == "file" and not Path(unquote(parts.path)).is_dir():
+        raise SkyferryError(f"backend folder {unquote(parts.path)} ({url}) does not exist: "
+                            "check the --backend URL")

@@ -8,25 +8,29 @@ import os
 import sys
 
 from agent import __version__
-from agent.cli.verbs import VERBS, Verb
+from agent.cli import verbs
+from agent.cli.verbs import Verb
 from agent.errors import SkyferryError
 
 EXIT_SIGPIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(only: Verb | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (`only`) the one verb being run: the same parser for it."""
     ap = argparse.ArgumentParser(prog="skyferry", description=(
         "Store-and-forward sync for edge sites behind an intermittent satellite link."))
     ap.add_argument("--version", action="version", version=f"skyferry {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for verb in VERBS:
+    for verb in (only,) if only is not None else verbs.VERBS:
         verb.add_arguments(sub.add_parser(verb.NAME, help=verb.HELP))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    verb: Verb = {v.NAME: v for v in VERBS}[args.command]
+    argv = sys.argv[1:] if argv is None else argv
+    only = verbs.named(argv[0]) if argv else None
+    args = parser(only).parse_args(argv)
+    verb: Verb = only or {v.NAME: v for v in verbs.VERBS}[args.command]
     try:
         return verb.main(args)
     except SkyferryError as e:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli.common import one_line
+from agent.cli.common import check_backend_folder, one_line
 from agent.errors import SkyferryError
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def restore_or_verify(args: argparse.Namespace, target: Path | None) -> int:
         raise SkyferryError(f"--parallel must be between 1 and {MAX_PARALLEL} concurrent "
                             f"downloads, not {args.parallel}")
     settings = _backend_settings(args)
-    _check_backend_folder(settings.url)
+    check_backend_folder(settings.url)
     fix_malloc_thresholds()  # peak RSS stays bounded (agent/host/memory.py)
     backend = open_backend(settings)
     recipient = load_recipient_private(args.key)
@@ -109,17 +109,3 @@ def _backend_settings(args: argparse.Namespace) -> BackendSettings:
     if args.backend is None:
         raise SkyferryError("give --backend URL, or --backend-config FILE with a [backend] table")
     return BackendSettings(url=args.backend)
-
-
-def _check_backend_folder(url: str) -> None:
-    """Reading a file:// backend that does not exist is a mistake, not an empty cloud (opening
-    one for writing creates the folder)."""
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # an unbalanced [ or ]: open_backend says so
-        return
-    if parts.scheme.lower() == "file" and not Path(unquote(parts.path)).is_dir():
-        raise SkyferryError(f"backend folder {unquote(parts.path)} ({url}) does not exist: "
-                            "check the --backend URL")

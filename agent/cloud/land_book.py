@@ -1,12 +1,12 @@
-"""The lander's bookkeeping in the destination, under `<dest prefix>/_skyferry/` (LAND.md):
-landing records (create-only: who creates one emits its events), the newest version landed per
-name, daily event objects and quarantine reports."""
+"""The lander's bookkeeping in the destination, under `<dest prefix>/_skyferry/`
+(docs/FORMAT.md, "Landing bookkeeping"): landing records (create-only: who creates one emits
+its events), the newest version landed per name, daily event objects and quarantine reports."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -52,6 +52,20 @@ def pending_key(site: str, object_id: str, worker: str) -> str:
     return f"{pending_prefix()}{site}/{object_id}.{worker}"
 
 
+def pending_body(sealed_key: str) -> bytes:
+    return json.dumps({"manifest": sealed_key, "at": now_iso()}).encode()
+
+
+def pending_age_s(body: bytes, now: datetime) -> float:
+    """How long ago a marker was written; a marker without a time (the first lander's) is
+    taken as old."""
+    try:
+        at = datetime.fromisoformat(str(json.loads(body)["at"]))
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+    return (now - at).total_seconds()
+
+
 def events_key(day: str, worker: str, n: int) -> str:
     return f"{BOOK}/events/{day}/{worker}-{n}.jsonl"
 
@@ -87,7 +101,9 @@ class Version:
                 > (_utc(other.created), other.object_id, other.entry))
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return json.dumps({"created": self.created, "entry": self.entry,
+                           "object_id": self.object_id, "seq": self.seq,
+                           "stream": self.stream}).encode()
 
     @classmethod
     def from_json(cls, blob: bytes) -> Version | None:
@@ -127,7 +143,7 @@ class Landed:
                 "manifest_created": self.manifest_created}
 
     def event(self, event_id: str, when: str) -> dict[str, Any]:
-        return {"id": event_id, "type": "landed", "landed_at": when, **asdict(self)}
+        return {"id": event_id, "type": "landed", "landed_at": when, **vars(self)}
 
 
 def _ascii(value: str) -> str:
@@ -147,7 +163,7 @@ def landing_record(sealed_key: str, files: list[Landed], superseded: list[str],
         "manifest": sealed_key, "when": now_iso(), "events": events, "event_lines": lines,
         "files": [{"key": f.key, "size": f.size, "sha256": f.sha256} for f in files],
         "superseded": superseded,
-    }, ensure_ascii=False, indent=1).encode()
+    }, ensure_ascii=False).encode()  # not indented: json's C encoder does no indentation
 
 
 def event_lines(lines: list[dict[str, Any]]) -> bytes:

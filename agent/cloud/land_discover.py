@@ -2,8 +2,10 @@
 
 A full backfill listing (at start and every `backfill`) finds every site and every manifest not
 yet landed or quarantined (the bookkeeping in the destination says which). Between backfills a
-`poll` lists only the recent date folders of the known sites, and a cursor per site and date
-folder (the keys already seen there) keeps a manifest from being handed out twice. Keys within a
+`poll` lists the store's top-level folders (one delimiter listing: a site that starts sending
+is found within a poll, and all of its manifests are listed then) and only the recent date
+folders of the known sites; a cursor per site and date folder (the keys already seen there)
+keeps a manifest from being handed out twice. Keys within a
 folder are not in arrival order (a site sends by priority), so the cursor is the set of keys seen,
 kept only for the recent folders.
 """
@@ -18,6 +20,7 @@ from agent.backends.retry import retrying
 from agent.cloud import land_book
 from agent.format import layout
 
+MANIFESTS = layout.manifests_prefix("").strip("/")  # a site's folder of manifests
 RECENT_DAYS = 2  # date folders a poll lists: today and yesterday (UTC)
 
 
@@ -44,17 +47,16 @@ class Discovery:
         self._seen: dict[tuple[str, str], set[str]] = {}  # (site, day folder) -> keys
 
     async def _sites(self) -> list[str]:
-        """Sites with manifests; the listing is scanned, not kept (it holds every chunk)."""
+        """Sites with manifests: top-level folders holding a manifests folder (delimiter
+        listings only, never every chunk)."""
+        out = []
+        for name in await retrying(lambda: self.source.list_folders("")):
+            if not name.startswith(("_", ".")) and MANIFESTS in await self._folders(name):
+                out.append(name)
+        return out
 
-        async def scan() -> set[str]:
-            seen: set[str] = set()
-            async for info in self.source.list(""):
-                parts = info.key.split("/", 2)
-                if len(parts) == 3 and parts[1] == "manifests":
-                    seen.add(parts[0])
-            return seen
-
-        return sorted(await retrying(scan))
+    async def _folders(self, site: str) -> tuple[str, ...]:
+        return await retrying(lambda: self.source.list_folders(f"{site}/"))
 
     async def _done(self, site: str) -> set[str]:
         """This site's landed object ids and quarantine report keys."""
@@ -85,11 +87,30 @@ class Discovery:
                 out.append((site, new))
         return out
 
+    async def _new_sites(self) -> list[tuple[str, list[ObjectInfo]]]:
+        """Sites that appeared since the last listing, with all their manifests not yet done."""
+        known, days = set(self.sites), set(recent_days(self.clock()))
+        fresh = [s for s in await retrying(lambda: self.source.list_folders(""))
+                 if s not in known and not s.startswith(("_", "."))]
+        out = []
+        for site in fresh:
+            infos = await listing(self.source, layout.manifests_prefix(site))
+            if not infos:
+                continue  # not a site (yet): looked at again at the next poll
+            self.sites.append(site)
+            done = await self._done(site)
+            for info in infos:
+                if _day(info.key) in days:
+                    self._seen.setdefault((site, _day(info.key)), set()).add(info.key)
+            out.append((site, [i for i in infos if not self._is_done(i, done)]))
+        return out
+
     async def poll(self) -> list[tuple[str, list[ObjectInfo]]]:
-        """Manifests that appeared in the recent date folders since they were last listed."""
+        """Manifests that appeared in the recent date folders since they were last listed, and
+        those of sites seen for the first time."""
         days = recent_days(self.clock())
         self._seen = {k: v for k, v in self._seen.items() if k[1] in days}
-        out = []
+        out = await self._new_sites()
         for site in self.sites:
             new: list[ObjectInfo] = []
             for day in days:

@@ -54,8 +54,9 @@ def _classify(parent: int, part: str, shown: str, e: OSError) -> RestoreError | 
 class TargetDir:
     """The restore target, held open; folders below it are opened one component at a time."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, durable: bool = True) -> None:
         self.root = root
+        self.durable = durable  # False: scratch files (land's staging), never fsynced
         try:
             root.mkdir(parents=True, exist_ok=True)  # the target itself is the operator's choice
             self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -102,7 +103,7 @@ class TargetDir:
         """A file to write at <root>/<parts...>, invisible until `NewFile.commit`."""
         folder = self.open_folder(parts[:-1])
         try:
-            return NewFile(folder, parts[-1], "/".join(parts), self.tmpfile)
+            return NewFile(folder, parts[-1], "/".join(parts), self.tmpfile, self.durable)
         except BaseException:
             os.close(folder)
             raise
@@ -111,8 +112,9 @@ class TargetDir:
 class NewFile:
     """A file being written in an open folder; `commit` puts it in place, `discard` removes it."""
 
-    def __init__(self, folder: int, name: str, shown: str, tmpfile: bool) -> None:
-        self.folder, self.name, self.shown = folder, name, shown
+    def __init__(self, folder: int, name: str, shown: str, tmpfile: bool,
+                 durable: bool = True) -> None:
+        self.folder, self.name, self.shown, self.durable = folder, name, shown, durable
         self.tmp: str | None = None  # the temporary name, once the file has one
         self.fd = -1
         if tmpfile:
@@ -144,7 +146,8 @@ class NewFile:
     def commit(self, mtime_ns: int) -> None:
         """fsync, set the times, and put the file at its name; on failure nothing is left."""
         try:
-            os.fsync(self.fd)
+            if self.durable:
+                os.fsync(self.fd)
             try:
                 os.utime(self.fd, ns=(mtime_ns, mtime_ns))
             except (OverflowError, ValueError, OSError) as e:

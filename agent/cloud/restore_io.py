@@ -70,7 +70,8 @@ class Budget:
                 fut.set_result(None)
 
 
-def open_chunk(blob: bytes, recipient: X25519PrivateKey, ref: ChunkRef) -> bytes | bytearray:
+def open_chunk(blob: bytes | memoryview, recipient: X25519PrivateKey,
+               ref: ChunkRef) -> bytes | bytearray:
     """A chunk's plaintext, its header checked against the signed reference before anything
     is decrypted or allocated."""
     header = crypto.parse_header(blob)

@@ -4,6 +4,9 @@ down."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+
 import blake3
 
 from agent.cloud.restore_fs import NewFile, TargetDir
@@ -16,16 +19,25 @@ class PackSplitter:
 
     With a target, wanted files are written to a temporary file that is put in place only once
     whole and verified; the others (superseded by a newer version, or only verified) are only
-    checked. `ok` and `bad` say what became of each entry, by index.
+    checked (`place`: where in the target an entry is written, by default <site>/<source>/<its
+    name>). `ok` and `bad` say what became of each entry, by index. With `sha256`, each written
+    file's SHA-256 is taken as it is written (`digests`, by index: `skyferry land` puts it in the
+    landed object's metadata), so nobody reads the file again for it.
     """
 
-    def __init__(self, m: Manifest, target: TargetDir | None, wanted: set[int]) -> None:
+    def __init__(self, m: Manifest, target: TargetDir | None, wanted: set[int],
+                 sha256: bool = False,
+                 place: Callable[[int], tuple[str, ...]] | None = None) -> None:
         self.m, self.target, self.wanted = m, target, wanted
+        self._place = place or self._dest  # where in the target entry i is written
         self.ok: list[int] = []
         self.bad: dict[int, str] = {}
+        self.digests: dict[int, str] = {}
+        self._sha256 = sha256
         self._i = -1
         self._left = 0
         self._hash = blake3.blake3()
+        self._sha: hashlib._Hash | None = None
         self._out: NewFile | None = None
         self._next()
 
@@ -42,11 +54,14 @@ class PackSplitter:
                 return
             e = self.m.entries[self._i]
             self._left, self._hash = e.size, blake3.blake3()
+            self._sha = None
             if self.target is not None and self._i in self.wanted:
                 try:
-                    self._out = self.target.new_file(self._dest(self._i))
+                    self._out = self.target.new_file(self._place(self._i))
                 except (RestoreError, OSError) as err:
                     self.bad[self._i] = str(err)
+                if self._out is not None and self._sha256:
+                    self._sha = hashlib.sha256()
             if e.size:
                 return
 
@@ -66,6 +81,8 @@ class PackSplitter:
             except (RestoreError, OSError) as err:
                 self.bad[i] = str(err)
                 return
+            if self._sha is not None:
+                self.digests[i] = self._sha.hexdigest()
         self.ok.append(i)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -74,6 +91,8 @@ class PackSplitter:
             take = view[:self._left]
             self._hash.update(take)
             if self._out is not None:
+                if self._sha is not None:
+                    self._sha.update(take)
                 try:
                     self._out.write(take)
                 except OSError as err:

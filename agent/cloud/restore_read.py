@@ -33,7 +33,7 @@ from agent.errors import (
     UnsafePathError,
 )
 from agent.format import crypto, layout, limits
-from agent.format.manifest import Manifest, check_name
+from agent.format.manifest import ChunkRef, Manifest, check_name
 
 SiteKeys = Callable[[str], Ed25519PublicKey]
 # What a bad object, manifest or file can raise: reported per item, never a traceback.
@@ -228,15 +228,30 @@ class CloudReader:
         key = layout.chunk_key(m.site, ref.id)
         async with self._fetch_slots:
             try:
-                blob = await retrying(lambda: self.backend.get(
-                    key, max_size=limits.sealed_max(ref.length)))
+                try:
+                    blob = await retrying(lambda: self.backend.get_buffer(
+                        key, max_size=limits.sealed_max(ref.length)))
+                except ObjectNotFoundError:
+                    blob = await self._chunk_copy(m.site, ref)
             except ObjectNotFoundError:
                 raise RestoreError(f"chunk {ref.id} (#{index}) is missing from the cloud") from None
             except BackendError as e:
                 raise RestoreError(f"chunk {ref.id} (#{index}): {e}") from None
         return await asyncio.to_thread(self._open_chunk, blob, m, index)
 
-    def _open_chunk(self, blob: bytes, m: Manifest, index: int) -> bytes | bytearray:
+    async def _chunk_copy(self, site: str, ref: ChunkRef) -> memoryview:
+        """The newest copy a site sent again under its dedup horizon (docs/FORMAT.md,
+        "Retention"), when the chunk's own key is gone; its hash is checked like the chunk's."""
+        copies = await self._listing(layout.chunk_copies_prefix(site, ref.id))
+        for info in sorted(copies, key=lambda i: i.key, reverse=True):
+            try:
+                return await retrying(lambda: self.backend.get_buffer(
+                    info.key, max_size=limits.sealed_max(ref.length)))  # noqa: B023 (awaited at once)
+            except ObjectNotFoundError:
+                continue
+        raise ObjectNotFoundError(f"no copy of chunk {ref.id}")
+
+    def _open_chunk(self, blob: memoryview, m: Manifest, index: int) -> bytes | bytearray:
         ref = m.chunks[index]
         try:
             return restore_io.open_chunk(blob, self.recipient, ref)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
@@ -13,8 +14,16 @@ from agent.config.settings import (
     PutSettings,
     SpoolSettings,
 )
-from agent.config.site import NAME_RE, RESERVED_SOURCE, check_priority
-from agent.config.table import MISSING, Table, boolean
+from agent.config.site import (
+    NAME_RE,
+    RESERVED_SOURCE,
+    check_priority,
+    class_names,
+    read_classes,
+    read_site,
+)
+from agent.config.table import MISSING, Table, boolean, read_toml
+from agent.errors import ConfigError
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -198,3 +207,31 @@ def _compression_level(t: Table, default: int | Literal["auto"]) -> int | Litera
         t.report("level", "must be between 1 and 22", fix)
         return default
     return value
+
+
+@dataclass(frozen=True)
+class PutView:
+    """What `skyferry put` needs of the config to hand files to a running daemon."""
+
+    put: PutSettings
+    classes: tuple[str, ...]
+    chunking: ChunkingSettings  # its pack thresholds group small files as a spool groups them
+
+
+def read_put_view(path: Path) -> PutView:
+    """The [site], [classes], [put] and [chunking] sections alone, for `skyferry put` through
+    the daemon's socket: the whole validation (agent.daemon.site_config) loads every backend
+    service and window source, a third of a second of a put on a busy two-core site. The
+    daemon checked its whole config at start; a put that finds no daemon still reads all of
+    it."""
+    problems: list[str] = []
+    root = Table(read_toml(path), "", problems)
+    base = path.absolute().parent
+    site = read_site(root, base)
+    read_classes(root)  # a broken [classes] is reported here as in the whole validation
+    names = class_names(root)
+    put = read_put(root, base, site.state_dir, names)
+    chunking = read_chunking(root)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return PutView(put, names, chunking)

@@ -147,6 +147,10 @@ class UplinkSettings:
     retry_initial_s: float = 1.0
     retry_max_s: float = 60.0
     rate_bps: float | None = None  # cap shared by all streams; a window's own rate may be lower
+    # Dedup only against chunks confirmed in the cloud within this long (docs/FORMAT.md,
+    # "Retention"); None: off, dedup against everything the store knows.
+    dedup_horizon_s: float | None = None
+    heartbeat_s: float = 600.0  # while a window stays open (agent/uplink/heartbeat.py)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config.settings import Settings, SpoolSettings
 from agent.daemon.intake import Intake
@@ -14,8 +15,10 @@ from agent.daemon.tasks import TaskSet
 from agent.host.blocking import Blocking
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
-from agent.sources.mqtt import MqttSource
 from agent.sources.spool import SpoolSource
+
+if TYPE_CHECKING:  # imported when subscriptions are configured: aiomqtt and paho weigh ~7 MiB
+    from agent.sources.mqtt import MqttSource
 
 log = logging.getLogger("skyferry.daemon")
 INGEST_WORKERS = 2  # objects sealed at once per spool: the edge boxes have two cores or more
@@ -91,11 +94,14 @@ class SourceSet:
             self.tasks.spawn("mqtt", self.mqtt.run())
 
     def _spool(self, spool: SpoolSettings) -> SpoolSource:
+        # A spool of the most urgent class takes each file renamed into it at once; the
+        # others gather what comes within `settle` into one pack, as their scans did.
+        urgent = spool.priority == min(self.settings.classes, key=lambda c: c.rank).name
         return SpoolSource(spool, self.intake.ingest, self.intake.ingest_pack,
                            self.settings.chunking, workers=INGEST_WORKERS,
                            protected=self._key_paths(), metrics=self.metrics,
                            state_dir=self.settings.site.state_dir,
-                           run_side=self.blocking.side)
+                           run_side=self.blocking.side, gather_s=0.0 if urgent else None)
 
     def _key_paths(self) -> tuple[Path, ...]:
         """What no spool may ever read besides the state_dir: the keys and their folders."""
@@ -106,6 +112,8 @@ class SourceSet:
     def _mqtt_source(self, settings: Settings) -> MqttSource | None:
         if settings.mqtt is None or not settings.mqtt.subscriptions:
             return None
+        from agent.sources.mqtt import MqttSource
+
         return MqttSource(settings.mqtt, self.intake.ingest_batch, self.run_blocking,
                           self.metrics, self.environ)
 

@@ -72,7 +72,8 @@ class Daemon:
         self.blocking = self.executors.policy
         self.run_blocking = self.executors.run_blocking
         self.pipeline = Pipeline(settings.site.id, self.keys, self.store, settings.chunking,
-                                 settings.compression, seal_thread=self.executors.seal)
+                                 settings.compression, seal_thread=self.executors.seal,
+                                 dedup_horizon_s=settings.uplink.dedup_horizon_s)
         self.metrics.compression_level.set(self.pipeline.compressor.level)
         anchor = self.anchor = clock()
         # `skyferry status` needs the anchor to tell where a simulated cycle stands.
@@ -85,6 +86,10 @@ class Daemon:
         self.uplink = Uplink(settings.site.id, self.store, self.backend, self.gate,
                              settings.uplink, self.run_blocking, self.metrics, clock,
                              self.windows.admission, keys=self.keys)
+        if self.uplink.heartbeat is not None and (model := self.windows.model) is not None:
+            self.uplink.heartbeat.learned_hit_ratio = lambda: model.hits.precision
+        if self.windows.monitor is not None:  # uploads that stop being answered: link lost
+            self.uplink.link.on_lost = self.windows.monitor.suspect
         # Backend checked at start and at each window opening (agent/uplink/backend_check.py).
         self.backend_health = BackendHealth(self.backend, self.gate, self.metrics, clock,
                                             settings.uplink.retry_max_s)
@@ -99,7 +104,9 @@ class Daemon:
         lifetimes.callback(self.service.close)
         self.put_server = PutServer(settings.put.socket, self.intake.ingest,
                                     [c.name for c in settings.classes],
-                                    status=self.service.live_status)
+                                    status=self.service.live_status,
+                                    ingest_pack=self.intake.ingest_pack,
+                                    pack_below=settings.chunking.pack_below)
         self.reloader = Reloader(
             sources=self.sources, service=self.service, windows=self.windows, gate=self.gate,
             limiter=self.uplink.limiter, tasks=self.tasks, run_blocking=self.run_blocking,

@@ -1,5 +1,5 @@
-"""The sealed format: sealing and opening of chunks, manifests and tips, manifest signatures,
-keyed chunk ids and content hashes, and the keys these take (`EdgeKeys`).
+"""The sealed format: sealing and opening of chunks, manifests, tips and heartbeats, manifest
+signatures, keyed chunk ids and content hashes, and the keys these take (`EdgeKeys`).
 
 Specified in docs/FORMAT.md; keep the two in step. Key files on disk (reading, permission
 checks, generation) are agent/format/keys.py's.
@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 KIND_CHUNK = 1
 KIND_MANIFEST = 2
 KIND_TIP = 3  # a site's signed word on its manifest history (agent/format/tips.py)
+KIND_HEARTBEAT = 4  # a site's signed word on its health (agent/format/heartbeat.py)
 ALG_AES256GCM = 1
 COMPRESSION_NONE = 0
 COMPRESSION_ZSTD = 1
@@ -174,12 +175,13 @@ def parse_header(blob: bytes | memoryview) -> SealedHeader:
         raise FormatError(f"unknown sealing algorithm {alg}")
     if compression not in (COMPRESSION_NONE, COMPRESSION_ZSTD):
         raise FormatError(f"unknown compression {compression}")
-    if kind not in (KIND_CHUNK, KIND_MANIFEST, KIND_TIP):
+    if kind not in (KIND_CHUNK, KIND_MANIFEST, KIND_TIP, KIND_HEARTBEAT):
         raise FormatError(f"unknown sealed object kind {kind}")
     return SealedHeader(kind, alg, compression, plen, eph, nonce)
 
 
-def open_sealed(blob: bytes, recipient: X25519PrivateKey) -> tuple[SealedHeader, bytes]:
+def open_sealed(blob: bytes | memoryview,
+                recipient: X25519PrivateKey) -> tuple[SealedHeader, bytes]:
     """Decrypt a sealed object; raise CryptoError when it was tampered with or the key is wrong."""
     header = parse_header(blob)
     try:

@@ -77,6 +77,9 @@ class Manifest:
     # manifests have none ("" and 0).
     stream: str = ""
     seq: int = 0
+    # The site's dedup horizon in seconds (docs/FORMAT.md, "Retention"); 0: none declared, and
+    # then the field is left out of the body.
+    horizon: int = 0
 
     def numbered(self, stream: str, seq: int, created: str) -> Manifest:
         """This manifest as version 2, numbered `seq` in `stream`, created at `created`."""
@@ -99,6 +102,8 @@ class Manifest:
             del data["entries"]  # single objects keep the original field set
         if self.version < 2:
             del data["stream"], data["seq"]  # version 1 has no numbering
+        if not self.horizon:
+            del data["horizon"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -221,6 +226,7 @@ def _check_components(name: str) -> None:
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "object_id": str, "site": str, "source": str, "kind": str, "name": str, "size": int,
     "mtime_ns": int, "hash": str, "priority": str, "created": str, "meta": dict, "version": int,
+    "horizon": int,
 }
 _CHUNK_TYPES: dict[str, type] = {"id": str, "offset": int, "length": int, "hash": str}
 _ENTRY_TYPES: dict[str, type] = {"name": str, "offset": int, "size": int, "mtime_ns": int,

@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import zstandard
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.errors import CryptoError, FormatError
 from agent.format import crypto
-from agent.format.codec import decompress
 from agent.format.crypto import EdgeKeys
 from agent.format.manifest import STREAM_ID
+from agent.format.signed import open_signed
 
 TIP_VERSION = 1
 TIP_CONTEXT = b"skyferry/v2/tip\x00"
@@ -146,19 +145,8 @@ def open_tip(key: str, blob: bytes, recipient: X25519PrivateKey,
     where = parse_tip_key(key)
     if where is None:
         raise FormatError(f"{key} is not a tip key (<site>/tips/<stream>/<20-digit number>)")
-    if len(blob) > MAX_TIP_BYTES:
-        raise FormatError(f"{key} is {len(blob)} bytes, over the {MAX_TIP_BYTES}-byte tip cap")
-    header, payload = crypto.open_sealed(blob, recipient)
-    if header.kind != crypto.KIND_TIP:
-        raise FormatError(f"{key} holds sealed kind {header.kind}, not a tip")
-    if header.plaintext_len > MAX_TIP_BYTES:
-        raise FormatError(f"{key} claims a {header.plaintext_len}-byte tip: over the cap")
-    signed = bytes(decompress(header.compression, payload, header.plaintext_len))
-    signature, body = signed[:crypto.SIGNATURE_SIZE], signed[crypto.SIGNATURE_SIZE:]
-    try:
-        site_key.verify(signature, TIP_CONTEXT + body)
-    except InvalidSignature:
-        raise CryptoError(f"{key}: tip signature does not verify with the site's key") from None
+    body = open_signed(key, blob, recipient, site_key, kind=crypto.KIND_TIP,
+                       context=TIP_CONTEXT, cap=MAX_TIP_BYTES, what="tip")
     tip = Tip.from_json(body)
     if (tip.site, tip.stream, tip.n) != where:
         raise CryptoError(f"{key}: tip {tip.site}/{tip.stream}/{tip.n} was moved here")

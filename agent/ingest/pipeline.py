@@ -14,7 +14,8 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import blake3
@@ -34,7 +35,7 @@ from agent.format.manifest import (
     validate_name,
 )
 from agent.ingest.compressor import PIECE, Compressor
-from agent.ingest.cutting import Cutter, Settle, ThreadBuffers
+from agent.ingest.cutting import BufferPool, Cutter, Settle
 from agent.ingest.opening import (
     CHANGED_WHILE_READ,
     NOT_STORED,
@@ -60,19 +61,25 @@ from agent.store.store import Eviction, StagedChunk, StagedObject, Store
 
 class Pipeline:
     def __init__(self, site: str, keys: EdgeKeys, store: Store, chunking: ChunkingSettings,
-                 compression: CompressionSettings, *, seal_thread: Executor | None = None) -> None:
+                 compression: CompressionSettings, *, seal_thread: Executor | None = None,
+                 dedup_horizon_s: float | None = None) -> None:
         """`seal_thread`: one thread that seals a chunk while the calling thread cuts the next,
         owned by the caller (the daemon's `Executors`); without it each chunk is sealed by the
-        thread that ingests."""
+        thread that ingests. `dedup_horizon_s`: `[uplink] dedup_horizon` (docs/FORMAT.md,
+        "Retention"); the store may keep a stricter one it has declared already."""
         self.site = site
+        # Under a horizon every chunk an object references keeps a local copy until it is
+        # sent, so one past the horizon can be re-sent (agent/uplink/horizon.py).
+        self.keep_copies = store.apply_dedup_horizon(
+            dedup_horizon_s, datetime.now(UTC).timestamp()).horizon_s is not None
         self.seal_thread = seal_thread
         self.keys = keys
         self.store = store
         self.chunking = chunking
         self.compressor = Compressor(compression)
         self.key_id = seqbook.key_id(keys.signing_key.public_key())  # names its seq stream
-        self.buffers = ThreadBuffers()
-        self.cutter = Cutter(chunking, self.buffers)
+        self.buffers = BufferPool()
+        self.cutter = Cutter(chunking)
         # Set at shutdown: a file being read is abandoned at the next chunk (it stays at its
         # source), so SIGTERM is not held up by a 50 GB ingest.
         self.stopping = threading.Event()
@@ -140,7 +147,7 @@ class Pipeline:
             ref = chunk_ref(self.keys, staged, data, offset)
             refs.append(ref)
             offset += len(data)
-            if ref.id in fresh or self.store.chunk_known(ref.id):
+            if ref.id in fresh or self.store.chunk_known(ref.id, self.keep_copies):
                 continue
             fresh.add(ref.id)
             writers.write(stage, ref.id, data, sealing)
@@ -152,7 +159,9 @@ class Pipeline:
         num = self.store.allocate_seq(staged.object_id, self.key_id)
         created = now_iso()
         staged.created = datetime.fromisoformat(created).timestamp()  # its cloud date folder
-        return m.numbered(num.stream, num.seq, created)
+        staged.keep_copies = self.keep_copies
+        return replace(m.numbered(num.stream, num.seq, created),
+                       horizon=self.store.horizon_to_declare())
 
     def _result(self, staged: StagedObject, refs: tuple[ChunkRef, ...],
                 evicted: list[Eviction]) -> IngestResult:
@@ -176,7 +185,7 @@ class Pipeline:
 
         def pieces(settle: Settle) -> Iterator[memoryview]:
             with io.FileIO(open_source(req, st), "rb") as f:
-                for data in self.cutter.file_pieces(f, st.st_size, settle):
+                for data in self.cutter.file_pieces(f, st.st_size, settle, buffer):
                     whole.update(data)
                     yield data
                 after = os.fstat(f.fileno())  # the file read, whatever its name is now
@@ -194,7 +203,9 @@ class Pipeline:
             )
 
         try:
-            refs = self._seal(staged, pieces, manifest, str(req.path))
+            # Held until _seal returns: by then no chunk of it is being sealed any more.
+            with self.buffers.lease(self.cutter.file_buffer) as buffer:
+                refs = self._seal(staged, pieces, manifest, str(req.path))
         finally:
             self.store.release(reserved)
         return self._result(staged, refs, evicted)
@@ -258,7 +269,7 @@ class Pipeline:
         whole = blake3.blake3()
 
         def pieces(settle: Settle) -> Iterator[memoryview]:
-            for data in self.cutter.pack_pieces(reader, size, settle):
+            for data in self.cutter.pack_pieces(reader, size, settle, buffer):
                 whole.update(data)
                 yield data
             reader.finish()
@@ -277,8 +288,9 @@ class Pipeline:
             )
 
         try:
-            refs = self._seal(staged, pieces, manifest,
-                              f"a pack of {len(members)} files from {first.source}")
+            with self.buffers.lease(self.cutter.pack_buffer) as buffer:
+                refs = self._seal(staged, pieces, manifest,
+                                  f"a pack of {len(members)} files from {first.source}")
         finally:
             reader.close()
             self.store.release(reserved)
@@ -290,10 +302,10 @@ class Pipeline:
 
     def _write_chunk(self, stage: Path, cid: str, data: memoryview,
                      sealing: crypto.SealingKey) -> StagedChunk:
-        """One chunk sealed with this pipeline's keys and compressor, through this thread's
+        """One chunk sealed with this pipeline's keys and compressor, through a pooled
         buffer (agent/ingest/sealing.py)."""
-        return write_chunk(stage, cid, data, sealing, self.keys, self.compressor,
-                           self.buffers.get(PIECE + 64))
+        with self.buffers.lease(PIECE + 64) as out:
+            return write_chunk(stage, cid, data, sealing, self.keys, self.compressor, out())
 
     def _stage_manifest(self, stage: Path, manifest: Manifest) -> tuple[int, str]:
         return stage_manifest(stage, manifest, self.keys, self.compressor)

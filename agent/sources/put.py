@@ -3,7 +3,9 @@
 One JSON line per request, one JSON line per answer. A `put` request carries the file as an
 open descriptor (SCM_RIGHTS), never as a path the daemon would open: the client opens the file
 with its own rights, so a member of the socket's group can queue only files they can read
-themselves. The `path` a client sends is used in messages only.
+themselves. The `path` a client sends is used in messages only. A request may name many files
+(`files`, one descriptor each, in order): its small files are sealed together as one pack, its
+large ones one by one, and it is answered once all are durable, file by file.
 
 Outsiders can connect at will, so a connection costs a small task, never a thread: a request
 not complete within REQUEST_TIMEOUT_S is closed, and beyond MAX_CONNECTIONS at once a new
@@ -30,13 +32,14 @@ from typing import Any
 from agent.errors import SkyferryError
 from agent.ingest.requests import IngestRequest
 from agent.obs.logs import Throttled, log_event
-from agent.sources import Ingest
-from agent.sources.put_client import reader_of
+from agent.sources import Ingest, IngestPack
+from agent.sources.put_client import FDS_PER_MESSAGE, PUT_SOURCE, reader_of
+from agent.sources.put_walk import open_file_limit
 
 log = logging.getLogger("skyferry.put")
-PUT_SOURCE = "put"
-MAX_LINE = 1 << 16
-MAX_FDS = 4  # a request carries one; more are received (and closed) so they are noticed
+MAX_LINE = 1 << 20  # a request naming PUT_MAX_FILES files with long paths
+PUT_MAX_FILES = 1000  # descriptors one request may carry (`skyferry put` sends at most these)
+MAX_FDS = PUT_MAX_FILES  # more are received (and closed) so they are noticed
 REQUEST_TIMEOUT_S = 5.0  # an idle or half-sent request is closed after this
 REPLY_TIMEOUT_S = 10.0  # a client that does not read its answer is dropped after this
 MAX_CONNECTIONS = 32
@@ -70,9 +73,14 @@ class PutServer:
 
     def __init__(self, socket_path: Path, ingest: Ingest, classes: list[str],
                  status: StatusFn | None = None, *, max_connections: int = MAX_CONNECTIONS,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+                 request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 ingest_pack: IngestPack | None = None, pack_below: int = 0) -> None:
+        """`ingest_pack`, `pack_below`: files of a request of many below `pack_below` bytes
+        are sealed together; without them, each alone."""
         self.socket_path = socket_path
         self.ingest = ingest
+        self.ingest_pack = ingest_pack
+        self.pack_below = pack_below
         self.classes = classes
         self.status = status
         self.max_connections = max_connections
@@ -99,6 +107,7 @@ class PutServer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        open_file_limit()  # a request may carry up to PUT_MAX_FILES descriptors
         sock = self._listen()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -179,6 +188,8 @@ class PutServer:
                 return await self._status()
             if op != "put":
                 raise Refused(f"unknown request {op!r}; use put or status")
+            if "files" in req:
+                return await self._put_files(req, fds, peer)
             return await self._put(req, fds, peer)
         except (Refused, SkyferryError) as e:
             return self._refused(e, peer)
@@ -214,6 +225,73 @@ class PutServer:
                   peer_pid=peer.pid, duplicate=result.duplicate_of is not None)
         return {"ok": True, "object": result.object_id, "size": result.size,
                 "duplicate": result.duplicate_of is not None}
+
+    async def _put_files(self, req: dict[str, Any], fds: list[int], peer: Peer
+                         ) -> dict[str, Any]:
+        """Many files: the small ones as one pack, the others each alone; answered file by
+        file (a file that cannot be taken fails alone)."""
+        priority = req.get("priority")
+        files = req["files"]
+        if not isinstance(priority, str) or not isinstance(files, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("name"), str)
+                and isinstance(f.get("path", ""), str) for f in files):
+            raise Refused("malformed request: 'priority' must be a string and 'files' a list "
+                          "of {\"name\": ..., \"path\": ...}")
+        if priority not in self.classes:
+            raise Refused(f"unknown class {priority!r}; use one of: {', '.join(self.classes)}")
+        if len(files) != len(fds):
+            raise Refused(f"{len(files)} files named but {len(fds)} descriptors came; send one "
+                          "per file, in order")
+        answers: dict[int, dict[str, Any]] = {}
+        small: list[tuple[int, IngestRequest]] = []
+        for i, (f, fd) in enumerate(zip(files, fds, strict=True)):
+            shown = Path(f.get("path") or f["name"])
+            try:
+                _, seen = received_file([fd], shown)
+            except Refused as e:
+                answers[i] = {"name": f["name"], "error": str(e)}
+                continue
+            r = IngestRequest(shown, PUT_SOURCE, f["name"], priority, opener=reader_of(fd),
+                              seen=seen)
+            if self.ingest_pack is not None and seen.st_size < self.pack_below:
+                small.append((i, r))
+            else:
+                answers[i] = await self._put_one(r, peer)
+        if small:
+            answers.update(await self._put_pack(small, peer))
+        return {"ok": True, "files": [answers[i] for i in range(len(files))]}
+
+    async def _put_one(self, r: IngestRequest, peer: Peer) -> dict[str, Any]:
+        try:
+            result = await self.ingest(r)
+        except SkyferryError as e:
+            self._refused(e, peer)
+            return {"name": r.name, "error": str(e)}
+        return {"name": r.name, "object": result.object_id, "size": result.size,
+                "duplicate": result.duplicate_of is not None}
+
+    async def _put_pack(self, small: list[tuple[int, IngestRequest]], peer: Peer
+                        ) -> dict[int, dict[str, Any]]:
+        assert self.ingest_pack is not None
+        try:
+            result = await self.ingest_pack([r for _, r in small])
+        except SkyferryError as e:  # e.g. the quota: none of them was stored
+            self._refused(e, peer)
+            return {i: {"name": r.name, "error": str(e)} for i, r in small}
+        log_event(log, logging.INFO, "put_accepted", f"put {len(result.accepted)} files "
+                  "accepted", files=len(result.accepted), object=result.object_id,
+                  bytes=result.size, peer_uid=peer.uid, peer_pid=peer.pid)
+        out: dict[int, dict[str, Any]] = {}
+        for i, r in small:
+            done = result.accepted.get(r.name)
+            if done is not None:
+                out[i] = {"name": r.name, "object": done.object_id, "size": done.size,
+                          "duplicate": done.duplicate_of is not None}
+            else:
+                why = result.failed.get(r.name)
+                out[i] = {"name": r.name, "error": str(why) if why else
+                          "not stored: another file of this request has the same name"}
+        return out
 
 
 def _line(reply: dict[str, Any]) -> bytes:
@@ -251,7 +329,8 @@ async def read_request(loop: asyncio.AbstractEventLoop,
             # Counted over the whole request: each piece of it may carry some, and a client
             # sending one per byte would make the daemon hold thousands.
             if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
-                raise Refused("too many descriptors came with the request; send one")
+                raise Refused(f"too many descriptors came with the request; send one per file, "
+                              f"at most {MAX_FDS}")
             if not data:
                 break  # the client closed its side: what came is the request
             buf += data
@@ -267,7 +346,7 @@ async def _recv_fds(loop: asyncio.AbstractEventLoop,
     # asyncio's streams cannot receive descriptors: wait for readability, then recvmsg.
     while True:
         try:
-            data, fds, flags, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS,
+            data, fds, flags, _ = socket.recv_fds(conn, 1 << 16, FDS_PER_MESSAGE + 3,
                                                   socket.MSG_CMSG_CLOEXEC)
             return data, fds, flags
         except (BlockingIOError, InterruptedError):

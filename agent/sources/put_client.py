@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,7 +17,11 @@ from agent.errors import SourceError
 BUSY_RETRIES = 20  # the daemon answered "busy": try again this many times
 BUSY_WAIT_S = 0.25
 STATUS_TIMEOUT_S = 10.0
+PUT_SOURCE = "put"  # the source name of what `skyferry put` queues
 PUT_TIMEOUT_S = 3600.0  # the answer comes once the file is durable: a large file takes a while
+# A descriptor per file: SCM_RIGHTS carries at most 253 in one message, so a request of many
+# files is sent in pieces of FDS_PER_MESSAGE, each with its part of the request line.
+FDS_PER_MESSAGE = 250
 
 
 def open_for_put(path: Path) -> int:
@@ -57,6 +62,16 @@ def request_put(socket_path: Path, fd: int, path: Path, name: str, priority: str
     return _exchange(socket_path, msg, [fd], timeout_s)
 
 
+def request_put_files(socket_path: Path, fds: list[int], files: list[tuple[str, str]],
+                      priority: str, timeout_s: float = PUT_TIMEOUT_S
+                      ) -> dict[str, Any] | None:
+    """Ask a running daemon to queue many open files at once (`files`: (path, name) of each
+    descriptor, in order); small ones are sealed together. None when no daemon listens."""
+    msg = {"op": "put", "priority": priority,
+           "files": [{"path": p, "name": n} for p, n in files]}
+    return _exchange(socket_path, msg, fds, timeout_s)
+
+
 def request_status(socket_path: Path,
                    timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any] | None:
     """The running daemon's live state; None when no daemon listens on the socket."""
@@ -86,17 +101,27 @@ def _once(socket_path: Path, msg: dict[str, Any], fds: list[int],
             raise SourceError(f"cannot talk to the daemon at {socket_path}: {e.strerror}; "
                               "the socket is for its owner and group only") from None
         data = json.dumps(msg).encode() + b"\n"
-        try:
-            sent = socket.send_fds(s, [data], fds)
-            s.sendall(data[sent:])
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before the request was read: its answer says why
+        # Refused before the request was read: its answer says why.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            _send(s, data, fds)
         buf = _read_line(s, socket_path)
     try:
         reply: dict[str, Any] = json.loads(buf)
     except ValueError:
         raise SourceError(f"the daemon at {socket_path} gave no answer; see its log") from None
     return reply
+
+
+def _send(s: socket.socket, data: bytes, fds: list[int]) -> None:
+    """The request line, its descriptors FDS_PER_MESSAGE at a time, each group with a piece of
+    the line (at least one byte each; the line is longer than the number of groups)."""
+    groups = [fds[i:i + FDS_PER_MESSAGE] for i in range(0, len(fds), FDS_PER_MESSAGE)] or [[]]
+    at = 0
+    for i, group in enumerate(groups):
+        piece = data[at:] if i == len(groups) - 1 else data[at:at + 1]
+        sent = socket.send_fds(s, [piece], group) if group else s.send(piece)
+        at += sent
+    s.sendall(data[at:])
 
 
 def _connect(s: socket.socket, socket_path: Path, timeout_s: float) -> None:

@@ -24,10 +24,18 @@ from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.sources import Ingest, IngestPack, spool_lease
-from agent.sources.spool_files import Hold, Kept, take_back
+from agent.sources.spool_files import Hold, Kept
 from agent.sources.spool_report import SpoolReport, log
 from agent.sources.spool_root import Pass, SpoolRoot
-from agent.sources.spool_scan import Candidate, ScanResult, plan, printable, scan_fd
+from agent.sources.spool_scan import (
+    Candidate,
+    ScanResult,
+    plan,
+    printable,
+    scan_fd,
+    scan_names,
+)
+from agent.sources.spool_watch import Heard, SpoolWatch, open_watch
 
 # Why a file could not be opened that a later scan may not see again: it changed, went, was
 # swapped for a link, or the process ran out of descriptors.
@@ -69,9 +77,11 @@ class SpoolSource:
                  ingest_pack: IngestPack | None = None, chunking: ChunkingSettings | None = None,
                  workers: int = 2, protected: tuple[Path, ...] = (),
                  metrics: Metrics | None = None, state_dir: Path | None = None,
-                 run_side: RunBlocking | None = None) -> None:
-        """`run_side`: how folder scans and disposals leave the event loop (the daemon's side
-        pool); without it, asyncio's default executor (tests, tools)."""
+                 run_side: RunBlocking | None = None, watching: bool = True,
+                 gather_s: float | None = None) -> None:
+        """`run_side`: how scans and disposals leave the loop (default: asyncio's executor).
+        `watching`: take what inotify hears finished between scans, files renamed in
+        `gather_s` after the first (default `settle`, packed as a scan packs them)."""
         self.settings = settings
         self.run_side: RunBlocking = run_side or asyncio.to_thread
         self.ingest = ingest
@@ -90,19 +100,43 @@ class SpoolSource:
         self._kept: dict[str, Candidate] = {}
         self.accepted = 0
         self.ready_bytes = 0  # settled and not yet ingested (the compression policy asks)
+        self.watching = watching
+        self.gather_s = settings.settle_s if gather_s is None else gather_s
+        self._watch: SpoolWatch | None = None
 
     @property
     def done_dir(self) -> Path | None:
         return self.settings.effective_done_dir if self.settings.after == "move" else None
 
     async def run(self) -> None:
+        """A full scan every scan_interval; between scans, what inotify heard."""
         raise_open_file_limit()
-        while True:
-            try:
-                await self.scan_once()
-            except Exception as e:  # the daemon never stops for a spool: log, retry
-                self.report.unexpected(e)
-            await asyncio.sleep(max(self.settings.scan_interval_s, self.report.backoff_s))
+        loop = asyncio.get_running_loop()
+        if self.watching:
+            self._watch = open_watch(self.settings.name, str(self.settings.path),
+                                     self.settings.settle_s, self.gather_s)
+        try:
+            next_scan = loop.time()
+            while True:
+                heard = Heard(rescan=loop.time() >= next_scan)
+                if self._watch is not None and not heard.rescan:
+                    heard = await self._watch.wait(next_scan - loop.time())
+                elif not heard.rescan:
+                    await asyncio.sleep(next_scan - loop.time())
+                    continue
+                try:
+                    if heard.rescan:
+                        await self.scan_once()
+                    if heard.names:
+                        await self.take_named(heard.names)
+                except Exception as e:  # the daemon never stops for a spool: log, retry
+                    self.report.unexpected(e)
+                if heard.rescan:
+                    next_scan = loop.time() + max(self.settings.scan_interval_s,
+                                                  self.report.backoff_s)
+        finally:
+            if self._watch is not None:
+                self._watch.close()
 
     # ---- one pass ------------------------------------------------------------------------
 
@@ -115,35 +149,35 @@ class SpoolSource:
         if p is None:
             return
         try:
-            result = await self.run_side(scan_fd, p.root_fd, self.settings.path,
-                                             self.root.fence(p))
+            fence = self.root.fence(p)
+            # Watched before the scan: nothing added meanwhile is missed.
+            if self._watch is not None and not await self._watch.watch_folders(
+                    self.run_side, p.root_fd, fence):
+                self._watch = None
+            result = await self.run_side(scan_fd, p.root_fd, self.settings.path, fence)
             self._forget_gone(result)
             for s in result.skipped:
                 self.report.tell(s.name, s.reason, s.why)
             if result.asides:
-                await self.run_side(self._take_back, p, result.asides)
+                await self.run_side(self.root.take_back, p, result.asides)
             await self._ingest_ready(p, await self._retry_kept(p, result.files))
         finally:
             p.close()
 
-    def _take_back(self, p: Pass, asides: list[str]) -> None:
-        """Accepted files a kill left renamed aside: back under their names, so the next
-        pass deletes them (already stored: recognised, not stored again)."""
-        for rel in asides:
-            try:
-                take_back(p.root_fd, rel)
-            except (OSError, ValueError) as e:
-                why = e.strerror if isinstance(e, OSError) else str(e)
-                if isinstance(e, FileExistsError):
-                    why = "a new file has its name"
-                self.report.tell(rel, "aside_left", "an accepted file left aside by an "
-                                 f"interrupted delete, already stored; it stays ({why}): delete "
-                                 "it once the file under its name is taken", logging.INFO)
-            else:
-                log_event(log, logging.INFO, "spool_aside_back",
-                          f"spool {self.settings.name}: {printable(rel)}: an accepted file "
-                          "left aside by an interrupted delete is looked at again",
-                          source=self.settings.name, file=printable(rel))
+    async def take_named(self, names: set[str]) -> None:
+        """Files inotify heard finished (spool_watch.py), looked at as a scan looks at them
+        and taken without waiting for the next scan (a read lease still refuses one open)."""
+        p = await self.run_side(self.root.open_pass)
+        if p is None:
+            return
+        try:
+            result = await self.run_side(scan_names, p.root_fd, self.settings.path,
+                                         self.root.fence(p), names)
+            for s in result.skipped:
+                self.report.tell(s.name, s.reason, s.why)
+            await self._ingest_ready(p, await self._retry_kept(p, result.files), heard=True)
+        finally:
+            p.close()
 
     def _forget_gone(self, result: ScanResult) -> None:
         """A path that went away is logged again should it come back with a problem."""
@@ -183,14 +217,20 @@ class SpoolSource:
                       f"{'moved' if p.move else 'deleted'}", source=self.settings.name,
                       file=printable(c.name))
 
-    async def _ingest_ready(self, p: Pass, candidates: list[Candidate]) -> None:
+    async def _ingest_ready(self, p: Pass, candidates: list[Candidate],
+                            heard: bool = False) -> None:
+        """`heard`: only the files inotify named, settled already (`take_named`); else every
+        file the scan found, each taken once unchanged for `settle`."""
         now = asyncio.get_running_loop().time()
         seen: dict[str, tuple[Version, float]] = {}
         for c in candidates:
             prev = self._stable_since.get(c.name)
             since = prev[1] if prev and prev[0] == version(c) else now
-            seen[c.name] = (version(c), since)
-        self._stable_since = seen
+            seen[c.name] = (version(c), now - self.settings.settle_s if heard else since)
+        if heard:
+            self._stable_since.update(seen)
+        else:
+            self._stable_since = seen
         ready = [c for c in candidates
                  if now - seen[c.name][1] >= self.settings.settle_s
                  and self._failed.get(c.name) != version(c)]
@@ -198,7 +238,7 @@ class SpoolSource:
         if chunking is not None and chunking.pack_files > pack_files_cap():
             chunking = dataclasses.replace(chunking, pack_files=pack_files_cap())
         batches = plan(ready, chunking)
-        self.ready_bytes = sum(c.size for c in ready)
+        self.ready_bytes = (self.ready_bytes if heard else 0) + sum(c.size for c in ready)
         # Up to `workers` ingests at once (hashing, compression and encryption release the
         # GIL); a quota refusal stops the pass: the next one retries.
         full = asyncio.Event()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agent.config.settings import SpoolSettings
 from agent.obs.logs import log_event
-from agent.sources.spool_files import DoneDir, Hold, Kept, dispose, open_done
+from agent.sources.spool_files import DoneDir, Hold, Kept, dispose, open_done, take_back
 from agent.sources.spool_report import SpoolReport, log
 from agent.sources.spool_scan import Candidate, Fence, Ident, ident, printable
 
@@ -141,3 +141,22 @@ class SpoolRoot:
         skip = frozenset({ident(os.fstat(p.done.fd))}) if p.done is not None else frozenset()
         names = frozenset({self.done_name()}) if p.move else frozenset()
         return Fence(skip_names=names, skip=skip, protected=frozenset(protected))
+
+    def take_back(self, p: Pass, asides: list[str]) -> None:
+        """Accepted files a kill left renamed aside: back under their names, so the next
+        pass deletes them (already stored: recognised, not stored again)."""
+        for rel in asides:
+            try:
+                take_back(p.root_fd, rel)
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                if isinstance(e, FileExistsError):
+                    why = "a new file has its name"
+                self.report.tell(rel, "aside_left", "an accepted file left aside by an "
+                                 f"interrupted delete, already stored; it stays ({why}): delete "
+                                 "it once the file under its name is taken", logging.INFO)
+            else:
+                log_event(log, logging.INFO, "spool_aside_back",
+                          f"spool {self.settings.name}: {printable(rel)}: an accepted file "
+                          "left aside by an interrupted delete is looked at again",
+                          source=self.settings.name, file=printable(rel))

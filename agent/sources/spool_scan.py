@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,11 @@ def _special(rel: str, st: os.stat_result) -> Skipped:
     return Skipped(rel, "special", "is not a regular file; only regular files are ingested")
 
 
+def special_entry(st: os.stat_result) -> str:
+    """Why an entry that is neither a folder nor a regular file is not taken (`skyferry put`)."""
+    return _special("", st).why
+
+
 # Sub-folders are opened from their parent's descriptor while it is open, and held until
 # listed, at most this many at once: the most recently found (listed next, depth first)
 # keep theirs, older ones give theirs up and are reopened from the root when their turn
@@ -194,21 +200,57 @@ def _list(root: Path, fd: int, prefix: str, fence: Fence, out: ScanResult,
         except OSError as err:
             out.skipped.append(Skipped(rel, "unreadable", f"cannot be examined: {err.strerror}"))
             continue
-        if ident(st) in fence.protected:
-            out.skipped.append(Skipped(rel, "protected", "is the daemon's own state or key; "
-                                       "a spool must not hold the state_dir or the keys"))
-        elif stat.S_ISDIR(st.st_mode):
-            if ident(st) not in fence.skip:
-                folders.push(fd, [*prefix.split("/")[:-1], entry.name], ident(st))
-        elif is_temporary(entry.name):
+        if _entry(root, rel, st, fence, out) and ident(st) not in fence.skip:
+            folders.push(fd, [*prefix.split("/")[:-1], entry.name], ident(st))
+
+
+def _entry(root: Path, rel: str, st: os.stat_result, fence: Fence, out: ScanResult) -> bool:
+    """Sort one entry (not a dot name) into `out`; True if it is a folder to enter."""
+    if ident(st) in fence.protected:
+        out.skipped.append(Skipped(rel, "protected", "is the daemon's own state or key; "
+                                   "a spool must not hold the state_dir or the keys"))
+    elif stat.S_ISDIR(st.st_mode):
+        return True
+    elif is_temporary(rel.rsplit("/", 1)[-1]):
+        pass
+    elif not is_utf8(rel):
+        out.skipped.append(Skipped(rel, "bad_name", "name is not valid UTF-8 and could "
+                                   "never be restored; rename the file"))
+    elif stat.S_ISREG(st.st_mode):
+        out.files.append(Candidate(root / rel, rel, st.st_size, st.st_mtime_ns, st))
+    else:
+        out.skipped.append(_special(rel, st))
+    return False
+
+
+def scan_names(root_fd: int, root: Path, fence: Fence, names: Iterable[str]) -> ScanResult:
+    """Like `scan_fd`, for the named entries only (what an inotify event named): each
+    reached from the root component by component without following links, and sorted exactly
+    as a scan would sort it; folders and names a scan would not enter are passed over."""
+    out = ScanResult()
+    for rel in sorted(set(names)):
+        parts = rel.split("/")
+        if any(p.startswith(".") or p in ("", "..") for p in parts) or any(
+                "/".join(parts[:i]) in fence.skip_names for i in range(1, len(parts) + 1)):
             continue
-        elif not is_utf8(rel):
-            out.skipped.append(Skipped(rel, "bad_name", "name is not valid UTF-8 and could "
-                                       "never be restored; rename the file"))
-        elif stat.S_ISREG(st.st_mode):
-            out.files.append(Candidate(root / rel, rel, st.st_size, st.st_mtime_ns, st))
-        else:
-            out.skipped.append(_special(rel, st))
+        try:
+            parent = open_folder(root_fd, parts[:-1])
+        except OSError:
+            continue  # gone or swapped for a link: the next scan looks
+        try:
+            if parts[:-1] and ident(os.fstat(parent)) in fence.skip | fence.protected:
+                continue
+            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            out.skipped.append(Skipped(rel, "unreadable", f"cannot be examined: {err.strerror}"))
+            continue
+        finally:
+            os.close(parent)
+        _entry(root, rel, st, fence, out)
+    out.files.sort(key=lambda c: (c.mtime_ns, c.name))
+    return out
 
 
 def scan_fd(root_fd: int, root: Path, fence: Fence = Fence()) -> ScanResult:

@@ -30,6 +30,9 @@ class StagedObject:
     manifest_hash: str = ""  # BLAKE3 of the sealed manifest file
     member_keys: list[str] = field(default_factory=list)  # source keys of a pack's files
     created: float | None = None  # the manifest's `created` (its cloud date folder), if set
+    # Dedup horizon (agent/store/horizon.py): every chunk referenced has a local copy, so a
+    # chunk past the horizon can be re-sent before the manifest.
+    keep_copies: bool = False
 
 
 @dataclass(frozen=True)

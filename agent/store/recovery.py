@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.store import room, seqbook
+from agent.store import room, seqbook, totals
 from agent.store.index import Index
 
 
@@ -59,12 +59,10 @@ def finish_pending_deletes(index: Index) -> None:
 
 
 def compute_used(index: Index) -> int:
-    chunks = index.db.execute(
-        "SELECT COALESCE(SUM(sealed_size), 0) FROM chunks WHERE has_file=1").fetchone()[0]
-    manifests = index.db.execute(
-        "SELECT COALESCE(SUM(manifest_bytes), 0) FROM objects WHERE state='queued'"
-    ).fetchone()[0]
-    return int(chunks) + int(manifests)
+    """Sealed bytes of the chunk files and manifests the queue keeps (the running totals)."""
+    files = sum(f for *_, f in totals.chunk_rows(index.db))
+    manifests = sum(m for _, state, *_, m in totals.object_rows(index.db) if state == "queued")
+    return files + manifests
 
 
 def drop_released(index: Index, stage: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.store import totals
 from agent.store.index import Index
 from agent.store.records import ClassSummary
 
@@ -13,47 +14,48 @@ class Reports:
 
     def summary(self, now: float) -> dict[str, ClassSummary]:
         """Items (files, each file of a pack, MQTT batches) and bytes per class and state, and
-        the age of the oldest queued object."""
+        the age of the oldest queued object: a few rows of the running totals and one index
+        seek per class, whatever the backlog."""
         out: dict[str, ClassSummary] = {name: ClassSummary() for name in self._class_names}
         idx = self._index
         with idx.lock:
-            rows = idx.db.execute(
-                "SELECT class, state, SUM(items), COALESCE(SUM(size), 0) FROM objects "
-                "GROUP BY class, state").fetchall()
-            oldest = idx.db.execute(
-                "SELECT class, MIN(created) FROM objects WHERE state='queued' GROUP BY class"
-            ).fetchall()
-        for cls, state, n, size in rows:
+            rows = totals.object_rows(idx.db)
+            queued = [cls for cls, state, n, *_ in rows if state == "queued" and n]
+            # The partial index exists from schema 3; an older index (read-only status before
+            # the daemon upgraded it) is searched as it was.
+            hint = "INDEXED BY objects_class_age" if totals.has_totals(idx.db) else ""
+            oldest = [(cls, idx.db.execute(
+                f"SELECT MIN(created) FROM objects {hint} WHERE state='queued' AND class=?",
+                (cls,)).fetchone()[0]) for cls in queued]
+        for cls, state, _, n, size, _ in rows:
             s = out.setdefault(cls, ClassSummary())
-            s.items[state] = int(n)
-            s.bytes[state] = int(size)
+            s.items[state] = n
+            s.bytes[state] = size
         for cls, created in oldest:
-            out.setdefault(cls, ClassSummary()).oldest_queued_age_s = max(0.0, now - created)
+            if created is not None:
+                out.setdefault(cls, ClassSummary()).oldest_queued_age_s = max(0.0, now - created)
         return out
 
     def chunk_counts(self) -> dict[str, tuple[int, int]]:
         """Chunk count and sealed bytes per chunk state."""
         with self._index.lock:
-            rows = self._index.db.execute(
-                "SELECT state, COUNT(*), COALESCE(SUM(sealed_size), 0) FROM chunks "
-                "GROUP BY state").fetchall()
-        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+            rows = totals.chunk_rows(self._index.db)
+        return {state: (n, sealed) for state, n, sealed, _, _ in rows}
 
     def savings(self) -> tuple[int, int]:
         """(compression, dedup) bytes saved over everything this store accepted."""
         with self._index.lock:
-            plain, sealed = self._index.db.execute(
-                "SELECT COALESCE(SUM(plain_size), 0), COALESCE(SUM(sealed_size), 0) FROM chunks "
-                "WHERE state!='corrupt'").fetchone()
-            objects = self._index.db.execute(
-                "SELECT COALESCE(SUM(size), 0) FROM objects WHERE state IN ('queued','committed')"
-            ).fetchone()[0]
-        return int(plain) - int(sealed), max(0, int(objects) - int(plain))
+            chunks = totals.chunk_rows(self._index.db)
+            objects = totals.object_rows(self._index.db)
+        plain = sum(p for state, _, _, p, _ in chunks if state != "corrupt")
+        sealed = sum(s for state, _, s, _, _ in chunks if state != "corrupt")
+        accepted = sum(b for _, state, _, _, b, _ in objects if state in ("queued", "committed"))
+        return plain - sealed, max(0, accepted - plain)
 
     def pending_objects(self) -> int:
         with self._index.lock:
-            return int(self._index.db.execute(
-                "SELECT COUNT(*) FROM objects WHERE state='queued'").fetchone()[0])
+            rows = totals.object_rows(self._index.db)
+        return sum(n for _, state, n, *_ in rows if state == "queued")
 
     def get_meta(self, key: str) -> str | None:
         with self._index.lock:

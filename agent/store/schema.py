@@ -6,9 +6,11 @@ import sqlite3
 from pathlib import Path
 
 from agent.errors import StoreError
-from agent.store import seqbook
+from agent.store import horizon, seqbook, totals
 
-SCHEMA_VERSION = 2  # 2: manifest numbering (agent/store/seqbook.py); 1 is migrated
+# 3: the queue's indexes, `unsent_from` and the running totals (agent/store/totals.py);
+# 2: manifest numbering (agent/store/seqbook.py); 1 and 2 are migrated.
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,11 +61,39 @@ CREATE TABLE IF NOT EXISTS pending_deletes (
 """
 
 
+# What the uplink's claims walk, so that a claim costs O(log n) in the backlog, not a pass
+# over it: objects with chunks still to send, in the order they are served (rank, then age);
+# objects whose chunks are all sent, whose manifest goes next; the oldest queued object of a
+# class (status, eviction, expiry).
+QUEUE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS objects_sending ON objects(rank, created) "
+    "WHERE state='queued' AND chunks_left>0",
+    "CREATE INDEX IF NOT EXISTS objects_ready ON objects(rank, created) "
+    "WHERE state='queued' AND chunks_left=0",
+    "CREATE INDEX IF NOT EXISTS objects_class_age ON objects(class, created) "
+    "WHERE state='queued'",
+)
+
+
 def migrate(db: sqlite3.Connection, state_dir: Path) -> None:
-    """Create what is missing and bring an older index up to SCHEMA_VERSION."""
-    db.executescript(SCHEMA + seqbook.SCHEMA)
-    _add_missing_columns(db)
-    _check_schema_version(db, state_dir)
+    """Create what is missing and bring an older index up to SCHEMA_VERSION, in one
+    transaction (a crash halfway leaves the older index, upgraded again at the next start)."""
+    db.executescript(SCHEMA + seqbook.SCHEMA + horizon.SCHEMA)  # horizon: FORMAT.md Retention
+    version = _stored_version(db, state_dir)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        _add_missing_columns(db)
+        for statement in QUEUE_INDEXES:
+            db.execute(statement)
+        totals.install(db, rebuild=version != SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)",
+                       (str(SCHEMA_VERSION),))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
@@ -73,14 +103,17 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE objects ADD COLUMN manifest_hash TEXT")
     if "items" not in have:  # files in a pack; 1 for everything else
         db.execute("ALTER TABLE objects ADD COLUMN items INTEGER NOT NULL DEFAULT 1")
+    if "unsent_from" not in have:  # chunks before this seq are all uploaded (agent/store/queue.py)
+        db.execute("ALTER TABLE objects ADD COLUMN unsent_from INTEGER NOT NULL DEFAULT 0")
     seqbook.add_columns(db, have)
 
 
-def _check_schema_version(db: sqlite3.Connection, state_dir: Path) -> None:
+def _stored_version(db: sqlite3.Connection, state_dir: Path) -> int | None:
+    """The index's schema (None: a new index); a newer one than ours is refused untouched."""
     row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-    if row is None or int(row[0]) == 1:  # 1 -> 2 is `_add_missing_columns`, done
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) != SCHEMA_VERSION:
+    if row is not None and int(row[0]) > SCHEMA_VERSION:
         raise StoreError(
-            f"store {state_dir} has schema {row[0]}, this skyferry uses {SCHEMA_VERSION}"
+            f"store {state_dir} has schema {row[0]}, this skyferry uses {SCHEMA_VERSION}; "
+            "run the skyferry that wrote it, or a newer one"
         )
+    return None if row is None else int(row[0])

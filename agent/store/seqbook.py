@@ -83,7 +83,7 @@ def add_columns(db: sqlite3.Connection, have: set[str]) -> None:
         db.execute("ALTER TABLE objects ADD COLUMN seq INTEGER")
     if "stream" not in have:
         db.execute("ALTER TABLE objects ADD COLUMN stream TEXT")
-    db.executescript(INDEXES)
+    db.execute(INDEXES)  # not executescript: it would commit the caller's transaction
 
 
 def allocate(db: sqlite3.Connection, key_id: str, object_id: str) -> Numbered:

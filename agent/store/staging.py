@@ -27,14 +27,15 @@ class Staging:
         self._index = index
         self._chunk_folders: set[str] = set()  # chunks/<xx> folders known to exist
 
-    def chunk_known(self, chunk_id: str) -> bool:
-        """True when this chunk is already queued or already in the cloud (dedup).
+    def chunk_known(self, chunk_id: str, with_file: bool = False) -> bool:
+        """True when this chunk is already queued or already in the cloud (dedup); with
+        `with_file` (a dedup horizon), only when its local copy is still kept.
 
         Read without the store's lock: a chunk committed by another thread a moment ago may
         be missed, and is then sealed twice and dropped at commit (`insert_object`)."""
         row = self._index.reader().execute(
-            "SELECT state FROM chunks WHERE id=?", (chunk_id,)).fetchone()
-        return row is not None and row[0] != "corrupt"
+            "SELECT state, has_file FROM chunks WHERE id=?", (chunk_id,)).fetchone()
+        return row is not None and row[0] != "corrupt" and (row[1] or not with_file)
 
     def accepted_source_key(self, source_key: str) -> str | None:
         """Object id already accepted for this source item (so a re-scan does not duplicate)."""
@@ -97,7 +98,8 @@ class Staging:
             for cid, ch in staged.new_chunks.items():
                 row = db.execute("SELECT state, has_file FROM chunks WHERE id=?",
                                  (cid,)).fetchone()
-                if row is not None and row[0] != "corrupt" and (row[1] or row[0] == "uploaded"):
+                if row is not None and row[0] != "corrupt" and (
+                        row[1] or (row[0] == "uploaded" and not staged.keep_copies)):
                     # Another ingest committed the same content meanwhile: keep its copy
                     # (it may be uploading) and drop ours before this commit can reference it.
                     (stage / cid).unlink(missing_ok=True)
@@ -118,27 +120,31 @@ class Staging:
                      cls: ClassSettings) -> None:
         """The object's own rows, once its new chunks are in (same transaction)."""
         distinct = set(staged.chunk_ids)
+        # With a dedup horizon a chunk shared with another object must keep its local copy.
+        held = " AND has_file=1" if staged.keep_copies else ""
         missing = [c for c in distinct if c not in staged.new_chunks and db.execute(
-            "SELECT 1 FROM chunks WHERE id=? AND state!='corrupt'", (c,)).fetchone() is None]
+            f"SELECT 1 FROM chunks WHERE id=? AND state!='corrupt'{held}", (c,)).fetchone() is None]
         if missing:
             raise StoreError(
                 f"chunk {missing[0]} vanished from the store during ingest (evicted); "
                 "the object stays at its source and will be ingested again"
             )
-        left = sum(
-            1 for c in distinct
-            if db.execute("SELECT state FROM chunks WHERE id=?", (c,)).fetchone()[0]
-            != "uploaded"
-        )
+        sent = {c for c in distinct
+                if db.execute("SELECT state FROM chunks WHERE id=?", (c,)).fetchone()[0]
+                == "uploaded"}
+        # Claims walk the object from here (agent/store/queue.py): past the chunks another
+        # object already sent, so a re-ingest of a large file edited a little starts at its edit.
+        unsent_from = next((i for i, c in enumerate(staged.chunk_ids) if c not in sent),
+                           len(staged.chunk_ids))
         num = seqbook.committed(db, staged.object_id)
         db.execute(
             "INSERT INTO objects (id, source, source_key, class, rank, size, manifest_hash,"
-            " manifest_bytes, created, state, chunks_left, items, stream, seq)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            " manifest_bytes, created, state, chunks_left, items, stream, seq, unsent_from)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
             (staged.object_id, staged.source, staged.source_key, cls.name, cls.rank,
              staged.size, staged.manifest_hash, staged.manifest_bytes,
-             staged.created or time.time(), left, max(1, len(staged.member_keys)),
-             num and num.stream, num and num.seq),
+             staged.created or time.time(), len(distinct - sent),
+             max(1, len(staged.member_keys)), num and num.stream, num and num.seq, unsent_from),
         )
         db.executemany(
             "INSERT INTO object_chunks (object_id, seq, chunk_id) VALUES (?, ?, ?)",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from agent.config.settings import ClassSettings
 from agent.errors import DiskFullError
-from agent.store import recovery, release, room, schema, seqbook, staging
+from agent.store import horizon, recovery, release, room, schema, seqbook, staging
 from agent.store.fsio import is_disk_full
 from agent.store.index import Index
 from agent.store.queue import Queue
@@ -64,9 +64,14 @@ class Store:
         self._staging = Staging(self._index)
         self._queue = Queue(self._index)
         self._reports = Reports(self._index, list(self.classes))
+        self.horizon = horizon.Promise(None, False)  # `apply_dedup_horizon` sets it
         if not read_only:
-            schema.migrate(self._index.db, state_dir)
-            recovery.reconcile(self._index, self._promote)
+            try:
+                schema.migrate(self._index.db, state_dir)
+                recovery.reconcile(self._index, self._promote)
+            except BaseException:
+                self._index.close()  # the lock and the connection go with the failed open
+                raise
 
     def close(self) -> None:
         self._index.close()
@@ -119,9 +124,10 @@ class Store:
 
     # ---- ingest (agent/store/staging.py) --------------------------------------------------
 
-    def chunk_known(self, chunk_id: str) -> bool:
-        """True when this chunk is already queued or already in the cloud (dedup)."""
-        return self._staging.chunk_known(chunk_id)
+    def chunk_known(self, chunk_id: str, with_file: bool = False) -> bool:
+        """True when this chunk is already queued or already in the cloud (dedup); with
+        `with_file`, only when its local copy is kept (a dedup horizon)."""
+        return self._staging.chunk_known(chunk_id, with_file)
 
     def accepted_source_key(self, source_key: str) -> str | None:
         """Object id already accepted for this source item (so a re-scan does not duplicate)."""
@@ -190,27 +196,62 @@ class Store:
             return seqbook.allocate(db, key_id, object_id)
 
     def history_state(self, key_id: str) -> seqbook.HistoryState | None:
-        with self._index.lock:
-            return seqbook.state(self._index.db, key_id)
+        """Read on this thread's own connection, not under the store's lock: its ranges walk
+        every queued seq of the stream, which claims must not wait behind."""
+        db = self._index.reader()
+        db.execute("BEGIN")  # one snapshot for the stream's row and both range queries
+        try:
+            return seqbook.state(db, key_id)
+        finally:
+            db.execute("COMMIT")
 
     def tip_sent(self, stream: str, n: int) -> None:
         with self._index.txn() as db:
             seqbook.tip_sent(db, stream, n)
 
+    # ---- dedup horizon (agent/store/horizon.py; docs/FORMAT.md "Retention") ----------------
+
+    def apply_dedup_horizon(self, configured_s: float | None, now: float) -> horizon.Promise:
+        """Record the configured horizon; once declared in manifests it is never loosened."""
+        with self._index.txn() as db:
+            self.horizon = horizon.apply(db, configured_s, now)
+        return self.horizon
+
+    def horizon_to_declare(self) -> int:
+        """The horizon a manifest signed now declares (seconds; 0: none yet)."""
+        h = self.horizon
+        if h.horizon_s is not None and not h.active:
+            with self._index.txn() as db:
+                if horizon.activate_if_ready(db):
+                    self.horizon = h = horizon.Promise(h.horizon_s, True)
+        return int(h.horizon_s) if h.active and h.horizon_s is not None else 0
+
+    def chunk_confirmed(self, chunk_id: str, at: float) -> None:
+        with self._index.txn() as db:
+            horizon.confirm(db, chunk_id, at)
+
+    def stale_chunks(self, object_id: str, now: float,
+                     horizon_s: float) -> list[horizon.StaleChunk]:
+        with self._index.txn() as db:
+            return horizon.stale_chunks(db, object_id, now, horizon_s)
+
     # ---- uplink (agent/store/queue.py) ----------------------------------------------------
 
     def next_work(self, now: float, aging_s: float, max_chunk_bytes: int | None = None,
-                  max_manifest_bytes: int | None = None) -> Work | None:
+                  max_manifest_bytes: int | None = None, *,
+                  max_rank: int | None = None) -> Work | None:
         """Claim the most urgent unit of work: a ready manifest first, then a chunk.
 
         With limits (what is left of a window's byte budget), only work that fits is claimed:
         a chunk counts with its object's manifest, so finishing an object leaves room to
-        commit it.
+        commit it. `max_rank`: only work of classes ranked this or better (the uplink's
+        stream kept for urgent data).
         """
         with self._index.lock:
             if self._index.unpromoted:
                 self._retry_promotions()
-            return self._queue.next_work(now, aging_s, max_chunk_bytes, max_manifest_bytes)
+            return self._queue.next_work(now, aging_s, max_chunk_bytes, max_manifest_bytes,
+                                         max_rank=max_rank)
 
     def release_chunk(self, chunk_id: str) -> None:
         """An upload did not finish (cut, cancelled, failed): the chunk goes back in line."""

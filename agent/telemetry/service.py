@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config.settings import Settings
 from agent.host.blocking import Blocking
@@ -24,7 +24,6 @@ from agent.obs.metrics import Metrics
 from agent.store.store import Store
 from agent.telemetry.command_auth import verifier_for
 from agent.telemetry.commands import Commands
-from agent.telemetry.mqtt_status import MqttStatus
 from agent.telemetry.notify import Notifier
 from agent.telemetry.snapshot import (
     Snapshot,
@@ -37,6 +36,9 @@ from agent.telemetry.snapshot import (
 from agent.telemetry.status_page import StatusServer
 from agent.uplink.backend_check import BackendHealth
 from agent.uplink.gate import Clock, Gate
+
+if TYPE_CHECKING:  # imported when a site broker is configured: aiomqtt and paho weigh ~7 MiB
+    from agent.telemetry.mqtt_status import MqttStatus
 
 log = logging.getLogger("skyferry.telemetry")
 SNAPSHOT_S = 1.0
@@ -85,6 +87,8 @@ class ServiceTelemetry:
         self.commands.verifier = verifier_for(settings)
         self.mqtt_status: MqttStatus | None = None
         if mqtt is not None and (mqtt.status.publish or mqtt.status.commands):
+            from agent.telemetry.mqtt_status import MqttStatus
+
             self.mqtt_status = MqttStatus(mqtt, settings.site.id, self.commands,
                                           lambda: self.snapshot, self.tap, environ,
                                           refresh=self.refresh)
@@ -145,6 +149,8 @@ class ServiceTelemetry:
         self.commands.verifier = verifier_for(settings)
         self.mqtt_status = None
         if mqtt is not None and (mqtt.status.publish or mqtt.status.commands):
+            from agent.telemetry.mqtt_status import MqttStatus
+
             self.mqtt_status = MqttStatus(mqtt, settings.site.id, self.commands,
                                           lambda: self.snapshot, self.tap, self.environ,
                                           refresh=self.refresh)

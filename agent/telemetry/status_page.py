@@ -104,7 +104,7 @@ class _BoundedServer(ThreadingWSGIServer):
         super().shutdown_request(request)
 
     def service_actions(self) -> None:
-        """serve_forever calls this every half second: end connections past their deadline
+        """serve_forever calls this at each poll: end connections past their deadline
         (their thread sees the connection closed and finishes)."""
         now = time.monotonic()
         with self._mu:
@@ -132,7 +132,8 @@ class StatusServer:
         self.port = self._server.server_port
 
     def start(self, serve: Serve) -> None:
-        serve("skyferry-http", self._server.serve_forever)
+        # Polled 10 times a second rather than twice: SIGTERM waits for the poll to end.
+        serve("skyferry-http", lambda: self._server.serve_forever(poll_interval=0.1))
 
     def stop(self) -> None:
         self._server.shutdown()

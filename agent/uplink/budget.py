@@ -200,8 +200,10 @@ class Admission:
             return work.sealed_size + work.manifest_bytes
         return work.manifest_bytes
 
-    def claim(self, store: Store, now: float, aging_s: float) -> tuple[Work | None, Budget]:
-        """Claim the most urgent work that fits (blocking: call through the executor)."""
+    def claim(self, store: Store, now: float, aging_s: float,
+              max_rank: int | None = None) -> tuple[Work | None, Budget]:
+        """Claim the most urgent work that fits (blocking: call through the executor);
+        `max_rank`: of classes ranked this or better only."""
         with self._lock:
             b = self.budget(now)
             if (b.chunk_bytes is not None and b.chunk_bytes < 0
@@ -209,7 +211,8 @@ class Admission:
                 return None, b
             work = store.next_work(now, aging_s,
                                    None if b.chunk_bytes is None else max(0, b.chunk_bytes),
-                                   None if b.manifest_bytes is None else max(0, b.manifest_bytes))
+                                   None if b.manifest_bytes is None else max(0, b.manifest_bytes),
+                                   max_rank=max_rank)
             if work is not None:
                 self._in_flight[self._key(work)] = self.cost(work)
                 if isinstance(work, ChunkWork):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from agent.backends.connections import Connection
 from agent.backends.protocol import Backend
 from agent.obs.logs import log_event
 from agent.store.store import ChunkWork
@@ -31,6 +32,15 @@ STALL_NEXT_TRY_S = 0.5  # ... and only if TCP's next try is further off than thi
 # nothing new, look again after SILENT_RECHECK_S.
 SILENT_RETRANSMITS = 2
 SILENT_RECHECK_S = 0.25
+# Loss of link from the uplink's own traffic (`LinkWatch.watch`): every connection with bytes
+# under way has heard no acknowledgement for max(LOST_AFTER_S, LOST_AFTER_RTTS round trips),
+# and TCP has timed out waiting (a retransmission timeout: not merely a receiver that stopped
+# reading, whose zero-window probes are answered) or the silence has lasted twice as long.
+# Where the kernel does not say when the last acknowledgement came (/proc only): a
+# retransmission timeout without one, then LOST_AFTER_S more. Sampled every WATCH_EVERY_S.
+LOST_AFTER_S = 0.8
+LOST_AFTER_RTTS = 4
+WATCH_EVERY_S = 0.1
 
 
 class LinkWatch:
@@ -43,6 +53,13 @@ class LinkWatch:
         self.max_streams = max_streams
         self.riding = 0  # uploads kept open through a lost link (`ride_out`)
         self.active = 0  # uploads under way (held ones included)
+        # Set by the daemon: tells the link monitor the link is lost (`watch`); the monitor's
+        # probes say when it is back. None: nothing is watched.
+        self.on_lost: Callable[[str], None] | None = None
+        self.lost_at: float | None = None  # time.monotonic() of the last loss `watch` saw
+        # Connections already silent when the gate last opened (`watch`): uploads held
+        # through the outage, or cancelled ones whose bytes the kernel still tries to send.
+        self.old: set[int] = set()
 
     @contextmanager
     def upload(self) -> Iterator[None]:
@@ -115,7 +132,7 @@ class LinkWatch:
         its body crossed: sent twice. Held uploads (`ride_out`) are not counted: once the
         link is back their connections may still be backing off while fresh ones move.
         """
-        conns = self.backend.connections()
+        conns = [c for c in self.backend.connections() or [] if c.inode not in self.old]
         if not conns:
             return False
         silent = [c for c in conns if c.retransmits >= SILENT_RETRANSMITS]
@@ -146,3 +163,71 @@ class LinkWatch:
         # Connections cannot be matched to requests: act only when there are as many stalled
         # connections as held uploads (a resumed one would leave one fewer).
         return len(stalled) >= self.riding
+
+    async def watch(self) -> None:
+        """Notice a lost link from the uploads' own connections, long before probes would.
+
+        Probes need seconds to be sure (an interval, timeouts, hysteresis), and a link that
+        stops answering mid-upload is still "up" meanwhile. While uploads are under way and
+        the gate is open, the kernel's view of this process's connections to the service is
+        read every WATCH_EVERY_S: when each one with bytes queued has gone a retransmission
+        timeout without an acknowledgement, and none comes for `_patience()` more, the link
+        is reported lost (`on_lost`): the gate closes. Probes remain for an idle link, and
+        they alone say when it is back.
+
+        Connections already backing off when the gate opened (uploads held through the last
+        outage, `ride_out`) are not evidence until one is acknowledged again: TCP may leave
+        them waiting for seconds after the link returned.
+        """
+        if self.on_lost is None:
+            return
+        opened: float | None = None
+        since: float | None = None
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            conns = self.backend.connections() if self.active and self.gate.is_open() else None
+            if not conns:
+                since = None
+                continue
+            patience = self._patience(conns)
+            if self.gate.opened_at != opened:
+                opened = self.gate.opened_at
+                self.old = {c.inode for c in conns if _unanswered(c, patience)}
+            self.old -= {c.inode for c in conns if not _unanswered(c, patience)}
+            fresh = [c for c in conns if c.inode not in self.old]
+            if not fresh or not all(_unanswered(c, patience) for c in fresh):
+                since = None
+                continue
+            now = time.monotonic()
+            since = now if since is None else since
+            # The kernel's time since the last acknowledgement covers the wait already.
+            if all(c.since_ack_s is not None for c in fresh) or now - since >= LOST_AFTER_S:
+                since = None
+                self._lost(len(fresh), patience)
+
+    def _patience(self, conns: list[Connection]) -> float:
+        """max(LOST_AFTER_S, LOST_AFTER_RTTS round trips): the round trip TCP measures on
+        these connections (the probes' includes the service's own time to answer, seconds
+        on a busy one); the probes' when the kernel does not say."""
+        rtts = [c.rtt_s for c in conns if c.rtt_s is not None]
+        rtt = max(rtts) if rtts else self.admission.rtt()
+        return max(LOST_AFTER_S, LOST_AFTER_RTTS * (rtt or 0.0))
+
+    def _lost(self, count: int, patience: float) -> None:
+        self.lost_at = time.monotonic()
+        reason = (f"the uplink's {count} connection(s) with data under way heard no "
+                  f"acknowledgement for {patience:.1f} s or more")
+        log_event(log, logging.INFO, "link_silent", reason, connections=count)
+        assert self.on_lost is not None
+        self.on_lost(reason)
+
+
+def _unanswered(c: Connection, patience: float) -> bool:
+    """Bytes under way (or a handshake), and the far end silent for `patience` (see
+    LOST_AFTER_S); without the kernel's time of the last acknowledgement, a retransmission
+    timeout since it."""
+    if not (c.queued > 0 or c.connecting):
+        return False
+    if c.connecting or c.since_ack_s is None:
+        return c.retransmits >= 1
+    return c.since_ack_s >= patience and (c.retransmits >= 1 or c.since_ack_s >= 2 * patience)

@@ -27,13 +27,17 @@ from agent.uplink.attempts import Attempts
 from agent.uplink.backend_check import BackendHealth
 from agent.uplink.budget import Admission
 from agent.uplink.gate import Clock, Gate
+from agent.uplink.heartbeat import HeartbeatPublisher
+from agent.uplink.horizon import Refresher
 from agent.uplink.ledger import Ledger
 from agent.uplink.link_watch import SILENT_RECHECK_S, LinkWatch
 from agent.uplink.ratelimit import TokenBucket
 from agent.uplink.tips import TipPublisher, TipWriter
 from agent.uplink.trouble import Trouble
+from agent.uplink.wakeup import Wakeup, wake_at_openings
 
 log = logging.getLogger("skyferry.uplink")
+URGENT = -1  # the index of the worker kept for the most urgent class
 
 
 def read_verified(path: Path, size: int, sealed_hash: str, what: str) -> bytes:
@@ -71,7 +75,7 @@ class Uplink:
         self.run_blocking = run_blocking
         self.metrics = metrics
         self.clock = clock
-        self._wake = asyncio.Event()
+        self.wakeup = Wakeup()
         self.in_flight: set[str] = set()
         self.limiter = TokenBucket(settings.rate_bps)
         # Chunks whose upload a closing gate cut off: the cloud may hold them already (the
@@ -94,9 +98,18 @@ class Uplink:
         self.tips = None if keys is None else TipWriter(site, keys, store)
         self.tip_due = asyncio.Event()
         self.ledger = Ledger(store, run_blocking, metrics, self.trouble, self.tip_due)
+        # [retention] Chunks past the dedup horizon are sent again before a manifest that
+        # references them (agent/uplink/horizon.py); the store holds the horizon in force.
+        h = None if store is None else store.horizon.horizon_s  # (unit tests pass no store)
+        self.horizon = None if h is None else Refresher(
+            site, store, backend, run_blocking, clock, h, lambda c: read_verified(
+                store.chunk_path(c.chunk_id), c.sealed_size, c.sealed_hash, c.chunk_id))
         self._tip_publisher = None if self.tips is None else TipPublisher(
             self.tips, self.tip_due, gate, backend, self.attempts, run_blocking, metrics,
             settings.retry_max_s, self.ledger.shielded)
+        self.heartbeat = None if keys is None else HeartbeatPublisher(
+            site, keys, store, gate, backend, self.attempts, self.trouble, run_blocking, metrics,
+            clock, settings.heartbeat_s)
 
     @property
     def health(self) -> BackendHealth | None:
@@ -113,8 +126,8 @@ class Uplink:
         await self.ledger.drain()
 
     def notify(self) -> None:
-        """New work was queued: wake idle workers."""
-        self._wake.set()
+        """New work was queued (or an object's last chunk acknowledged): wake idle workers."""
+        self.wakeup.notify()
 
     async def run(self) -> None:
         try:
@@ -122,8 +135,14 @@ class Uplink:
                 self._group = tg
                 for i in range(self.settings.streams):
                     tg.create_task(self._worker(i), name=f"uplink-{i}")
+                tg.create_task(self._worker(URGENT), name="uplink-urgent")
+                tg.create_task(wake_at_openings(self.gate, self.wakeup),
+                               name="uplink-openings")
                 if self._tip_publisher is not None:
                     tg.create_task(self._tip_publisher.loop(), name="uplink-tips")
+                if self.heartbeat is not None:
+                    tg.create_task(self.heartbeat.loop(), name="uplink-heartbeat")
+                tg.create_task(self.link.watch(), name="uplink-link-watch")
         finally:
             self._group = None
 
@@ -142,7 +161,7 @@ class Uplink:
             # (the server timed them out while the link could not say so): start afresh.
             self._opens_seen = self.gate.windows_opened
             self.backend.renew()
-        if index >= self.link.streams():
+        if index != URGENT and index >= self.link.streams():
             await asyncio.sleep(0.5)  # parked: fewer streams already fill this link
             return False
         if self.link.silent():
@@ -151,6 +170,12 @@ class Uplink:
         return True
 
     async def _worker(self, index: int) -> None:
+        """Worker `index`. URGENT: the stream kept for the most urgent class (the lowest
+        rank), which claims only its work, so an alarm never waits for a bulk chunk already
+        on the wire."""
+        max_rank = None
+        if index == URGENT:
+            max_rank = min((c.rank for c in self.store.classes.values()), default=0)
         while True:
             if not await self._may_claim(index):
                 continue
@@ -159,19 +184,15 @@ class Uplink:
             if cap != self.limiter.rate:
                 self.limiter.set_rate(cap)
             work: Work | None
+            seen = self.wakeup.seq  # work queued while the claim runs wakes it again
             try:
                 work, budget = await self.run_blocking(
-                    self.admission.claim, self.store, now, self.settings.aging_s)
+                    self.admission.claim, self.store, now, self.settings.aging_s, max_rank)
             except DiskFullError as e:  # the index could not record the claim
                 self.trouble.index_full(e)
                 continue
             if work is None:
-                self._wake.clear()
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
-                # cancellation that arrives just as the event fires (shutdown would hang).
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._wake.wait()
+                await self.wakeup.wait(seen)
                 continue
             if budget.rate_bps is not None and isinstance(work, ChunkWork):
                 log_event(log, logging.DEBUG, "upload_admitted", "chunk fits the window",
@@ -263,6 +284,7 @@ class Uplink:
         await self.limiter.acquire(len(data))
         self.in_flight.add(work.chunk_id)
         was_cut = work.chunk_id in self._cut
+        put_started = self.clock()  # [retention] the copy's Last-Modified is not earlier
         try:
             # From the second attempt on (or after a cut), look before sending: the previous
             # attempt may have been stored with only its acknowledgement lost.
@@ -273,8 +295,11 @@ class Uplink:
         self._cut.discard(work.chunk_id)
         if not result.written:  # already there: says nothing about the link's rate
             await self.ledger.chunk_acknowledged(work, len(data), False)
+            self.notify()  # its object's manifest may be ready now
             return
         self.admission.record_transfer(len(data), started, time.monotonic())
+        if self.horizon is not None:  # [retention] a copy written now, by this site
+            await self.run_blocking(self.store.chunk_confirmed, work.chunk_id, put_started)
         check = self._check_chunk(work, key, len(data), result.etag)
         if self._group is None:
             await check
@@ -311,6 +336,7 @@ class Uplink:
                 await self.run_blocking(self.ledger.release, work)  # removed: sent again
                 return
             await self.ledger.chunk_acknowledged(work, nbytes, True)
+            self.notify()  # its object's manifest may be ready now
             self.trouble.index_writable()
         except DiskFullError as e:  # see `_do`
             await self.ledger.release_when_recorded(work, e)
@@ -322,6 +348,11 @@ class Uplink:
             read_verified, work.path, work.manifest_bytes, work.manifest_hash,
             f"manifest of object {work.object_id}")
         key = layout.manifest_key(self.site, work.created, work.object_id)
-        await self.attempts.with_retries(
-            lambda n: self.backend.put_if_absent(key, data, probe_first=n > 1))
+
+        async def put(n: int) -> bool:
+            if self.horizon is not None:  # [retention] its chunks within the horizon first
+                await self.horizon.refresh(work.object_id)
+            return await self.backend.put_if_absent(key, data, probe_first=n > 1)
+
+        await self.attempts.with_retries(put)
         await self.ledger.manifest_acknowledged(work, len(data))

@@ -172,6 +172,17 @@ class LinkMonitor:
         """Probe now (a window is about to start, or an upload failed)."""
         self._poke.set()
 
+    def suspect(self, reason: str) -> None:
+        """The uplink's own traffic says the link is gone (agent/uplink/link_watch.py): down
+        now, without waiting for probes to time out; probes say when it is back
+        (`up_after` good ones, at once if it never went)."""
+        if not self.up:
+            return
+        self.last_error = reason
+        self._set(False)
+        self._publish()
+        self.poke()
+
     async def probe_once(self) -> bool:
         start = time.monotonic()
         try:

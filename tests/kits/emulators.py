@@ -1,4 +1,5 @@
-"""Object-store emulators for the suite: Azurite (Azure Blob) and moto (S3), once per session.
+"""Object-store emulators for the suite: Azurite (Azure Blob) and moto (S3), once per session;
+for the lander's work queues, Azurite's queue service and moto's SQS (the same moto server).
 
 Each runs as a subprocess on a free 127.0.0.1 port. Azurite comes from the npm package pinned
 in tests/emulators/package.json + package-lock.json (`npm ci` runs here when node_modules is
@@ -6,13 +7,14 @@ missing, so a fresh machine needs only Node.js and npm); moto from the `moto[ser
 extra. A server that cannot start fails the tests that need it with its log, never skips them.
 
 Every test gets its own container or bucket (`make_cloud`), so tests never see each other's
-objects, optionally behind a `FaultProxy`.
+objects, optionally behind a `FaultProxy`; and its own pair of queues (`make_queues`).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -36,11 +38,14 @@ from agent.backends.azure import AZURITE_ACCOUNT, AZURITE_KEY
 from agent.backends.config import load_backend_settings
 from agent.backends.protocol import Backend
 from agent.backends.registry import open_backend
+from agent.backends.workqueue import QueueSettings, WorkQueue, load_queue_settings, open_work_queue
 from tests.kits.faultproxy import FaultProxy
 from tests.kits.site import free_port, render_toml
 
 EMULATOR_DIR = Path(__file__).resolve().parents[1] / "emulators"
 AZURITE_BIN = EMULATOR_DIR / "node_modules" / ".bin" / "azurite-blob"
+AZURITE_QUEUE_BIN = EMULATOR_DIR / "node_modules" / ".bin" / "azurite-queue"
+MOTO_ACCOUNT = "123456789012"  # the account id moto serves by default
 MOTO_BIN = Path(sys.executable).parent / "moto_server"
 S3_KEY_ID = "test"
 S3_SECRET_ENV = "SKYFERRY_TEST_S3_SECRET"  # moto accepts any key pair; this one goes by env
@@ -166,6 +171,22 @@ def start_azurite(workdir: Path) -> Emulator:
     return em
 
 
+def start_azurite_queue(workdir: Path) -> Emulator:
+    """Azurite's queue service (its own process: azurite-blob serves blobs only)."""
+    install_azurite()
+    port = free_port()
+    log = workdir / "azurite-queue.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(AZURITE_QUEUE_BIN), "--queueHost", "127.0.0.1", "--queuePort", str(port),
+             "--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry",
+             "--silent"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    em = Emulator("azurite-queue", port, proc, log)
+    _wait_ready(em, lambda: _http_status(f"{em.base}/{AZURITE_ACCOUNT}?comp=list") > 0)
+    return em
+
+
 def start_moto(workdir: Path) -> Emulator:
     if not MOTO_BIN.exists():
         pytest.fail(f"moto_server is missing beside {sys.executable}: install the dev extra "
@@ -199,6 +220,13 @@ def moto_checks_credentials(em: Emulator) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     em = start_azurite(tmp_path_factory.mktemp("azurite"))
+    yield em
+    em.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    em = start_azurite_queue(tmp_path_factory.mktemp("azurite-queue"))
     yield em
     em.stop()
 
@@ -309,3 +337,90 @@ def make_cloud(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
     yield make
     for p in proxies:
         p.stop()
+
+
+@dataclass
+class Queues:
+    """A fresh work queue and its dead-letter queue, as a [queue] table."""
+
+    kind: str  # "azurite" or "moto"
+    root: Path
+    table: dict[str, Any]
+    dead_url: str  # the dead-letter queue's URL, to open it as a queue of its own
+
+    @property
+    def url(self) -> str:
+        return str(self.table["url"])
+
+    def write_config(self, table: dict[str, Any] | None = None) -> Path:
+        """A TOML file holding a [queue] table (this one, or `table`)."""
+        path = self.root / f"queue-{uuid.uuid4().hex[:6]}.toml"
+        path.write_text(render_toml({"queue": table or self.table}))
+        return path
+
+    def settings(self, **changes: Any) -> QueueSettings:
+        """The settings a lander reads from its [queue] table, with `changes` to the table (a
+        key changed to None is left out)."""
+        table = {k: v for k, v in {**self.table, **changes}.items() if v is not None}
+        return load_queue_settings(self.write_config(table))
+
+    def open(self, **changes: Any) -> WorkQueue:
+        s = self.settings(**changes)
+        return open_work_queue(s.url, s.options)
+
+    def open_dead(self) -> WorkQueue:
+        """The dead-letter queue, to read what was sent there."""
+        return self.open(url=self.dead_url, dead_letter=self.dead_url)
+
+
+def new_queues(root: Path, em: Emulator) -> Queues:
+    """Two new, uniquely named queues on `em` (work and dead-letter) as a [queue] table."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"q{uuid.uuid4().hex[:20]}"
+    dead = f"{name}-dead"
+    common: dict[str, Any] = {"dead_letter": dead, "allow_http": True, "connect_timeout": "3s",
+                              "timeout": "10s", "retries": 1}
+    if em.kind == "azurite-queue":
+        from azure.storage.queue import QueueClient
+
+        endpoint = f"{em.base}/{AZURITE_ACCOUNT}"
+        for queue in (name, dead):
+            QueueClient(endpoint, queue, credential={"account_name": AZURITE_ACCOUNT,
+                                                     "account_key": AZURITE_KEY}).create_queue()
+        key_file = root / "azure-account.key"
+        key_file.write_text(AZURITE_KEY + "\n")
+        key_file.chmod(0o600)
+        table = {"url": f"azqueue://{AZURITE_ACCOUNT}/{name}", "endpoint": endpoint,
+                 "account_key_file": str(key_file), **common}
+        return Queues("azurite", root, table, f"azqueue://{AZURITE_ACCOUNT}/{dead}")
+    os.environ.setdefault(S3_SECRET_ENV, "test")
+    sqs = _sqs_client(em.base)
+    for queue in (name, dead):
+        sqs.create_queue(QueueName=queue)
+    table = {"url": f"sqs://us-east-1/{MOTO_ACCOUNT}/{name}", "endpoint": em.base,
+             "access_key_id": S3_KEY_ID, "secret_access_key_env": S3_SECRET_ENV, **common}
+    return Queues("moto", root, table, f"sqs://us-east-1/{MOTO_ACCOUNT}/{dead}")
+
+
+@functools.cache
+def _sqs_client(endpoint: str) -> Any:
+    """boto3 takes a good part of a second to make a client: one per moto server."""
+    import boto3
+
+    return boto3.client("sqs", region_name="us-east-1", endpoint_url=endpoint,
+                        aws_access_key_id=S3_KEY_ID, aws_secret_access_key="test")
+
+
+@pytest.fixture
+def make_queues(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], Queues]:
+    """make_queues(kind): a fresh work + dead-letter queue pair on "azurite" or "moto"."""
+    count = 0
+
+    def make(kind: str) -> Queues:
+        nonlocal count
+        count += 1
+        assert kind in ("azurite", "moto"), kind
+        em = request.getfixturevalue("azurite_queue" if kind == "azurite" else "moto")
+        return new_queues(tmp_path / f"queues-{kind}-{count}", em)
+
+    return make

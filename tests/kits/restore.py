@@ -74,9 +74,12 @@ class Cloud:
         return f"file://{self.root}"
 
     def write(self, key: str, blob: bytes) -> Path:
+        """Whole or not at all, as a PUT makes an object appear: written aside, renamed."""
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
+        aside = path.with_name(f".{path.name}.part")
+        aside.write_bytes(blob)
+        os.replace(aside, path)
         return path
 
     def chunk(self, data: bytes, compress: bool = False) -> ChunkRef:
@@ -207,3 +210,27 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 @pytest.fixture
 def cloud(keys: Keys, tmp_path: Path) -> Cloud:
     return Cloud(tmp_path / "cloud", keys)
+
+
+# Hostile objects anyone with recipient.pub (or a compromised site) can make; shared by the
+# restore and land tests of what they cost.
+
+def forged_zstd(cloud: Cloud, kind: int, plaintext_len: int) -> bytes:
+    """What anyone with recipient.pub can seal: a small zstd frame of `plaintext_len` zeros."""
+    import zstandard
+
+    from agent.format import crypto
+
+    zeros = bytes(1 << 20)
+    cobj = zstandard.ZstdCompressor(level=1).compressobj(size=plaintext_len)
+    frame = b"".join(cobj.compress(zeros) for _ in range(plaintext_len // (1 << 20))) + cobj.flush()
+    return crypto.seal(frame, cloud.keys.edge.recipient_public, kind=kind,
+                       compression=crypto.COMPRESSION_ZSTD, plaintext_len=plaintext_len)
+
+
+def put_raw_manifest(cloud: Cloud, name: str, chunk_json: list[str]) -> str:
+    """A signed, compressed manifest whose chunk list is given as JSON text."""
+    m = cloud.manifest(name, b"", size=len(chunk_json), hash="0" * 64)
+    body = m.to_json().replace(b'"chunks":[]', b'"chunks":[' + ",".join(chunk_json).encode()
+                               + b"]")
+    return cloud.put_manifest(m, body, compress=True)

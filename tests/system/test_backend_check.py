@@ -114,6 +114,7 @@ def queue_two_files(site: Site, tmp_path: Path) -> None:
                                             ("azurite", "wrong-key"),
                                             ("moto", "wrong-container"),
                                             ("moto", "wrong-key")])
+@pytest.mark.timing
 def test_refusal_is_said_within_5s_shown_in_status_and_the_queue_is_kept(
         make_site: MakeSite, make_cloud: MakeCloud, request: pytest.FixtureRequest,
         tmp_path: Path, kind: str, case: str) -> None:
@@ -189,7 +190,7 @@ def test_a_fixed_key_is_picked_up_at_the_next_window_and_the_queue_drains(
     key_file.write_text(AZURITE_KEY + "\n")  # the operator fixes it
     site.wait_drained(timeout=60, expect_objects=2)
     assert backend_events(site)[-1] == "backend_ok"
-    uploaded = cloud.objects()
+    uploaded = data_objects(cloud.objects())
     assert len(uploaded) > 0
     # The key goes bad again: the next window's check says so, once, and nothing more leaves.
     key_file.write_text(WRONG_KEY + "\n")
@@ -200,9 +201,15 @@ def test_a_fixed_key_is_picked_up_at_the_next_window_and_the_queue_drains(
     (site.spool() / "late.bin").write_bytes(os.urandom(30_000))
     time.sleep(4)  # more windows open and close meanwhile
     assert backend_events(site)[-2:] == ["backend_ok", "backend_refused"]
-    assert cloud.objects() == uploaded
+    assert data_objects(cloud.objects()) == uploaded
     assert site.stop() == 0
     assert site.status()["queued_objects"] == 1
+
+
+def data_objects(objects: dict[str, Any]) -> dict[str, Any]:
+    """All but the site's heartbeats: one may leave at a window opening between the snapshot
+    and the refusal (agent/uplink/heartbeat.py; none leaves while the backend refuses)."""
+    return {k: v for k, v in objects.items() if "/heartbeats/" not in k}
 
 
 def backend_events(site: Site) -> list[str]:

@@ -97,11 +97,12 @@ def test_probe_first_does_not_send_what_is_there(make_cloud: MakeCloud,
 # ---- read-back --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [1, 1000, (1 << 20) + 17])
+# Above 1 MiB Azure stages blocks; above 8 MiB (s3_multipart.THRESHOLD) S3 uploads parts.
+@pytest.mark.parametrize("size", [1, 1000, (1 << 20) + 17, (9 << 20) + 5])
 def test_read_back_is_byte_identical(make_cloud: MakeCloud, backend_kind: str,
                                      size: int) -> None:
     _, b = fresh(make_cloud, backend_kind)
-    data = blob(size, seed=size)
+    data = blob(size, seed=size) if size < 2 << 20 else random.Random(size).randbytes(size)
 
     async def scenario() -> None:
         result = await b.put_new("obj/data", data)
@@ -236,6 +237,62 @@ def test_put_plain_large_file_is_never_seen_partly(make_cloud: MakeCloud, backen
         root = Path(cloud.url.removeprefix("file://"))
         assert os.listdir(root / "s" / "big") == ["file.bin"], "no temporary file is left"
         assert (root / "s" / "big" / "file.bin").stat().st_mtime_ns == 10**18
+
+
+# ---- compare-and-swap (the lander's name records) ------------------------------------------
+
+
+def test_put_if_match_swaps_only_the_version_read(make_cloud: MakeCloud,
+                                                  backend_kind: str) -> None:
+    _, b = fresh(make_cloud, backend_kind)
+
+    async def scenario() -> None:
+        assert await b.get_tagged("n/rec") is None, "a missing object has no version"
+        assert await b.put_if_match("n/rec", b"one", "no-such-tag") is False
+        assert await b.put_if_match("n/rec", b"one", None) is True, "None: create"
+        assert await b.put_if_match("n/rec", b"again", None) is False, "None: only if absent"
+        first = await b.get_tagged("n/rec")
+        assert first is not None and first.data == b"one"
+        assert await b.put_if_match("n/rec", b"two", first.etag) is True
+        second = await b.get_tagged("n/rec")
+        assert second is not None and second.data == b"two" and second.etag != first.etag
+        assert await b.put_if_match("n/rec", b"stale", first.etag) is False
+        assert await b.get("n/rec") == b"two", "a stale tag never overwrites"
+        with pytest.raises(ObjectTooLargeError):
+            await b.get_tagged("n/rec", max_size=2)
+        await b.delete("n/rec")
+        assert await b.put_if_match("n/rec", b"three", second.etag) is False, "gone: no swap"
+        assert [i.key async for i in b.list("n/")] == []
+
+    asyncio.run(scenario())
+
+
+def test_put_if_match_loses_no_update_under_contention(make_cloud: MakeCloud,
+                                                       backend_kind: str) -> None:
+    """8 writers each add 1 five times to one counter by read / compare-and-swap: every swap
+    that reports True counts, so the counter ends at exactly 40 whatever the interleaving."""
+    _, b = fresh(make_cloud, backend_kind)
+    conflicts = 0
+
+    async def add_one() -> None:
+        nonlocal conflicts
+        while True:
+            cur = await retrying(lambda: b.get_tagged("counter"))
+            new, tag = str(int(cur.data) + 1 if cur else 1).encode(), cur.etag if cur else None
+            if await retrying(lambda: b.put_if_match("counter", new, tag)):  # noqa: B023
+                return
+            conflicts += 1
+
+    async def writer() -> None:
+        for _ in range(5):
+            await add_one()
+
+    async def scenario() -> None:
+        await asyncio.gather(*(writer() for _ in range(8)))
+        assert await b.get("counter") == b"40"
+
+    asyncio.run(scenario())
+    assert conflicts > 0, "the writers never raced: the test proved nothing"
 
 
 # ---- errors mapped ----------------------------------------------------------------------------
@@ -387,3 +444,21 @@ def test_permanent_failures_are_not_retried(make_cloud: MakeCloud, backend_kind:
     with pytest.raises(ObjectNotFoundError):
         asyncio.run(retrying(get, attempts=6, initial_s=0.01, max_s=0.01))
     assert calls == 1
+
+
+def test_list_folders_names_the_folders_below_a_prefix(make_cloud: MakeCloud,
+                                                       backend_kind: str) -> None:
+    """One delimiter listing: what `land` polls to find a site that starts sending."""
+    _, b = fresh(make_cloud, backend_kind)
+
+    async def scenario() -> None:
+        assert await b.list_folders("") == ()
+        await asyncio.gather(*(b.put_if_absent(k, blob(3)) for k in (
+            "site-b/manifests/2026/12/05/x", "site-a/chunks/ab/abc", "site-a/manifests/1",
+            "_skyferry/landed/x", "loose")))
+        assert await b.list_folders("") == ("_skyferry", "site-a", "site-b")
+        assert await b.list_folders("site-a/") == ("chunks", "manifests")
+        assert await b.list_folders("site-b/manifests/2026/12/") == ("05",)
+        assert await b.list_folders("nothing/") == ()
+
+    asyncio.run(scenario())

@@ -273,6 +273,14 @@ def test_connections_tell_a_black_holed_connection(tmp_path: Path) -> None:
             c = conns[0]
             assert c.stalled and c.queued == 1000 and c.retransmits >= 2
             assert 0 < c.next_retransmit_s < 10
+            # Socket diagnostics also say how long the far end has been silent; /proc (the
+            # fallback, read for another process's view) says the rest the same way.
+            assert c.since_ack_s is not None and c.since_ack_s >= 0.5
+            assert c.rtt_s is not None and 0 < c.rtt_s < 1
+            via_proc = connections_to(port, Path(f"/proc/{os.getpid()}"))
+            assert via_proc is not None and len(via_proc) == 1
+            p = via_proc[0]
+            assert (p.queued, p.inode, p.since_ack_s) == (1000, c.inode, None) and p.stalled
         finally:
             subprocess.run(["nft", "delete", "table", "inet", table], check=False)
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.kits.bench import exit_code_for, load_report, run_benchmark
 
 SIZE = 4 << 20
@@ -24,6 +26,7 @@ def row_of(report: Any, label: str) -> Any:
     return next(r for r in report.rows if r.label == label)
 
 
+@pytest.mark.timing
 def test_compression_benchmark_smoke(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     started = time.monotonic()

@@ -105,7 +105,7 @@ def symlinked_spool(site: Site) -> None:
 
 
 def state_inside_spool(site: Site) -> None:
-    config(lambda s: {"site": {"state_dir": str(s.spool() / "state")}})(site)
+    config(lambda s: {"site": {"state_dir": str(s.spool() / "st")}})(site)
 
 
 def done_in_other_spool(site: Site) -> None:

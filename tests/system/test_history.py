@@ -393,7 +393,7 @@ def test_a_schema_1_store_is_migrated_and_numbers_from_1(tmp_path: Path) -> None
     db.close()
     rig = make_rig(tmp_path)
     try:
-        assert rig.store.get_meta("schema") == "2"
+        assert rig.store.get_meta("schema") == str(schema.SCHEMA_VERSION)
         rig.ingest("new.txt", b"after the upgrade")
         asyncio.run(rig.upload())
         assert sorted(rig.manifests()) == [1]

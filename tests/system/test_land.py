@@ -116,6 +116,30 @@ def test_files_pack_and_batch_land_byte_identical_once_with_metadata_and_one_eve
     assert events(everything(b)) == first, "a second --once emits no second event"
 
 
+@pytest.mark.parametrize("kind", ["file", "azurite", "moto"])
+def test_names_at_the_edge_of_what_a_folder_holds_land_everywhere(
+        cloud: Cloud, make_cloud: Callable[..., Store], tmp_path: Path, kind: str) -> None:
+    """A name of the form LocalStore keeps for itself (`run#1`) and names of 255 bytes, the
+    most a site's folder holds: on a folder they were refused or failed as transient for
+    ever (a temporary name beside them was too long)."""
+    odd = {"odd/run#1": b"one", "odd/#7": b"seven", "odd/" + "é" * 127 + "x": b"long utf-8",
+           "odd/" + "n" * 255: b"long"}
+    single = "odd/" + "s" * 250 + "#2024"
+    cloud.publish_pack(list(odd.items()))
+    cloud.publish(single, b"single")
+    want = {f"{cloud.site}/files/{k}": v for k, v in {**odd, single: b"single"}.items()}
+    dest, b = dest_of(kind, make_cloud, tmp_path)
+    report = land(cloud, dest).report
+    assert report["files"] == len(want) and not report["quarantined"], report
+    # LocalStore does not list `run#1`: a folder is read as files.
+    got = everything_of(tmp_path / "lake") if kind == "file" else everything(b)
+    assert {k: v for k, v in got.items() if not k.startswith("_skyferry/")} == want
+    for key, data in want.items():
+        size, meta = head(b, key) or (0, {})
+        assert (size, meta["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert sorted(e["key"] for e in events(got)) == sorted(want)
+
+
 def test_tampered_and_foreign_objects_are_quarantined_with_a_reason_and_the_rest_lands(
         cloud: Cloud, keys: Keys, tmp_path: Path) -> None:
     good = cloud.publish("good.txt", b"good")
@@ -252,3 +276,32 @@ def test_a_stop_between_landing_record_and_events_loses_no_event(cloud: Cloud,
     assert not marker.exists()
     land(cloud, f"file://{lake}")
     assert len(events(everything_of(lake))) == 1
+
+
+def test_a_file_the_folder_destination_refuses_is_one_line_and_lands_once_fixed(
+        cloud: Cloud, tmp_path: Path) -> None:
+    """A folder where one file goes: that manifest is named, not landed (exit 1); everything
+    else lands in the same run. Once the folder is moved away, the next run lands it, and each
+    file has exactly one event in the end."""
+    lake = tmp_path / "lake"
+    blocked = lake / cloud.site / "files" / "survey" / "big.bin"
+    blocked.mkdir(parents=True)  # a careless operator's folder, where a file will land
+    want = publish_corpus(cloud)
+    cfg = cloud.root.parent / "land.toml"
+    cfg.write_text(render_toml({"source": {"url": cloud.url}, "dest": {"url": f"file://{lake}"},
+                                "land": {"key": str(cloud.keys.recipient_key)}}))
+    first = run_cli("land", "-c", str(cfg), "--once")
+    assert first.returncode == 1, first.stderr
+    refused = [line for line in first.stderr.splitlines() if line.startswith("NOT LANDED")]
+    assert len(refused) == 1 and "a folder is where the file goes" in refused[0], first.stderr
+    assert "Traceback" not in first.stderr
+    landed = {k: (lake / k).read_bytes() for k in want if (lake / k).is_file()}
+    assert landed == {k: v for k, v in want.items() if not k.endswith("big.bin")}
+    blocked.rmdir()
+    second = run_cli("land", "-c", str(cfg), "--once")
+    assert second.returncode == 0, second.stderr
+    assert (lake / cloud.site / "files" / "survey" / "big.bin").read_bytes() == \
+        want[f"{cloud.site}/files/survey/big.bin"]
+    got = sorted(e["key"] for f in sorted((lake / "_skyferry" / "events").rglob("*.jsonl"))
+                 for e in map(json.loads, f.read_text().splitlines()))
+    assert got == sorted(want)

@@ -245,6 +245,7 @@ def test_black_hole_stall_is_timed_out_and_the_chunks_resent(
     restored_equals(site, tmp_path / "out", files)
 
 
+@pytest.mark.timing
 def test_upload_left_in_tcp_backoff_by_a_black_hole_is_sent_again_when_the_link_is_back(
         make_site: Callable[..., Site], tmp_path: Path) -> None:
     """The benchmark link (tests/kits/netlink.py: namespace, tbf 4 Mbit/s, nftables) black-holed

@@ -135,6 +135,7 @@ def test_flushed_acknowledgement_leaves_no_writer_and_close_is_clean(broker: Bro
     assert errors == [], errors
 
 
+@pytest.mark.timing
 def test_aiomqtt_alone_still_leaves_the_writer(broker: Broker) -> None:
     """Why _WriteWatch exists: with aiomqtt's own callbacks the flushed acknowledgement leaves a
     writer on the socket (a busy loop). If this fails after an upgrade, aiomqtt fixed it and

@@ -3,6 +3,7 @@ descriptors instead of paths, timeouts and connection caps, `put` racing the dae
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.sources.put import MAX_CONNECTIONS, REQUEST_TIMEOUT_S
+from agent.sources.put import MAX_CONNECTIONS, MAX_LINE, REQUEST_TIMEOUT_S
 from agent.telemetry.status_page import HTTP_DEADLINE_S, HTTP_IO_TIMEOUT_S, HTTP_MAX_CONNECTIONS
 from tests.kits.site import PYTHON, Site, wait_for
 
@@ -80,8 +81,8 @@ def start(site: Site) -> None:
 # sends anything. The open and SO_PEERCRED both see nobody.
 _AS_NOBODY = f"""
 import importlib, os, sys, json, socket
-for name in ("agent.cli.main", "agent.daemon.site_config", "agent.sources.put",
-             "agent.sources.put_client",
+for name in ("agent.cli.main", "agent.cli.put", "agent.cli.status", "agent.config.intake",
+             "agent.daemon.site_config", "agent.sources.put", "agent.sources.put_client",
              "agent.config.units", "agent.cli.status_view"):
     try:
         importlib.import_module(name)
@@ -184,7 +185,7 @@ def test_a_descriptor_that_is_not_a_regular_file_is_refused(
     for junk, why in ((b"not json\n", "malformed request"),
                       (b"[1, 2]\n", "malformed request"),
                       (b'{"op": "rm -rf"}\n', "unknown request"),
-                      (b"x" * 100_000, "longer than")):
+                      (b"x" * (MAX_LINE + 100), "longer than")):
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)
             s.connect(str(sock_path(site)))
@@ -389,6 +390,7 @@ def test_descriptors_sent_in_many_pieces_are_refused_at_once() -> None:
     """Each piece of a request may carry descriptors: counted over the whole request, not per
     piece, or one client makes the daemon hold thousands (up to its descriptor limit)."""
     import asyncio
+    import threading
 
     from agent.sources.put import MAX_FDS, Refused, read_request
 
@@ -396,19 +398,25 @@ def test_descriptors_sent_in_many_pieces_are_refused_at_once() -> None:
     server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     server.setblocking(False)
     f = os.open("/etc/hostname", os.O_RDONLY)
-    try:
-        for _ in range(MAX_FDS * 20):  # one descriptor per piece: never truncated
-            socket.send_fds(client, [b" "], [f])
-        client.sendall(b"{}\n")
 
+    def send() -> None:  # more pieces than the socket buffers: sent while the server reads
+        with contextlib.suppress(OSError):
+            for _ in range(MAX_FDS * 2):  # one descriptor per piece: never truncated
+                socket.send_fds(client, [b" "], [f])
+            client.sendall(b"{}\n")
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
         async def read() -> None:
             await read_request(asyncio.get_running_loop(), server)
 
         with pytest.raises(Refused, match="descriptors"):
             asyncio.run(read())
     finally:
-        os.close(f)
         server.close()
+        sender.join(10)
+        os.close(f)
         client.close()
     assert len(os.listdir("/proc/self/fd")) == before
 

@@ -9,6 +9,8 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from agent.uplink.budget import Admission, RateMeter
 from agent.windows import Contact
 from tests.kits.windows import JumpClock, RunningDaemon, site_settings, until
@@ -21,6 +23,7 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 
+@pytest.mark.timing  # real 4 s windows at 1 MB/s: when sending begins, what fits in them
 async def test_short_windows_are_spent_well(tmp_path: Path) -> None:
     t0 = float(int(datetime.now(UTC).timestamp()) // 60 * 60 + 3600)
     w1 = (t0 + 100, t0 + 104)  # budget (4 - 0.5) s x 0.9 x 1 MB/s: about 3.1 MB

@@ -10,6 +10,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from agent.config.settings import LinkSettings
 from agent.windows.linkmonitor import FolderProbe, TcpProbe, make_probe
 from tests.kits.site import free_port
@@ -52,6 +54,7 @@ class Endpoint:
         self.server = None
 
 
+@pytest.mark.timing  # asserts how soon the gate closes (2 probe intervals)
 async def test_link_loss_closes_the_gate_and_only_in_flight_chunks_are_resent(
         tmp_path: Path) -> None:
     port = free_port()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.windows.elements import parse_tle_text
 from tests.kits.constellation import constellation, measure
 
@@ -21,6 +23,7 @@ def test_constellation_elements_are_valid_and_distinct() -> None:
     assert len({s.line2[17:25] for s in sets}) == 100  # every plane different
 
 
+@pytest.mark.timing
 def test_100_satellites_24h_predicted_in_under_2s(tmp_path: Path) -> None:
     # Best of up to three: other test suites share this machine's two cores. A run under the
     # target ends the search (a slower one later cannot change the verdict).

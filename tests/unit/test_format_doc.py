@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.config.settings import CompressionSettings
-from agent.errors import FormatError
+from agent.errors import CryptoError, FormatError
 from agent.format import crypto, layout
 from agent.format.manifest import KIND_FILE_PACK, ChunkRef, Manifest, PackEntry, now_iso, uuid7
 from agent.ingest.compressor import Compressor
@@ -132,7 +132,8 @@ class DocReader:
             raise FormatViolation("unknown algorithm")
         if out["compression"] not in (c["COMPRESSION_NONE"], c["COMPRESSION_ZSTD"]):
             raise FormatViolation("unknown compression")
-        if out["kind"] not in (c["KIND_CHUNK"], c["KIND_MANIFEST"], c["KIND_TIP"]):
+        if out["kind"] not in (c["KIND_CHUNK"], c["KIND_MANIFEST"], c["KIND_TIP"],
+                               c["KIND_HEARTBEAT"]):
             raise FormatViolation("unknown kind")
         return out
 
@@ -403,6 +404,41 @@ def test_independent_reader_opens_a_tip(reader: DocReader, recipient: X25519Priv
     # A tip's signature is not a manifest's: the contexts differ.
     with pytest.raises(InvalidSignature):
         signer.public_key().verify(signature, reader.strings["signature context"] + body)
+
+
+def test_independent_reader_opens_a_heartbeat(reader: DocReader,
+                                              recipient: X25519PrivateKey) -> None:
+    from agent.format.heartbeat import (
+        ClassQueue,
+        Forecast,
+        Heartbeat,
+        open_heartbeat,
+        seal_heartbeat,
+    )
+
+    signer = Ed25519PrivateKey.generate()
+    edge = crypto.EdgeKeys(recipient.public_key(), signer, bytes(32))
+    hb = Heartbeat("camp-alpha", 12, "2026-11-25T12:00:01.000002+00:00", "0.1.0",
+                   {"bulk": ClassQueue(3, 4096, 7200.5)}, 7200.5, 10**9, 5000, 2,
+                   {"backend_timeout": 2}, Forecast(0.75, "windows", 4, 3), 600.0, None)
+    blob = seal_heartbeat(hb, edge)
+    opened = reader.open(blob, recipient)
+    assert opened.header["kind"] == reader.codes["KIND_HEARTBEAT"]
+    n = reader.sizes["SIGNATURE_SIZE"]
+    signature, body = opened.plaintext[:n], opened.plaintext[n:]
+    signer.public_key().verify(signature, reader.strings["heartbeat signature context"] + body)
+    fields = json.loads(body)
+    assert set(fields) == {code(r[0]) for r in table("heartbeat-fields")}
+    assert hb.key == "camp-alpha/heartbeats/2026/11/25/120001000002-12"
+    assert open_heartbeat(hb.key, blob, recipient, signer.public_key()) == hb
+    with pytest.raises(CryptoError, match="moved here"):  # an old one under a newer name
+        open_heartbeat("camp-alpha/heartbeats/2026/11/26/120001000002-13", blob, recipient,
+                       signer.public_key())
+    with pytest.raises(CryptoError, match="does not verify"):
+        open_heartbeat(hb.key, blob, recipient, Ed25519PrivateKey.generate().public_key())
+    for context in ("signature context", "tip signature context"):
+        with pytest.raises(InvalidSignature):  # never a manifest's or a tip's signature
+            signer.public_key().verify(signature, reader.strings[context] + body)
 
 
 # ---- the worked example in the document is real --------------------------------------------

@@ -18,7 +18,7 @@ from agent.format import layout
 from agent.format.limits import MAX_CHUNK_PLAINTEXT
 from agent.format.manifest import KIND_MQTT_BATCH, NAME_MAX, validate_name
 from tests.kits import restore
-from tests.kits.restore import SITE, Cloud, run_cli
+from tests.kits.restore import SITE, Cloud, forged_zstd, put_raw_manifest, run_cli
 
 # Fixtures shared by the restore tests (tests/kits/restore.py).
 keys = restore.keys
@@ -238,19 +238,6 @@ def test_garbage_objects_are_refused_by_size_before_reading(cloud: Cloud, tmp_pa
     assert good.key
 
 
-def forged_zstd(cloud: Cloud, kind: int, plaintext_len: int) -> bytes:
-    """What anyone with recipient.pub can seal: a small zstd frame of `plaintext_len` zeros."""
-    import zstandard
-
-    from agent.format import crypto
-
-    zeros = bytes(MIB)
-    cobj = zstandard.ZstdCompressor(level=1).compressobj(size=plaintext_len)
-    frame = b"".join(cobj.compress(zeros) for _ in range(plaintext_len // MIB)) + cobj.flush()
-    return crypto.seal(frame, cloud.keys.edge.recipient_public, kind=kind,
-                       compression=crypto.COMPRESSION_ZSTD, plaintext_len=plaintext_len)
-
-
 def test_forged_plaintext_lengths_cost_no_memory(cloud: Cloud, tmp_path: Path) -> None:
     """Only recipient.pub needed: chunks declaring 128 MiB, manifests declaring 256 MiB."""
     from agent.format import crypto
@@ -336,14 +323,6 @@ def test_a_compromised_sites_signed_absurdities(cloud: Cloud, tmp_path: Path) ->
             assert [w for w in by_what if f"big{j}.bin" in w], by_what
         assert rep["objects_ok"] == 1, rep
     assert (tmp_path / "out" / FILES / "good.bin").exists() and good.key
-
-
-def put_raw_manifest(cloud: Cloud, name: str, chunk_json: list[str]) -> str:
-    """A signed, compressed manifest whose chunk list is given as JSON text."""
-    m = cloud.manifest(name, b"", size=len(chunk_json), hash="0" * 64)
-    body = m.to_json().replace(b'"chunks":[]', b'"chunks":[' + ",".join(chunk_json).encode()
-                               + b"]")
-    return cloud.put_manifest(m, body, compress=True)
 
 
 def test_declared_chunk_maximum_is_the_edges() -> None:
@@ -447,16 +426,16 @@ def test_no_temp_file_outlives_a_cancelled_restore(cloud: Cloud, tmp_path: Path,
     stalled = layout.chunk_key(SITE, pub.manifest.chunks[2].id)
     out = tmp_path / "out"
     restorer = cloud.restorer(parallel=1)
-    real_get = restorer.backend.get
+    real_get = restorer.backend.get_buffer
     reached = asyncio.Event()
 
-    async def get(key: str, max_size: int | None = None) -> bytes:
+    async def get_buffer(key: str, max_size: int | None = None) -> memoryview:
         if key == stalled:
             reached.set()
             await asyncio.Event().wait()  # a download that never ends
         return await real_get(key, max_size)
 
-    monkeypatch.setattr(restorer.backend, "get", get)
+    monkeypatch.setattr(restorer.backend, "get_buffer", get_buffer)
 
     async def scenario() -> list[str]:
         task = asyncio.create_task(restorer.run(out, show_progress=False))

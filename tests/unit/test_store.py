@@ -603,3 +603,20 @@ def test_read_only_store_needs_an_existing_index(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no skyferry store"):
         Store(tmp_path / "nowhere", DEFAULT_CLASSES, read_only=True)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_the_urgent_stream_claims_only_the_most_urgent_class(env: Env) -> None:
+    """`max_rank` (the uplink's stream kept for critical data): bulk work is never claimed
+    through it, a critical chunk and then its manifest are."""
+    env.ingest("bulk")
+    assert env.store.next_work(time.time(), NO_AGING, max_rank=0) is None
+    alarm = env.ingest("critical")
+    work = env.store.next_work(time.time(), NO_AGING, max_rank=0)
+    assert isinstance(work, ChunkWork) and work.object_id == alarm.object_id
+    env.store.mark_chunk_uploaded(work.chunk_id)
+    work = env.store.next_work(time.time(), NO_AGING, max_rank=0)
+    assert isinstance(work, ManifestWork) and work.object_id == alarm.object_id
+    env.store.mark_committed(alarm.object_id)
+    assert env.store.next_work(time.time(), NO_AGING, max_rank=0) is None
+    bulk = env.store.next_work(time.time(), NO_AGING)  # the other streams still take bulk
+    assert isinstance(bulk, ChunkWork) and bulk.priority == "bulk"
