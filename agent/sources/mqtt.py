@@ -190,12 +190,20 @@ class MqttSource:
         topics = [(s.topic, min(s.qos, 1)) for s in self.settings.subscriptions]
         # The SUBACK comes after whatever the broker queued for a kept session: wait long.
         granted = await client.subscribe(topics, timeout=max(60.0, 4 * self.settings.keepalive_s))
+        taken = []
         for (topic, _), code in zip(topics, granted, strict=False):
             value = code if isinstance(code, int) else int(cast(ReasonCode, code).value)
             if value >= 0x80:
                 log_event(log, logging.ERROR, "mqtt_subscribe_refused",
                           f"the broker refused the subscription to {topic!r} (code {value}); "
                           "check its ACL for this user", topic=topic)
+            else:
+                taken.append(topic)
+        # From here on the broker routes these topics to this session: a message published
+        # before this line, on a first connection, was never ours (MQTT keeps no history).
+        log_event(log, logging.INFO, "mqtt_subscribed",
+                  f"subscribed to {len(taken)} of {len(topics)} topic filters",
+                  topics=taken, generation=self.generation)
 
     def _on_connect(self, session_present: bool) -> None:
         s = self.settings

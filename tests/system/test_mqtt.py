@@ -66,9 +66,17 @@ def mqtt_site(make_site: Callable[..., Site], broker: Broker, **mqtt_extra: Any)
     return make_site(extra={"mqtt": conf, "telemetry": {"metrics_listen": "off"}})
 
 
+def subscriptions(site: Site) -> int:
+    return sum(1 for e in site.log_events() if e.get("event") == "mqtt_subscribed")
+
+
 def start_and_connect(site: Site, n_before: int = 0) -> None:
+    """Start, and wait until the broker routes the topics to the agent (its SUBACK): a message
+    published between the CONNACK and the SUBACK of a first session is nobody's."""
+    subscribed = subscriptions(site)
     site.start()
     wait_for(lambda: len(connections(site)) > n_before, 30, "the MQTT connection", site)
+    wait_for(lambda: subscriptions(site) > subscribed, 30, "the MQTT subscription", site)
 
 
 def settle(site: Site, total: int, timeout: float) -> None:

@@ -56,10 +56,16 @@ def mqtt_site(make_site: Callable[..., Site], broker: Broker, **mqtt_extra: Any)
     return make_site(extra={"mqtt": conf, "telemetry": {"metrics_listen": "off"}, **extra})
 
 
+def subscriptions(site: Site) -> int:
+    return sum(1 for e in site.log_events() if e.get("event") == "mqtt_subscribed")
+
+
 def start_and_connect(site: Site) -> None:
-    before = connections(site)
+    """Start, and wait for the SUBACK too (see test_mqtt.start_and_connect)."""
+    before, subscribed = connections(site), subscriptions(site)
     site.start()
     wait_for(lambda: connections(site) > before, 30, "the MQTT connection", site)
+    wait_for(lambda: subscriptions(site) > subscribed, 30, "the MQTT subscription", site)
 
 
 def cpu_seconds(pid: int) -> float:
