@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,8 +12,10 @@ import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
 from agent.format import crypto
 from agent.format.codec import decompress
+from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private, load_verify_key
 from agent.format.manifest import ChunkRef, Manifest
 from agent.ingest.pipeline import Pipeline
 from agent.ingest.requests import IngestRequest, IngestResult
@@ -22,6 +27,28 @@ class Keys:
     edge: crypto.EdgeKeys
     recipient: X25519PrivateKey
     verify: Ed25519PublicKey
+
+
+def site_keys(root: Path, site: str) -> Keys:
+    """A site's keys, generated under `root`: the edge's, and the cloud's to read them back."""
+    gen = generate_keys(root, site)
+    edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
+                          gen.edge_dir / "dedup.key")
+    return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"),
+                load_verify_key(gen.cloud_dir / "sites" / f"{site}.pub"))
+
+
+@contextmanager
+def pipeline_env(root: Path, site: str, keys: Keys, chunking: ChunkingSettings) -> Iterator[Env]:
+    """A store under `root`/state and a pipeline sealing into it (one seal thread)."""
+    store = Store(root / "state", DEFAULT_CLASSES)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal") as seal:
+            pipeline = Pipeline(site, keys.edge, store, chunking, CompressionSettings(),
+                                seal_thread=seal)
+            yield Env(store, pipeline, keys, root / "src")
+    finally:
+        store.close()
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +15,17 @@ import pytest
 from agent.backends.protocol import Backend
 from agent.backends.registry import open_backend
 from agent.config.settings import (
-    DEFAULT_CLASSES,
     ChunkingSettings,
-    CompressionSettings,
     CycleWindow,
     UplinkSettings,
     WindowSettings,
 )
 from agent.format.heartbeat import open_heartbeat
-from agent.format.keys import (
-    generate_keys,
-    load_edge_keys,
-    load_recipient_private,
-    load_verify_key,
-)
-from agent.ingest.pipeline import Pipeline
 from agent.obs.metrics import Metrics
-from agent.store.store import Store
 from agent.uplink.gate import Gate
 from agent.uplink.uplink import Uplink
 from agent.windows.schedule import Schedule
-from tests.kits.pipeline import Env, Keys
+from tests.kits.pipeline import Env, Keys, pipeline_env, site_keys
 
 SITE = "beat-site"
 CHUNKING = ChunkingSettings(min_size=4 << 10, avg_size=16 << 10, max_size=64 << 10)
@@ -44,21 +33,13 @@ CHUNKING = ChunkingSettings(min_size=4 << 10, avg_size=16 << 10, max_size=64 << 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    gen = generate_keys(tmp_path_factory.mktemp("keys"), SITE)
-    edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                          gen.edge_dir / "dedup.key")
-    return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"),
-                load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub"))
+    return site_keys(tmp_path_factory.mktemp("keys"), SITE)
 
 
 @pytest.fixture
 def env(tmp_path: Path, keys: Keys) -> Iterator[Env]:
-    store = Store(tmp_path / "state", DEFAULT_CLASSES)
-    with ThreadPoolExecutor(max_workers=1) as seal:
-        pipeline = Pipeline(SITE, keys.edge, store, CHUNKING, CompressionSettings(),
-                            seal_thread=seal)
-        yield Env(store, pipeline, keys, tmp_path / "src")
-    store.close()
+    with pipeline_env(tmp_path, SITE, keys, CHUNKING) as e:
+        yield e
 
 
 async def inline(fn: Any, *args: Any) -> Any:

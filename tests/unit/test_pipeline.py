@@ -8,7 +8,6 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,15 @@ import blake3
 import pytest
 from pyfastcdc import FastCDC
 
-from agent.config.settings import DEFAULT_CLASSES, ChunkingSettings, CompressionSettings
+from agent.config.settings import ChunkingSettings, CompressionSettings
 from agent.errors import DiskFullError, SourceError
 from agent.format import crypto
 from agent.format.codec import decompress
-from agent.format.keys import generate_keys, load_edge_keys, load_recipient_private, load_verify_key
 from agent.ingest import sealing
 from agent.ingest.compressor import Compressor
-from agent.ingest.pipeline import Pipeline
 from agent.ingest.requests import IngestRequest
-from agent.store.store import ManifestWork, Store
-from tests.kits.pipeline import Env, Keys
+from agent.store.store import ManifestWork
+from tests.kits.pipeline import Env, Keys, pipeline_env, site_keys
 
 SITE = "pipe-site"
 # Small chunks keep the files small; the buffer the pipeline cuts over is 2 * max_size.
@@ -36,21 +33,13 @@ SEAL_OVERHEAD = crypto.HEADER_SIZE + crypto.TAG_SIZE
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    gen = generate_keys(tmp_path_factory.mktemp("keys"), SITE)
-    edge = load_edge_keys(gen.edge_dir / "recipient.pub", gen.edge_dir / "site.key",
-                          gen.edge_dir / "dedup.key")
-    return Keys(edge, load_recipient_private(gen.cloud_dir / "recipient.key"),
-                load_verify_key(gen.cloud_dir / "sites" / f"{SITE}.pub"))
+    return site_keys(tmp_path_factory.mktemp("keys"), SITE)
 
 
 @pytest.fixture
 def env(tmp_path: Path, keys: Keys) -> Iterator[Env]:
-    store = Store(tmp_path / "state", DEFAULT_CLASSES)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-seal") as seal:
-        pipeline = Pipeline(SITE, keys.edge, store, CHUNKING, CompressionSettings(),
-                            seal_thread=seal)
-        yield Env(store, pipeline, keys, tmp_path / "src")
-    store.close()
+    with pipeline_env(tmp_path, SITE, keys, CHUNKING) as e:
+        yield e
 
 
 def files_under(root: Path) -> list[Path]:
