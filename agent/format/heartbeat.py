@@ -28,7 +28,7 @@ from agent.errors import CryptoError, FormatError
 from agent.format import crypto
 from agent.format.codec import compress_small
 from agent.format.crypto import EdgeKeys
-from agent.format.signed import open_signed
+from agent.format.signed import open_signed, record_fields
 
 HEARTBEAT_VERSION = 1
 HEARTBEAT_CONTEXT = b"skyferry/v2/heartbeat\x00"
@@ -112,15 +112,7 @@ class Heartbeat:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Heartbeat:
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise FormatError(f"heartbeat is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or data.get("type") != "heartbeat":
-            raise FormatError("not a heartbeat object")
-        if data.get("version") != HEARTBEAT_VERSION:
-            raise FormatError(f"heartbeat version {data.get('version')!r} is not supported "
-                              f"(this skyferry reads {HEARTBEAT_VERSION})")
+        data = record_fields(raw, "heartbeat", HEARTBEAT_VERSION)
         r = _Fields(data)
         created = r.text("created")
         try:

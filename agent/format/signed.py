@@ -8,6 +8,9 @@ taken for another.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -36,3 +39,17 @@ def open_signed(key: str, blob: bytes, recipient: X25519PrivateKey,
         raise CryptoError(f"{key}: {what} signature does not verify with the site's "
                           "key") from None
     return body
+
+
+def record_fields(raw: bytes, what: str, version: int) -> dict[str, Any]:
+    """The JSON object of a `what` record (its "type" field), at the one `version` read here."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # also integers or nesting beyond the parser
+        raise FormatError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("type") != what:
+        raise FormatError(f"not a {what} object")
+    if data.get("version") != version:
+        raise FormatError(f"{what} version {data.get('version')!r} is not supported "
+                          f"(this skyferry reads {version})")
+    return data

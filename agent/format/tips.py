@@ -25,7 +25,7 @@ from agent.errors import CryptoError, FormatError
 from agent.format import crypto
 from agent.format.crypto import EdgeKeys
 from agent.format.manifest import STREAM_ID
-from agent.format.signed import open_signed
+from agent.format.signed import open_signed, record_fields
 
 TIP_VERSION = 1
 TIP_CONTEXT = b"skyferry/v2/tip\x00"
@@ -71,15 +71,7 @@ class Tip:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Tip:
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as e:  # also integers or nesting beyond the parser
-            raise FormatError(f"tip is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or data.get("type") != "tip":
-            raise FormatError("not a tip object")
-        if data.get("version") != TIP_VERSION:
-            raise FormatError(f"tip version {data.get('version')!r} is not supported "
-                              f"(this skyferry reads {TIP_VERSION})")
+        data = record_fields(raw, "tip", TIP_VERSION)
         for name, typ in (("site", str), ("stream", str), ("created", str), ("n", int),
                           ("highest", int)):
             if not isinstance(data.get(name), typ) or isinstance(data.get(name), bool):
