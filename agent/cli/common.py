@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from agent.errors import SkyferryError
 
 if TYPE_CHECKING:
-    from agent.config.settings import Settings
+    from agent.cloud.land_config import LandSettings
+    from agent.config.settings import BackendSettings, Settings
 
 DEFAULT_CONFIG = Path("/etc/skyferry/skyferry.toml")
 
@@ -45,3 +46,18 @@ def check_backend_folder(url: str) -> None:
     if parts.scheme.lower() == "file" and not Path(unquote(parts.path)).is_dir():
         raise SkyferryError(f"backend folder {unquote(parts.path)} ({url}) does not exist: "
                             "check the --backend URL")
+
+
+def land_settings(args: argparse.Namespace) -> tuple[LandSettings, BackendSettings, Path]:
+    """land.toml (-c) with --source, --dest and --key over it, as `land` and `fleet` read it:
+    the settings, the sealed store (which must exist) and the recipient key."""
+    from agent.cloud.land_config import load_land_settings
+
+    settings = load_land_settings(args.config, args.source, args.dest)
+    if settings.source is None:
+        raise SkyferryError("give --source URL (the sealed store), or a [source] table in -c")
+    key = args.key or settings.key
+    if key is None:
+        raise SkyferryError("give --key PATH (the recipient private key), or key in [land]")
+    check_backend_folder(settings.source.url)
+    return settings, settings.source, key

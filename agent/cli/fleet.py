@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import check_backend_folder, one_line
-from agent.errors import SkyferryError
+from agent.cli.common import land_settings, one_line
 
 NAME = "fleet"
 HELP = "show every site's last contact, backlog and health from its heartbeats"
@@ -35,18 +34,11 @@ def main(args: argparse.Namespace) -> int:
 
     from agent.backends.registry import open_backend
     from agent.cloud.fleet import FleetWatch
-    from agent.cloud.land_config import load_land_settings
     from agent.cloud.restore import site_key_loader
     from agent.format.keys import load_recipient_private
 
-    settings = load_land_settings(args.config, args.source, args.dest)
-    if settings.source is None:
-        raise SkyferryError("give --source URL (the sealed store), or a [source] table in -c")
-    key = args.key or settings.key
-    if key is None:
-        raise SkyferryError("give --key PATH (the recipient private key), or key in [land]")
-    check_backend_folder(settings.source.url)
-    fleet = FleetWatch(open_backend(settings.source),
+    settings, source, key = land_settings(args)
+    fleet = FleetWatch(open_backend(source),
                        None if settings.dest is None else open_backend(settings.dest),
                        load_recipient_private(key), site_key_loader(key.parent), key.parent)
     asyncio.run(fleet.refresh(full=True))

@@ -12,7 +12,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.common import check_backend_folder, one_line
+from agent.cli.common import land_settings, one_line
 from agent.errors import SkyferryError
 
 if TYPE_CHECKING:
@@ -47,18 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.cloud.land_config import load_land_settings
     from agent.host.memory import fix_malloc_thresholds
 
-    settings = load_land_settings(args.config, args.source, args.dest)
-    if settings.source is None:
-        raise SkyferryError("give --source URL (the sealed store), or a [source] table in -c")
+    settings, _, key = land_settings(args)
     if settings.dest is None:
         raise SkyferryError("give --dest URL (where plain files go), or a [dest] table in -c")
-    key = args.key or settings.key
-    if key is None:
-        raise SkyferryError("give --key PATH (the recipient private key), or key in [land]")
-    check_backend_folder(settings.source.url)
     if not settings.work_dir.is_dir():
         raise SkyferryError(f"work_dir {settings.work_dir} is not a folder: create it or change "
                             "[land] work_dir")

@@ -324,6 +324,12 @@ def test_bad_fleet_settings_get_one_clear_line(tmp_path: Path) -> None:
     assert "land.listen" in text and "HOST:PORT" in text and "land.silent_after" in text, text
     r = run_cli("fleet", "--key", str(tmp_path / "recipient.key"))
     assert r.returncode == 2 and "--source" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run_cli("fleet", "--source", f"file://{tmp_path}")
+    assert r.returncode == 2 and "give --key PATH" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    r = run_cli("fleet", "--source", f"file://{tmp_path}/nowhere", "--key",
+                str(tmp_path / "recipient.key"))
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
     r = run_cli("fleet", "--source", f"file://{tmp_path}", "--key",
                 str(tmp_path / "missing.key"))
     assert r.returncode == 2 and "missing.key" in r.stderr, r.stderr

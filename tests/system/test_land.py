@@ -197,6 +197,17 @@ def test_bad_input_gets_one_clear_line(cloud: Cloud, tmp_path: Path) -> None:
     r = run_cli("land", "--once", "--dest", f"file://{tmp_path}/lake", "--key",
                 str(cloud.keys.recipient_key))
     assert r.returncode == 2 and "--source" in r.stderr and len(r.stderr.splitlines()) == 1
+    key = str(cloud.keys.recipient_key)
+    for args, says in (
+            (["--source", f"file://{tmp_path}", "--key", key], "give --dest URL"),
+            (["--source", f"file://{tmp_path}", "--dest", f"file://{tmp_path}/lake"],
+             "give --key PATH"),
+            (["--source", f"file://{tmp_path}/nowhere", "--dest", f"file://{tmp_path}/lake",
+              "--key", key], f"backend folder {tmp_path}/nowhere"),
+    ):
+        r = run_cli("land", "--once", *args)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1, r.stderr
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[source]\nurl = "s3://b"\nsecret_access_key = "inline"\n[land]\npoll = "x"\n')
     r = run_cli("land", "-c", str(cfg), "--once")
