@@ -83,6 +83,11 @@ class SourceError(SkyferryError):
     """A data source (spool folder, MQTT, put) cannot ingest."""
 
 
+class SourceUnsettledError(SourceError):
+    """The file changed, or was replaced, between being looked at and being opened: nothing of
+    it was read. A spool file is then simply not settled yet."""
+
+
 class IngestStoppedError(SourceError):
     """The daemon is stopping: an ingest was abandoned; its data stays at the source."""
 

@@ -7,7 +7,7 @@ import errno
 import os
 import stat
 
-from agent.errors import SourceError, UnsafePathError
+from agent.errors import SourceError, SourceUnsettledError, UnsafePathError
 from agent.format.manifest import validate_name
 from agent.ingest.requests import IngestRequest
 
@@ -63,10 +63,11 @@ def open_source(req: IngestRequest, seen: os.stat_result) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or not same_file(st, seen):
-            raise SourceError(f"{req.path} was replaced by another file before it could be "
-                              "read; the new one is looked at again")
+            raise SourceUnsettledError(f"{req.path} was replaced by another file before it "
+                                       "could be read; the new one is looked at again")
         if not same_content(st, seen):
-            raise SourceError(f"{req.path} changed before it could be read; {NOT_STORED}")
+            raise SourceUnsettledError(f"{req.path} changed before it could be read; "
+                                       f"{NOT_STORED}")
     except BaseException:
         os.close(fd)
         raise

@@ -18,7 +18,7 @@ import resource
 from pathlib import Path
 
 from agent.config.settings import ChunkingSettings, SpoolSettings
-from agent.errors import QuotaExceededError, SkyferryError, SourceError
+from agent.errors import QuotaExceededError, SkyferryError, SourceError, SourceUnsettledError
 from agent.host.blocking import RunBlocking
 from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.logs import log_event
@@ -276,6 +276,14 @@ class SpoolSource:
             self._stable_since.pop(c.name, None)
             log_event(log, logging.DEBUG, "file_busy", f"{printable(c.name)} is still open "
                       "for writing", source=self.settings.name, file=printable(c.name))
+            return
+        if isinstance(e, SourceUnsettledError):
+            # Written to (or swapped) between the scan and the open, e.g. by a producer that
+            # appends just as the daemon takes the file: nothing was read, nothing went
+            # wrong. Like a writer above, it is just not settled yet: no line for the operator.
+            self._stable_since.pop(c.name, None)
+            log_event(log, logging.DEBUG, "file_unsettled", printable(str(e)),
+                      source=self.settings.name, file=printable(c.name))
             return
         if hold.open_errno in _TRANSIENT:
             # Changed, gone or swapped since the scan: it settles again and is looked at anew.

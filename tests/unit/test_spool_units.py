@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from agent.config.settings import SpoolSettings
+from agent.ingest.opening import open_source
 from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.metrics import Metrics
 from agent.sources import spool_lease
@@ -135,6 +136,39 @@ def spool_source(path: Path, **kw: Any) -> tuple[SpoolSource, list[str], Metrics
     settings = SpoolSettings(name="s", path=path, settle_s=0.0, scan_interval_s=0.01,
                              **kw)
     return SpoolSource(settings, ingest, metrics=metrics), taken, metrics
+
+
+def test_a_file_written_between_the_scan_and_the_open_is_just_not_settled(
+        tmp_path: Path) -> None:
+    """A producer appends just as the daemon takes the file (after the scan's look, before the
+    open): nothing was read, so no line for the operator; the whole file is taken next."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "late.log").write_bytes(b"first part\n")
+    taken: list[bytes] = []
+
+    async def ingest(req: IngestRequest) -> IngestResult:
+        if not taken:  # the first attempt: the producer's append lands now
+            with open(spool / "late.log", "ab") as f:
+                f.write(b"appended\n")
+            taken.append(b"")
+        assert req.seen is not None
+        fd = open_source(req, req.seen)  # what the pipeline opens with
+        try:
+            taken.append(os.read(fd, 1000))
+        finally:
+            os.close(fd)
+        return IngestResult("obj", 0, 0, 0, 0)
+
+    settings = SpoolSettings(name="s", path=spool, settle_s=0.0, scan_interval_s=0.01)
+    source = SpoolSource(settings, ingest, metrics=Metrics())
+    with Lines() as lines:
+        for _ in range(5):
+            asyncio.run(source.scan_once())
+    assert taken == [b"", b"first part\nappended\n"]
+    assert ("file_unsettled", "late.log", "") in lines.events
+    assert [e for e in lines.events if e[0] == "spool_skipped"] == []
+    assert not (spool / "late.log").exists()
 
 
 def test_a_missing_spool_folder_is_one_line_and_retried(tmp_path: Path) -> None:
