@@ -58,11 +58,13 @@ def plan_pack(reqs: list[IngestRequest], source_key: Callable[[IngestRequest, os
 
 
 class MemberChanged(Exception):
-    """A file of a pack changed, shrank or vanished while it was read."""
+    """A file of a pack changed, shrank or vanished while it was read; `error`: why it could
+    not be opened, when that is what happened (it names the file and says what to do)."""
 
-    def __init__(self, index: int, why: str) -> None:
+    def __init__(self, index: int, why: str, error: SourceError | None = None) -> None:
         super().__init__(why)
         self.index = index
+        self.error = error
 
 
 class PackReader:
@@ -87,7 +89,7 @@ class PackReader:
                 try:
                     self._f = io.FileIO(open_source(req, st), "rb")
                 except SourceError as e:
-                    raise MemberChanged(self._i, str(e)) from None
+                    raise MemberChanged(self._i, str(e), e) from None
                 self._left, self._hash = st.st_size, blake3.blake3()
             n = self._f.readinto(view[:self._left]) if self._left else 0
             if n:

@@ -254,7 +254,7 @@ class Pipeline:
                 return self._seal_pack(members, keys, accepted, failed)
             except MemberChanged as e:
                 req = members.pop(e.index)[0]
-                failed[req.name] = SourceError(f"{req.path} {e}; {NOT_STORED}")
+                failed[req.name] = e.error or SourceError(f"{req.path} {e}; {NOT_STORED}")
         return PackResult(None, accepted, failed)
 
     def _seal_pack(self, members: list[Member],

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import logging
-import os
 import resource
 from pathlib import Path
 
 from agent.config.settings import ChunkingSettings, SpoolSettings
-from agent.errors import QuotaExceededError, SkyferryError, SourceError, SourceUnsettledError
+from agent.errors import QuotaExceededError, SkyferryError, SourceError
 from agent.host.blocking import RunBlocking
 from agent.ingest.requests import IngestRequest, IngestResult
 from agent.obs.logs import log_event
@@ -39,7 +37,6 @@ from agent.sources.spool_watch import Heard, SpoolWatch, open_watch
 
 # Why a file could not be opened that a later scan may not see again: it changed, went, was
 # swapped for a link, or the process ran out of descriptors.
-_TRANSIENT = (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EMFILE, errno.ENFILE)
 
 # Accepted files kept for a reason of their own (a new version, a writer): looked at anew,
 # not merely disposed of again.
@@ -272,34 +269,10 @@ class SpoolSource:
                              opener=hold.open, seen=c.st)
 
     def _source_failed(self, c: Candidate, hold: Hold, e: Exception) -> None:
-        if hold.busy:  # open for writing: not settled after all; its settle time starts again
-            self._stable_since.pop(c.name, None)
-            log_event(log, logging.DEBUG, "file_busy", f"{printable(c.name)} is still open "
-                      "for writing", source=self.settings.name, file=printable(c.name))
-            return
-        if isinstance(e, SourceUnsettledError):
-            # Written to (or swapped) between the scan and the open, e.g. by a producer that
-            # appends just as the daemon takes the file: nothing was read, nothing went
-            # wrong. Like a writer above, it is just not settled yet: no line for the operator.
-            self._stable_since.pop(c.name, None)
-            log_event(log, logging.DEBUG, "file_unsettled", printable(str(e)),
-                      source=self.settings.name, file=printable(c.name))
-            return
-        if hold.open_errno in _TRANSIENT:
-            # Changed, gone or swapped since the scan: it settles again and is looked at anew.
-            self._stable_since.pop(c.name, None)
-            self.report.tell(c.name, "changed", "changed, went away or was replaced while it was "
-                             "being ingested; left in place, taken once it settles", logging.INFO)
-            log_event(log, logging.DEBUG, "ingest_failed", printable(str(e)),
-                      source=self.settings.name, file=printable(c.name))
-            return
-        # Retrying cannot help until something changes (its mode, its owner, the file).
-        self._failed[c.name] = version(c)
-        assert hold.open_errno is not None
-        unreadable = hold.open_errno in (errno.EACCES, errno.EPERM)
-        self.report.tell(c.name, "unreadable" if unreadable else "unopenable",
-                         f"cannot be opened by the service ({os.strerror(hold.open_errno)}); "
-                         "left in place, tried again once its mode, owner or content changes")
+        if self.report.not_taken(c.name, hold.busy, hold.open_errno, e):
+            self._stable_since.pop(c.name, None)  # not settled after all: settle starts again
+        else:
+            self._failed[c.name] = version(c)  # tried again once it changes
 
     async def _ingest_one(self, p: Pass, c: Candidate) -> bool:
         hold = Hold(p.root_fd, c)

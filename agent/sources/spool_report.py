@@ -6,11 +6,13 @@ disk would write the same line at every scan.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 
 from agent.config.settings import SpoolSettings
-from agent.errors import DiskFullError, QuotaExceededError
+from agent.errors import DiskFullError, QuotaExceededError, SourceUnsettledError
 from agent.obs.logs import log_event
 from agent.obs.metrics import Metrics
 from agent.sources.spool_scan import printable
@@ -18,6 +20,8 @@ from agent.sources.spool_scan import printable
 log = logging.getLogger("skyferry.spool")
 # While the store refuses (quota or disk full) scans back off, doubling up to this.
 REFUSED_BACKOFF_MAX_S = 5.0
+# Why a spool file could not be opened, where looking again once it settles can help.
+_TRANSIENT = (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EMFILE, errno.ENFILE)
 
 
 class SpoolReport:
@@ -44,6 +48,36 @@ class SpoolReport:
         shown = printable(name)
         log_event(log, level, "spool_skipped", f"spool {self.settings.name}: {shown}: "
                   f"{printable(why)}", source=self.settings.name, file=shown, reason=reason)
+
+    def not_taken(self, name: str, busy: bool, open_errno: int | None, e: Exception) -> bool:
+        """Say (once) why the file `name` was not ingested. True: it was not settled after all,
+        so it is looked at anew once it settles; False: retrying cannot help until its mode,
+        owner or content changes. `busy`: open for writing; `open_errno`: why it could not be
+        opened (None: it was opened, or never tried)."""
+        shown = printable(name)
+        if busy:
+            log_event(log, logging.DEBUG, "file_busy", f"{shown} is still open for writing",
+                      source=self.settings.name, file=shown)
+            return True
+        if isinstance(e, SourceUnsettledError):
+            # Written to (or swapped) between the scan and the open, e.g. by a producer that
+            # appends just as the daemon takes the file: nothing was read, nothing went
+            # wrong. Like a writer above, it is just not settled yet: no line for the operator.
+            log_event(log, logging.DEBUG, "file_unsettled", printable(str(e)),
+                      source=self.settings.name, file=shown)
+            return True
+        if open_errno in _TRANSIENT:  # changed or gone while read, or swapped since the scan
+            self.tell(name, "changed", "changed, went away or was replaced while it was being "
+                      "ingested; left in place, taken once it settles", logging.INFO)
+            log_event(log, logging.DEBUG, "ingest_failed", printable(str(e)),
+                      source=self.settings.name, file=shown)
+            return True
+        assert open_errno is not None
+        unreadable = open_errno in (errno.EACCES, errno.EPERM)
+        self.tell(name, "unreadable" if unreadable else "unopenable",
+                  f"cannot be opened by the service ({os.strerror(open_errno)}); left in "
+                  "place, tried again once its mode, owner or content changes")
+        return False
 
     def unexpected(self, e: Exception) -> None:
         what = f"{type(e).__name__}: {e}"

@@ -16,7 +16,7 @@ import pytest
 from pyfastcdc import FastCDC
 
 from agent.config.settings import ChunkingSettings, CompressionSettings
-from agent.errors import DiskFullError, SourceError
+from agent.errors import DiskFullError, SourceError, SourceUnsettledError
 from agent.format import crypto
 from agent.format.codec import decompress
 from agent.ingest import sealing
@@ -164,6 +164,30 @@ def test_file_changing_while_read_is_refused_and_leaves_nothing(
     # Once it stops changing it goes in, and the failed attempt left no reservation behind.
     res = env.ingest("growing.bin")
     assert env.restore(res.object_id) == path.read_bytes()
+
+
+def test_a_pack_member_written_between_look_and_open_is_unsettled_and_the_rest_sealed(
+        env: Env) -> None:
+    """The producer appends after the pack was planned, before its file is opened: nothing of
+    it was read, so it is refused as unsettled (a spool looks again once it settles, without a
+    line), named once in its message; the other files are sealed."""
+    paths = {n: env.write(n, f"{n} content\n".encode() * 20) for n in ("a.txt", "b.txt", "c.txt")}
+
+    def append_then_open() -> int:
+        with open(paths["b.txt"], "ab") as f:
+            f.write(b"appended\n")
+        return os.open(paths["b.txt"], os.O_RDONLY)
+
+    reqs = [IngestRequest(p, "files", n, "normal", seen=os.stat(p),
+                          opener=append_then_open if n == "b.txt" else None)
+            for n, p in paths.items()]
+    result = env.pipeline.ingest_pack(reqs)
+    assert set(result.accepted) == {"a.txt", "c.txt"} and set(result.failed) == {"b.txt"}
+    refused = result.failed["b.txt"]
+    assert isinstance(refused, SourceUnsettledError), refused
+    assert str(refused).count(str(paths["b.txt"])) == 1, refused
+    assert str(refused).count("not stored") == 1, refused
+    assert result.object_id is not None
 
 
 def test_missing_or_special_file_is_a_source_error(env: Env) -> None:
