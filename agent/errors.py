@@ -84,8 +84,8 @@ class SourceError(SkyferryError):
 
 
 class SourceUnsettledError(SourceError):
-    """The file changed, or was replaced, between being looked at and being opened: nothing of
-    it was read. A spool file is then simply not settled yet."""
+    """The file was written to between being looked at and being opened, and is still there:
+    nothing of it was read. A spool file is then simply not settled yet."""
 
 
 class IngestStoppedError(SourceError):

@@ -63,11 +63,13 @@ def open_source(req: IngestRequest, seen: os.stat_result) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or not same_file(st, seen):
-            raise SourceUnsettledError(f"{req.path} was replaced by another file before it "
-                                       "could be read; the new one is looked at again")
+            raise SourceError(f"{req.path} was replaced by another file before it could be "
+                              "read; the new one is looked at again")
         if not same_content(st, seen):
-            raise SourceUnsettledError(f"{req.path} changed before it could be read; "
-                                       f"{NOT_STORED}")
+            # Still there and written to since it was looked at: not settled yet. Deleted
+            # (no link left): it went away, which its source is told about.
+            error = SourceUnsettledError if st.st_nlink else SourceError
+            raise error(f"{req.path} changed before it could be read; {NOT_STORED}")
     except BaseException:
         os.close(fd)
         raise

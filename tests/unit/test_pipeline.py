@@ -171,22 +171,31 @@ def test_a_pack_member_written_between_look_and_open_is_unsettled_and_the_rest_s
     """The producer appends after the pack was planned, before its file is opened: nothing of
     it was read, so it is refused as unsettled (a spool looks again once it settles, without a
     line), named once in its message; the other files are sealed."""
-    paths = {n: env.write(n, f"{n} content\n".encode() * 20) for n in ("a.txt", "b.txt", "c.txt")}
+    names = ("a.txt", "b.txt", "c.txt", "d.txt")
+    paths = {n: env.write(n, f"{n} content\n".encode() * 20) for n in names}
 
     def append_then_open() -> int:
         with open(paths["b.txt"], "ab") as f:
             f.write(b"appended\n")
         return os.open(paths["b.txt"], os.O_RDONLY)
 
-    reqs = [IngestRequest(p, "files", n, "normal", seen=os.stat(p),
-                          opener=append_then_open if n == "b.txt" else None)
+    def open_then_delete() -> int:  # deleted by its producer: it went away, not unsettled
+        fd = os.open(paths["d.txt"], os.O_RDONLY)
+        paths["d.txt"].unlink()
+        return fd
+
+    openers = {"b.txt": append_then_open, "d.txt": open_then_delete}
+    reqs = [IngestRequest(p, "files", n, "normal", seen=os.stat(p), opener=openers.get(n))
             for n, p in paths.items()]
     result = env.pipeline.ingest_pack(reqs)
-    assert set(result.accepted) == {"a.txt", "c.txt"} and set(result.failed) == {"b.txt"}
+    assert set(result.accepted) == {"a.txt", "c.txt"}
+    assert set(result.failed) == {"b.txt", "d.txt"}
     refused = result.failed["b.txt"]
     assert isinstance(refused, SourceUnsettledError), refused
     assert str(refused).count(str(paths["b.txt"])) == 1, refused
     assert str(refused).count("not stored") == 1, refused
+    gone = result.failed["d.txt"]
+    assert isinstance(gone, SourceError) and not isinstance(gone, SourceUnsettledError), gone
     assert result.object_id is not None
 
 

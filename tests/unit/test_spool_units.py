@@ -6,6 +6,7 @@ tests/system/test_spool_hostile.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -169,6 +170,28 @@ def test_a_file_written_between_the_scan_and_the_open_is_just_not_settled(
     assert ("file_unsettled", "late.log", "") in lines.events
     assert [e for e in lines.events if e[0] == "spool_skipped"] == []
     assert not (spool / "late.log").exists()
+
+    # Deleted by its producer as the daemon opens it: it went away, and that is said once.
+    (spool / "gone.log").write_bytes(b"deleted at the open\n")
+
+    async def delete_at_open(req: IngestRequest) -> IngestResult:
+        assert req.opener is not None and req.seen is not None
+        opener = req.opener
+
+        def open_then_delete() -> int:
+            fd = opener()
+            (spool / "gone.log").unlink()
+            return fd
+
+        os.close(open_source(dataclasses.replace(req, opener=open_then_delete), req.seen))
+        raise AssertionError("a deleted file was opened as if unchanged")
+
+    source = SpoolSource(settings, delete_at_open, metrics=Metrics())
+    with Lines() as lines:
+        for _ in range(3):
+            asyncio.run(source.scan_once())
+    assert [e for e in lines.events if e[0] == "spool_skipped"] == [
+        ("spool_skipped", "gone.log", "changed")]
 
 
 def test_a_missing_spool_folder_is_one_line_and_retried(tmp_path: Path) -> None:
