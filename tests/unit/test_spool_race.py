@@ -206,14 +206,23 @@ def stored_files(store: Store, recipient: Any, verify: Any) -> dict[str, list[by
     return out
 
 
-async def drive(source: SpoolSource, producer: Producer, racer: Racer, spool: Path) -> None:
+def skipped(metrics: Metrics) -> dict[str, float]:
+    """The spool's skip counts by reason."""
+    return {labels["reason"]: value for m in metrics.spool_skipped.collect()
+            for sample in m.samples if sample.name.endswith("_total")
+            for labels, value in [(sample.labels, sample.value)]}
+
+
+async def drive(source: SpoolSource, producer: Producer, racer: Racer, spool: Path,
+                metrics: Metrics) -> None:
     producer.start()
     racer.start()
     deadline = time.monotonic() + 40
-    # Until every file is written and the racer has swapped often enough (a loaded machine
-    # slows its sleeps down), whichever comes last.
-    while ((producer.is_alive() or racer.swaps < 300) and racer.is_alive()
-           and time.monotonic() < deadline):
+    # Until every file is written, the racer has swapped often enough and a scan has caught a
+    # link in place of a file (a loaded machine slows the racer's sleeps and thins the scans),
+    # whichever comes last.
+    while ((producer.is_alive() or racer.swaps < 300 or not skipped(metrics).get("symlink"))
+           and racer.is_alive() and time.monotonic() < deadline):
         await source.scan_once()
     racer.stop.set()
     racer.join(10)
@@ -265,7 +274,7 @@ def test_symlink_races_never_reach_outside_the_spool(tmp_path: Path, after: str)
     racer = Racer(spool, targets, [outside.root / "d1", outside.root, state, e], locks,
                   after == "move")
     try:
-        asyncio.run(drive(source, producer, racer, spool))
+        asyncio.run(drive(source, producer, racer, spool, metrics))
     finally:
         racer.stop.set()
         store_files = stored_files(store, recipient, verify)
@@ -281,9 +290,7 @@ def check(after: str, racer: Racer, metrics: Metrics, outside: Outside, index: P
           store_files: dict[str, list[bytes]]) -> None:
     assert racer.error is None, repr(racer.error)
     assert racer.swaps > 200, racer.swaps
-    hits = {labels["reason"]: value for m in metrics.spool_skipped.collect()
-            for sample in m.samples if sample.name.endswith("_total")
-            for labels, value in [(sample.labels, sample.value)]}
+    hits = skipped(metrics)
     # The races did reach the daemon: links seen by the scan, files swapped between the scan
     # and the open, folders swapped before a delete or move.
     assert hits.get("symlink", 0) >= 1 and sum(hits.values()) >= 50, hits
