@@ -35,9 +35,6 @@ from agent.sources.spool_scan import (
 )
 from agent.sources.spool_watch import Heard, SpoolWatch, open_watch
 
-# Why a file could not be opened that a later scan may not see again: it changed, went, was
-# swapped for a link, or the process ran out of descriptors.
-
 # Accepted files kept for a reason of their own (a new version, a writer): looked at anew,
 # not merely disposed of again.
 _KEPT_FOR_NOW = ("changed", "gone", "busy")

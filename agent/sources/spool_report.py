@@ -20,7 +20,8 @@ from agent.sources.spool_scan import printable
 log = logging.getLogger("skyferry.spool")
 # While the store refuses (quota or disk full) scans back off, doubling up to this.
 REFUSED_BACKOFF_MAX_S = 5.0
-# Why a spool file could not be opened, where looking again once it settles can help.
+# Why a file could not be opened that a later scan may not see again: it changed, went, was
+# swapped for a link, or the process ran out of descriptors (None: opened, changed while read).
 _TRANSIENT = (None, errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EMFILE, errno.ENFILE)
 
 
@@ -60,8 +61,8 @@ class SpoolReport:
                       source=self.settings.name, file=shown)
             return True
         if isinstance(e, SourceUnsettledError):
-            # Written to (or swapped) between the scan and the open, e.g. by a producer that
-            # appends just as the daemon takes the file: nothing was read, nothing went
+            # Written to between the scan and the open and still there, e.g. by a producer
+            # that appends just as the daemon takes the file: nothing was read, nothing went
             # wrong. Like a writer above, it is just not settled yet: no line for the operator.
             log_event(log, logging.DEBUG, "file_unsettled", printable(str(e)),
                       source=self.settings.name, file=shown)
